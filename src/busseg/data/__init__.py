@@ -1,0 +1,15 @@
+"""Data: BUSI discovery, image and mask I/O, transforms, datasets and splits (numpy + torch)."""
+
+from busseg.data.busi import BusiIndex, BusiRecord, discover_busi, is_busi_image
+from busseg.data.io import read_image, read_mask, to_grey, write_mask_png
+
+__all__ = [
+    "BusiIndex",
+    "BusiRecord",
+    "discover_busi",
+    "is_busi_image",
+    "read_image",
+    "read_mask",
+    "to_grey",
+    "write_mask_png",
+]

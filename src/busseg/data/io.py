@@ -1,0 +1,267 @@
+"""Image and mask I/O: any PNG/JPEG/TIFF/BMP -> grey uint8; masks -> bool; atomic mask writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+# ITU-R BT.601 luma weights, the same as Pillow's "L" conversion.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+
+class ImageReadError(ValueError):
+    """A file could not be decoded as an image; the message names the file."""
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """Convert an image array to 8-bit grey.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA (alpha is ignored); also (H, W, 1).
+        dtype uint8 (0-255), uint16 (0-65535), bool, or float. Float images with a maximum of
+        at most 1 are taken as [0, 1]; other float images are scaled from their own
+        minimum-maximum range to 0-255.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) uint8 in 0-255. Colour is reduced with the ITU-R BT.601 luma weights
+        (0.299 R + 0.587 G + 0.114 B); an RGB image whose channels are equal keeps its values
+        exactly.
+
+    Raises
+    ------
+    ValueError
+        If the array is not 2D or 3D with 1, 3 or 4 channels, or is empty.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+            arr = rgb[..., 0]
+        else:
+            arr = rgb.astype(np.float64) @ _LUMA
+            if image.dtype == np.uint8:
+                arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    if arr.ndim != 2:
+        raise ValueError(
+            f"expected a 2D grey image (H, W) or a colour image (H, W, 3|4), got shape "
+            f"{np.shape(image)}; for a stack, pass one slice at a time"
+        )
+    if arr.size == 0:
+        raise ValueError(f"the image is empty (shape {np.shape(image)})")
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == bool:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.float64) / 257.0).round().astype(np.uint8)
+    arr = arr.astype(np.float64)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        arr = np.where(finite, arr, 0.0)
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 1.0:
+        scaled = arr * 255.0
+    elif lo >= 0.0 and hi <= 255.0 and np.issubdtype(np.asarray(image).dtype, np.integer):
+        scaled = arr
+    else:
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _open(path: str | os.PathLike) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image file: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("P", "PA"):
+                im = im.convert("RGBA")
+            elif im.mode == "1":
+                im = im.convert("L")
+            elif im.mode.startswith("I;16"):
+                return np.asarray(im, dtype=np.uint16)
+            elif im.mode in ("I", "F"):
+                return np.asarray(im, dtype=np.float64)
+            elif im.mode not in ("L", "LA", "RGB", "RGBA"):
+                im = im.convert("RGB")
+            arr = np.asarray(im)
+            if im.mode == "LA":
+                arr = arr[..., 0]
+            return arr
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageReadError(
+            f"cannot read {path} as an image ({exc}); check that the file is a complete "
+            f"PNG/JPEG/TIFF/BMP"
+        ) from exc
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as 8-bit grey.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A PNG, JPEG, TIFF or BMP file: 1-bit, grey, grey+alpha, palette, RGB or RGBA, 8 or 16 bit.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) uint8 grey in 0-255 (see :func:`to_grey`).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ImageReadError
+        If the file is not a decodable image (truncated, corrupt or another format).
+    """
+    return to_grey(_open(path))
+
+
+def read_mask(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> np.ndarray:
+    """Read one or several mask files and merge them by union.
+
+    Parameters
+    ----------
+    paths : path or sequence of paths
+        Mask files (BUSI: ``X_mask.png``, ``X_mask_1.png``, ...). 1-bit, grey, RGB or RGBA;
+        any value > 0 in any colour channel is lesion (alpha is ignored).
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) bool, True where any mask marks lesion.
+
+    Raises
+    ------
+    ValueError
+        If no path is given or the masks differ in size.
+    FileNotFoundError, ImageReadError
+        If a file is missing or cannot be decoded.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ValueError("read_mask needs at least one mask path")
+    union = None
+    for p in paths:
+        arr = _open(p)
+        if arr.ndim == 3:
+            arr = arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
+        m = arr > 0
+        if union is None:
+            union = m
+        elif m.shape != union.shape:
+            raise ValueError(
+                f"mask {p} has size {m.shape[::-1]} (W, H) but {paths[0]} has "
+                f"{union.shape[::-1]}; all masks of one image must have the image's size"
+            )
+        else:
+            union |= m
+    return union
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write bytes to ``path`` atomically: a temporary file in the same folder, then a rename.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination file; its folder is created if needed.
+    data : bytes
+        The content.
+    overwrite : bool
+        Replace an existing file. Without it an existing file raises.
+
+    Returns
+    -------
+    pathlib.Path
+        The destination path.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # os.link fails if the destination exists: no window where a file could be replaced.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{path} already exists; choose another name or pass overwrite=True"
+                ) from None
+            except OSError:  # file systems without hard links
+                if path.exists():
+                    raise FileExistsError(
+                        f"{path} already exists; choose another name or pass overwrite=True"
+                    ) from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_mask_png(
+    path: str | os.PathLike, mask: np.ndarray, *, overwrite: bool = False
+) -> Path:
+    """Write a mask as an 8-bit PNG with values 0 and 255, atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination ``.png`` file.
+    mask : numpy.ndarray
+        (H, W) array; any value > 0 is lesion (napari Labels data, bool, 0/1 or 0/255).
+    overwrite : bool
+        Replace an existing file. Without it an existing file raises.
+
+    Returns
+    -------
+    pathlib.Path
+        The written path.
+
+    Raises
+    ------
+    ValueError
+        If ``mask`` is not 2D.
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False.
+    """
+    import io as _io
+
+    from PIL import Image
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be 2D (H, W), got shape {mask.shape}")
+    buf = _io.BytesIO()
+    Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)

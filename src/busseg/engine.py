@@ -1,0 +1,687 @@
+"""The one training loop, used by ``training/train.py`` and by the napari fine-tune widget.
+
+``fit_iter`` is a generator: it yields :class:`ProgressEvent` objects while it trains and
+returns a :class:`FitResult` (``StopIteration.value``). The napari widget wraps it in a
+``thread_worker``; ``fit`` drains it synchronously for scripts and tests. Nothing here imports
+Qt; stopping is a plain ``threading.Event`` (anything with ``is_set()``) checked every step.
+
+Optimiser Adam (Kingma & Ba, ICLR 2015) with decoupled weight decay (AdamW; Loshchilov &
+Hutter, ICLR 2019), linear warm-up then cosine decay of the learning rate (Loshchilov & Hutter,
+SGDR, ICLR 2017), early stopping on validation Dice, best-checkpoint saving and resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from busseg.devices import get_device
+from busseg.losses import build_loss
+
+LOG_COLUMNS = (
+    "epoch", "step", "lr", "train_loss", "val_loss", "val_dice", "val_dice_lesion",
+    "val_fp_rate_normal", "best_val_dice", "elapsed_s",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`fit_iter`.
+
+    Attributes
+    ----------
+    epochs : int
+        Passes over the training set (ignored when ``max_steps`` is set).
+    max_steps : int or None
+        Train for exactly this many optimiser steps, however many epochs that takes
+        (fine-tuning counts in steps).
+    batch_size : int
+        Images per step.
+    lr : float
+        Peak learning rate.
+    weight_decay : float
+        AdamW decoupled weight decay.
+    warmup_steps : int
+        Linear warm-up steps before the cosine decay.
+    min_lr_ratio : float
+        Final learning rate as a share of ``lr``.
+    loss : str
+        ``"bce_dice"`` (default), ``"dice"`` or ``"focal_dice"``.
+    early_stopping : int or None
+        Stop after this many validations without a better validation Dice; None to disable.
+    eval_every_steps : int or None
+        Validate every this many steps; None validates at the end of every epoch.
+    oversample : bool
+        Draw training images with a ``WeightedRandomSampler`` that balances the classes.
+    amp : str
+        ``"auto"`` (bfloat16 autocast on CUDA, off elsewhere), ``"on"`` or ``"off"``.
+    channels_last : bool
+        Use the channels-last memory format (faster convolutions on CPU and recent GPUs).
+    grad_clip : float or None
+        Clip the gradient norm to this value.
+    seed : int
+        Seed of torch, numpy and the data order.
+    num_workers : int
+        DataLoader worker processes (0: load in the training process).
+    threshold : float
+        Probability threshold for the validation Dice, in (0, 1).
+    """
+
+    epochs: int = 100
+    max_steps: int | None = None
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    loss: str = "bce_dice"
+    early_stopping: int | None = 25
+    eval_every_steps: int | None = None
+    oversample: bool = False
+    amp: str = "auto"
+    channels_last: bool = True
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    num_workers: int = 0
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
+            raise ValueError("epochs and max_steps must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.amp not in ("auto", "on", "off"):
+            raise ValueError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
+
+    def to_dict(self) -> dict:
+        """The settings as a JSON-serialisable dict."""
+        return asdict(self)
+
+
+@dataclass
+class ProgressEvent:
+    """One progress report of :func:`fit_iter`.
+
+    Attributes
+    ----------
+    kind : str
+        ``"start"``, ``"step"`` (after each optimiser step), ``"eval"`` (after a validation)
+        or ``"end"``.
+    epoch, step, total_steps : int
+        1-based epoch, optimiser steps done, planned steps.
+    loss : float or None
+        Training loss of the last step (``step``) or mean of the epoch so far.
+    val_dice, best_val_dice : float or None
+        Mean per-image validation Dice (empty/empty counts 1) at this and the best evaluation.
+    lr : float
+        Current learning rate.
+    elapsed : float
+        Seconds since the start.
+    metrics : dict
+        The log row of an ``eval`` event (see ``LOG_COLUMNS``).
+    message : str
+        Human-readable summary.
+    """
+
+    kind: str
+    epoch: int
+    step: int
+    total_steps: int
+    loss: float | None = None
+    val_dice: float | None = None
+    best_val_dice: float | None = None
+    lr: float = 0.0
+    elapsed: float = 0.0
+    metrics: dict = field(default_factory=dict)
+    message: str = ""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_iter` returns.
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The trained model with the best validation weights loaded, in eval mode.
+    best_val_dice : float or None
+        Best mean validation Dice (None without a validation set).
+    best_step, best_epoch : int
+        When the best weights were seen.
+    history : list of dict
+        One row per validation (``LOG_COLUMNS``).
+    steps : int
+        Optimiser steps done.
+    elapsed : float
+        Wall time in seconds.
+    stopped : bool
+        True when the stop flag ended training early.
+    early_stopped : bool
+        True when early stopping ended training.
+    checkpoint : pathlib.Path or None
+        The best checkpoint written under ``out_dir`` (None without ``out_dir``).
+    """
+
+    model: torch.nn.Module
+    best_val_dice: float | None
+    best_step: int
+    best_epoch: int
+    history: list[dict]
+    steps: int
+    elapsed: float
+    stopped: bool = False
+    early_stopped: bool = False
+    checkpoint: Path | None = None
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def _dist_info() -> tuple[bool, int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True, torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return False, 0, 1
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    threshold: float = 0.5,
+    loss_fn: Callable | None = None,
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """Per-image Dice of a model on a dataset at the network input size.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Returns logits (N, 1, h, w) for images (N, 1, h, w).
+    dataset : Dataset
+        Yields (image (1, h, w) float32, mask (1, h, w) float32 in {0, 1}); if it has
+        ``labels``, per-class figures are added.
+    device : torch.device or str
+        Where to run.
+    batch_size : int
+        Images per forward pass.
+    threshold : float
+        Probability threshold in (0, 1).
+    loss_fn : callable, optional
+        If given, the mean loss is reported too.
+    channels_last : bool
+        Run in channels-last memory format.
+
+    Returns
+    -------
+    dict
+        ``dice`` (N,) float64 per image (1.0 when prediction and truth are both empty),
+        ``mean_dice``, ``mean_dice_lesion`` (images with a lesion), ``fp_rate_normal`` (share
+        of lesion-free images with any predicted pixel; NaN without such images) and ``loss``.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    dices, losses, nonempty_truth, any_pred = [], [], [], []
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x).float()
+        if loss_fn is not None:
+            losses.append(float(loss_fn(logits, y)) * x.shape[0])
+        pred = torch.sigmoid(logits) >= threshold
+        truth = y >= 0.5
+        inter = (pred & truth).flatten(1).sum(1).double()
+        total = pred.flatten(1).sum(1).double() + truth.flatten(1).sum(1).double()
+        dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+        dices.append(dice.cpu())
+        nonempty_truth.append(truth.flatten(1).any(1).cpu())
+        any_pred.append(pred.flatten(1).any(1).cpu())
+    if was_training:
+        model.train()
+    dice = torch.cat(dices).numpy()
+    has_lesion = torch.cat(nonempty_truth).numpy()
+    predicted = torch.cat(any_pred).numpy()
+    n = len(dice)
+    return {
+        "dice": dice,
+        "mean_dice": float(dice.mean()) if n else float("nan"),
+        "mean_dice_lesion": float(dice[has_lesion].mean()) if has_lesion.any() else float("nan"),
+        "fp_rate_normal": float(predicted[~has_lesion].mean()) if (~has_lesion).any() else float("nan"),
+        "loss": float(sum(losses) / n) if losses and n else float("nan"),
+    }
+
+
+def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warm = max(0, min(cfg.warmup_steps, total_steps // 5))
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total_steps - warm)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def _write_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        return
+    ep = [r["epoch"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    a1.plot(ep, [r["train_loss"] for r in rows], label="train")
+    if any(np.isfinite(r["val_loss"]) for r in rows):
+        a1.plot(ep, [r["val_loss"] for r in rows], label="validation")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss")
+    a1.legend()
+    a2.plot(ep, [r["val_dice"] for r in rows], label="all validation images")
+    a2.plot(ep, [r["val_dice_lesion"] for r in rows], label="images with a lesion")
+    a2.set_xlabel("epoch")
+    a2.set_ylabel("mean Dice")
+    a2.set_ylim(0, 1)
+    a2.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _save_training_state(path: Path, model, optimizer, scheduler, state: dict) -> None:
+    """Write resumable state: weights + optimiser tensors in safetensors, scalars in JSON."""
+    from safetensors.torch import save_file
+
+    from busseg.data.io import atomic_write_bytes
+
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
+    opt = optimizer.state_dict()
+    scalars: dict[str, Any] = {"param_groups": opt["param_groups"], "opt_scalars": {}}
+    for pid, st in opt["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val) and val.ndim > 0:
+                tensors[f"opt.{pid}.{name}"] = val.detach().cpu().contiguous()
+            else:
+                scalars["opt_scalars"][f"{pid}.{name}"] = float(val)
+    scalars["scheduler"] = scheduler.state_dict()
+    scalars["scheduler"].pop("lr_lambdas", None)
+    scalars.update(state)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / ".training_state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path / "training_state.safetensors")
+    atomic_write_bytes(path / "training_state.json", json.dumps(scalars, default=float).encode(),
+                       overwrite=True)
+
+
+def _load_training_state(path: Path, model, optimizer, scheduler) -> dict:
+    from safetensors.torch import load_file
+
+    st_path, js_path = path / "training_state.safetensors", path / "training_state.json"
+    if not st_path.is_file() or not js_path.is_file():
+        raise FileNotFoundError(
+            f"no resumable state in {path}: expected training_state.safetensors and "
+            "training_state.json, written by an earlier run with the same out_dir"
+        )
+    tensors = load_file(str(st_path))
+    scalars = json.loads(js_path.read_text())
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = v
+    for k, v in scalars["opt_scalars"].items():
+        pid, name = k.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = torch.tensor(v)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": scalars["param_groups"]})
+    scheduler.load_state_dict(scalars["scheduler"])
+    return scalars
+
+
+def fit_iter(
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    cfg: TrainConfig | None = None,
+    *,
+    device: str | torch.device = "auto",
+    stop: Any = None,
+    out_dir: str | os.PathLike | None = None,
+    checkpoint_config: dict | None = None,
+    resume: bool = False,
+) -> Generator[ProgressEvent, None, FitResult]:
+    """Train ``model`` on ``train_set``, yielding progress, and return the best model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model from :func:`busseg.models.build_model` (trained further in place).
+    train_set : Dataset
+        Yields (image (1, h, w) float32, mask (1, h, w) float32 in {0, 1}), e.g. a
+        :class:`busseg.data.dataset.SegmentationDataset` with augmentation.
+    val_set : Dataset or None
+        Validation pairs without augmentation; without it the last weights are kept.
+    cfg : TrainConfig, optional
+        Hyper-parameters (defaults if None).
+    device : str or torch.device
+        ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"`` (see :func:`busseg.devices.get_device`).
+    stop : object with ``is_set()``, optional
+        A ``threading.Event``; when set, training ends after the current step and the best
+        weights so far are returned (``FitResult.stopped``).
+    out_dir : path, optional
+        Run folder: ``log.csv`` (one row per validation), ``curves.png``, ``best/`` (the
+        best checkpoint) and ``last/`` (resumable state). Must not exist yet unless
+        ``resume``.
+    checkpoint_config : dict, optional
+        Config sections written into ``best/config.json`` (preprocessing, training data,
+        split, lineage); the training settings and metrics are added here.
+    resume : bool
+        Continue the run in ``out_dir`` from its ``last/`` state.
+
+    Yields
+    ------
+    ProgressEvent
+        ``start``, then ``step`` per optimiser step and ``eval`` per validation, then ``end``.
+
+    Returns
+    -------
+    FitResult
+        Through ``StopIteration.value``; use :func:`fit` to get it directly.
+
+    Raises
+    ------
+    FileExistsError
+        If ``out_dir`` exists and ``resume`` is False (a run is never overwritten).
+    ValueError
+        If the training set is empty.
+    """
+    from torch.utils.data import DistributedSampler, WeightedRandomSampler
+
+    cfg = cfg or TrainConfig()
+    if len(train_set) == 0:
+        raise ValueError("the training set is empty")
+    distributed, rank, world = _dist_info()
+    is_main = rank == 0
+    dev = get_device(device) if not isinstance(device, torch.device) else device
+    _seed_everything(cfg.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and is_main:
+        if out.exists() and not resume and any(out.iterdir()):
+            raise FileExistsError(
+                f"{out} already holds a run; choose a new --out folder or pass resume=True "
+                "(--resume) to continue it"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+
+    model.to(dev)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_model: torch.nn.Module = model
+    if distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+    loss_fn = build_loss(cfg.loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    if distributed:
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+    elif cfg.oversample and hasattr(train_set, "sample_weights"):
+        sampler = WeightedRandomSampler(train_set.sample_weights(), len(train_set),
+                                        replacement=True, generator=g)
+    else:
+        sampler = None
+    loader = DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        generator=g if sampler is None else None, drop_last=len(train_set) // world > cfg.batch_size,
+        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+    )
+    steps_per_epoch = max(1, len(loader))
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = cfg.max_steps
+    epochs = math.ceil(total / steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total))
+    use_amp = cfg.amp == "on" or (cfg.amp == "auto" and dev.type == "cuda")
+    amp_dtype = torch.bfloat16
+
+    step, start_epoch, best, best_step, best_epoch, bad = 0, 1, None, 0, 0, 0
+    history: list[dict] = []
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    t0 = time.perf_counter()
+    elapsed_before = 0.0
+    if resume:
+        if out is None:
+            raise ValueError("resume needs out_dir, the folder of the run to continue")
+        st = _load_training_state(out / "last", model, optimizer, scheduler)
+        step, start_epoch = int(st["step"]), int(st["epoch"]) + 1
+        best, best_step, best_epoch, bad = st["best"], st["best_step"], st["best_epoch"], st["bad"]
+        elapsed_before = float(st.get("elapsed", 0.0))
+        history = st.get("history", [])
+        if (out / "best").is_dir():
+            from busseg.models import load_checkpoint
+
+            best_model, _ = load_checkpoint(out / "best")
+            best_state = best_model.state_dict()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    def lr_now() -> float:
+        return float(optimizer.param_groups[0]["lr"])
+
+    yield ProgressEvent("start", start_epoch, step, total, lr=lr_now(),
+                        message=f"training on {dev.type}: {len(train_set)} images, {total} steps")
+    stopped = early = False
+    eval_every = cfg.eval_every_steps
+    epoch = start_epoch - 1
+    ckpt_path = None
+    for epoch in range(start_epoch, epochs + 1):
+        if distributed:
+            sampler.set_epoch(epoch)
+        train_model.train()
+        losses: list[float] = []
+        for x, y in loader:
+            if step >= total or (stop is not None and stop.is_set()):
+                break
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                logits = train_model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            losses.append(loss.item())
+            yield ProgressEvent("step", epoch, step, total, loss=losses[-1], best_val_dice=best,
+                                lr=lr_now(), elapsed=elapsed())
+            at_epoch_end = step % steps_per_epoch == 0 or step >= total
+            if eval_every is not None and step % eval_every != 0 and step < total:
+                continue
+            if eval_every is None and not at_epoch_end:
+                continue
+            # ---- validation ----
+            row = {"epoch": epoch, "step": step, "lr": lr_now(),
+                   "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "val_loss": float("nan"), "val_dice": float("nan"),
+                   "val_dice_lesion": float("nan"), "val_fp_rate_normal": float("nan")}
+            improved = False
+            if val_set is not None and len(val_set):
+                ev = evaluate_dataset(model, val_set, dev, cfg.batch_size, cfg.threshold,
+                                      loss_fn, cfg.channels_last)
+                row.update(val_loss=ev["loss"], val_dice=ev["mean_dice"],
+                           val_dice_lesion=ev["mean_dice_lesion"],
+                           val_fp_rate_normal=ev["fp_rate_normal"])
+                if best is None or ev["mean_dice"] > best + 1e-4:
+                    best, best_step, best_epoch, bad, improved = ev["mean_dice"], step, epoch, 0, True
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                else:
+                    bad += 1
+            else:
+                best_step, best_epoch = step, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                improved = True
+            row["best_val_dice"] = best if best is not None else float("nan")
+            row["elapsed_s"] = round(elapsed(), 2)
+            history.append(row)
+            if out is not None and is_main:
+                _append_log(out / "log.csv", row)
+                _write_curves(history, out / "curves.png")
+                if improved:
+                    ckpt_path = _save_best(out / "best", model, best_state, cfg, checkpoint_config,
+                                           best, best_step, best_epoch, elapsed(), history)
+                _save_training_state(out / "last", model, optimizer, scheduler, {
+                    "step": step, "epoch": epoch if at_epoch_end else epoch - 1, "best": best,
+                    "best_step": best_step, "best_epoch": best_epoch, "bad": bad,
+                    "elapsed": elapsed(), "history": history})
+            msg = (f"epoch {epoch} step {step}/{total} loss {row['train_loss']:.4f} "
+                   f"val Dice {row['val_dice']:.4f} (best {row['best_val_dice']:.4f})")
+            yield ProgressEvent("eval", epoch, step, total, loss=row["train_loss"],
+                                val_dice=row["val_dice"], best_val_dice=best, lr=lr_now(),
+                                elapsed=elapsed(), metrics=row, message=msg)
+            if cfg.early_stopping is not None and bad >= cfg.early_stopping:
+                early = True
+                break
+        if stop is not None and stop.is_set():
+            stopped = True
+        if stopped or early or step >= total:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    if out is not None and is_main and (out / "best").is_dir():
+        ckpt_path = out / "best"
+    result = FitResult(model=model, best_val_dice=best, best_step=best_step, best_epoch=best_epoch,
+                       history=history, steps=step, elapsed=elapsed(), stopped=stopped,
+                       early_stopped=early, checkpoint=ckpt_path)
+    why = "stopped by the user" if stopped else "early stopping" if early else "done"
+    yield ProgressEvent("end", epoch, step, total, best_val_dice=best, lr=lr_now(),
+                        elapsed=result.elapsed, message=f"{why} after {step} steps")
+    return result
+
+
+def _append_log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=LOG_COLUMNS, lineterminator="\n")
+        if new:
+            w.writeheader()
+        w.writerow({k: row.get(k) for k in LOG_COLUMNS})
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _save_best(path, model, best_state, cfg, checkpoint_config, best, best_step, best_epoch,
+               elapsed, history) -> Path:
+    from busseg.models import build_model, save_checkpoint
+
+    config = dict(checkpoint_config or {})
+    model_cfg = getattr(model, "busseg_model_config", None) or config.get("model")
+    snapshot = build_model(model_cfg)
+    snapshot.load_state_dict({k: v.cpu() for k, v in best_state.items()})
+    training = dict(config.get("training", {}))
+    training.update(hyperparameters=cfg.to_dict(), best_step=best_step, best_epoch=best_epoch,
+                    train_time_s=round(elapsed, 1))
+    config["training"] = training
+    metrics = dict(config.get("metrics", {}))
+    last = next((r for r in reversed(history) if r["step"] == best_step), {})
+    metrics.update(val_dice=best, val_dice_lesion=last.get("val_dice_lesion"),
+                   val_fp_rate_normal=last.get("val_fp_rate_normal"))
+    config["metrics"] = metrics
+    config["model"] = model_cfg
+    return save_checkpoint(path, snapshot, config, overwrite=True)
+
+
+def fit(
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset | None,
+    cfg: TrainConfig | None = None,
+    *,
+    callback: Callable[[ProgressEvent], None] | None = None,
+    **kwargs: Any,
+) -> FitResult:
+    """Run :func:`fit_iter` to the end, passing each event to ``callback``.
+
+    Parameters
+    ----------
+    model, train_set, val_set, cfg
+        As in :func:`fit_iter`.
+    callback : callable, optional
+        Called with every :class:`ProgressEvent`.
+    **kwargs
+        ``device``, ``stop``, ``out_dir``, ``checkpoint_config``, ``resume``.
+
+    Returns
+    -------
+    FitResult
+    """
+    return drain(fit_iter(model, train_set, val_set, cfg, **kwargs), callback)
+
+
+def drain(gen: Generator[Any, None, Any], callback: Callable[[Any], None] | None = None) -> Any:
+    """Run a progress generator to the end and return its return value.
+
+    Parameters
+    ----------
+    gen : generator
+        Yields progress events and returns a result (``StopIteration.value``).
+    callback : callable, optional
+        Called with each yielded event.
+
+    Returns
+    -------
+    object
+        The generator's return value.
+    """
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if callback is not None:
+            callback(ev)
+
+
+def iter_batches(items: Iterable, n: int):
+    """Yield lists of at most ``n`` consecutive items."""
+    batch = []
+    for it in items:
+        batch.append(it)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

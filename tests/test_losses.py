@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+
+from busseg.losses import (
+    BCEDiceLoss,
+    DiceLoss,
+    FocalDiceLoss,
+    build_loss,
+    focal_loss,
+    soft_dice_per_image,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: OpenMP threads only add overhead (and spin badly on a shared 2-core box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _target(n=2, size=32):
+    t = torch.zeros(n, 1, size, size)
+    t[:, :, 8:20, 10:24] = 1
+    return t
+
+
+def _logits_for(t, scale=30.0):
+    return (t * 2 - 1) * scale
+
+
+ALL = ["dice", "bce_dice", "focal_dice"]
+
+
+def test_perfect_and_inverse_dice():
+    t = _target()
+    loss = DiceLoss()
+    assert loss(_logits_for(t), t).item() < 1e-3
+    assert loss(_logits_for(1 - t), t).item() > 0.99
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_perfect_prediction_small(name):
+    t = _target()
+    fn = build_loss(name)
+    good = fn(_logits_for(t), t).item()
+    bad = fn(_logits_for(1 - t), t).item()
+    assert good < 1e-3
+    assert bad > good + 0.5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_empty_target_finite_and_sensible(name):
+    fn = build_loss(name)
+    t = torch.zeros(2, 1, 32, 32)
+    empty_pred = fn(torch.full_like(t, -30.0), t)
+    full_pred = fn(torch.full_like(t, 30.0), t)
+    assert math.isfinite(empty_pred.item()) and math.isfinite(full_pred.item())
+    assert empty_pred.item() < 1e-3
+    assert full_pred.item() > 0.9
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients(name):
+    fn = build_loss(name)
+    t = _target()
+    x = torch.randn(2, 1, 32, 32, requires_grad=True)
+    loss = fn(x, t)
+    loss.backward()
+    assert loss.ndim == 0
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_dice_per_image_mean():
+    t = _target(n=1)
+    both = torch.cat([t, t])
+    logits = torch.cat([_logits_for(t), _logits_for(1 - t)])
+    d = soft_dice_per_image(logits, both)
+    assert d.shape == (2,)
+    assert DiceLoss()(logits, both).item() == pytest.approx(1 - d.mean().item())
+    assert DiceLoss()(logits, both).item() == pytest.approx(0.5, abs=1e-2)
+
+
+def test_targets_bool_and_half_logits():
+    t = _target()
+    assert DiceLoss()(_logits_for(t).half(), t.bool()).dtype == torch.float32
+
+
+def test_focal_matches_bce_when_gamma0_no_alpha():
+    t = _target()
+    x = torch.randn_like(t)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(x, t)
+    assert focal_loss(x, t, gamma=0.0, alpha=-1).item() == pytest.approx(bce.item(), rel=1e-5)
+    assert focal_loss(x, t).item() < bce.item()
+
+
+def test_weights():
+    t = _target()
+    x = torch.randn_like(t)
+    dice = DiceLoss()(x, t)
+    assert BCEDiceLoss(bce_weight=0.0)(x, t).item() == pytest.approx(dice.item())
+    assert FocalDiceLoss(focal_weight=0.0, dice_weight=2.0)(x, t).item() == pytest.approx(
+        2 * dice.item()
+    )
+    assert isinstance(build_loss("BCE-Dice", pos_weight=2.0), BCEDiceLoss)
+
+
+def test_build_loss_errors():
+    with pytest.raises(ValueError, match="allowed: 'dice', 'bce_dice', 'focal_dice'"):
+        build_loss("jaccard")
+    with pytest.raises(ValueError, match="accepted keywords"):
+        build_loss("dice", gamma=2)
+
+
+def test_shape_mismatch():
+    with pytest.raises(ValueError, match="same shape"):
+        DiceLoss()(torch.zeros(1, 1, 8, 8), torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="floating"):
+        DiceLoss()(torch.zeros(1, 1, 8, 8, dtype=torch.long), torch.zeros(1, 1, 8, 8))

@@ -1,0 +1,188 @@
+"""Train the busseg U-Net on a BUSI-layout dataset (headless; the same engine as the napari widget).
+
+Examples
+--------
+    python training/train.py --data ../shared/data/busi/Dataset_BUSI_with_GT --out runs/default
+    python training/train.py --epochs 1 --limit 16 --out runs/smoke          # smoke test
+    torchrun --nproc_per_node 2 training/train.py --out runs/ddp             # DistributedDataParallel
+
+Writes ``OUT/log.csv`` (one row per validation), ``OUT/curves.png``, ``OUT/best/`` (the best
+checkpoint: ``model.safetensors`` + ``config.json``) and ``OUT/last/`` (state for ``--resume``).
+The test split is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"),
+                    help="BUSI dataset root (Dataset_BUSI_with_GT)")
+    ap.add_argument("--split", default=str(ROOT / "training/splits/busi.csv"), help="split CSV")
+    ap.add_argument("--out", required=True, help="run folder to create (must not exist unless --resume)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ap.add_argument("--init", default=None, help="start from this checkpoint (fine-tuning)")
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--loss", default="bce_dice", choices=["bce_dice", "dice", "focal_dice"])
+    ap.add_argument("--early-stopping", type=int, default=25, help="patience in epochs; 0 disables")
+    ap.add_argument("--input-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    ap.add_argument("--base-channels", type=int, default=16)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--encoder", default="plain", choices=["plain", "resnet34"])
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--no-augment", action="store_true")
+    ap.add_argument("--oversample", action="store_true", help="balance classes with a WeightedRandomSampler")
+    ap.add_argument("--tta-flips", action="store_true", help="record test-time flips as the inference default")
+    ap.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    ap.add_argument("--amp", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N train/val images (smoke tests)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from busseg.data.busi import discover_busi
+    from busseg.data.dataset import load_records
+    from busseg.data.splits import read_split_csv, select_split
+    from busseg.data.transforms import Augment
+    from busseg.devices import get_device
+    from busseg.engine import TrainConfig, fit_iter
+    from busseg.models import build_model, load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = get_device(args.device)
+    if distributed:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+    rank = torch.distributed.get_rank() if distributed else 0
+
+    index = discover_busi(args.data)
+    if index.problems and rank == 0:
+        print(f"{len(index.problems)} problem(s) in {args.data} (those images are skipped):")
+        for p in index.problems[:10]:
+            print("  " + p)
+    rows = read_split_csv(args.split)
+    train_recs = select_split(index, rows, "train")
+    val_recs = select_split(index, rows, "val")
+    if args.limit:
+        train_recs, val_recs = train_recs[: args.limit], val_recs[: max(2, args.limit // 4)]
+    t0 = time.perf_counter()
+    size = tuple(args.input_size)
+    train_set = load_records(train_recs, size, None if args.no_augment else Augment(), seed=args.seed + rank)
+    val_set = load_records(val_recs, size)
+    if rank == 0:
+        print(f"loaded {len(train_set)} train and {len(val_set)} val images in "
+              f"{time.perf_counter() - t0:.1f} s (test split untouched)")
+
+    if args.init:
+        model, base_cfg = load_checkpoint(args.init)
+        model_cfg = base_cfg["model"]
+        lineage = {"base_model": str(args.init), "pairs": [r.rel_path for r in train_recs]}
+    else:
+        model_cfg = {"arch": "unet", "encoder": args.encoder, "base_channels": args.base_channels,
+                     "depth": args.depth, "dropout": args.dropout}
+        model = build_model(model_cfg)
+        model_cfg = model.busseg_model_config
+        lineage = {"base_model": None, "pairs": []}
+    cfg = TrainConfig(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, loss=args.loss,
+        early_stopping=args.early_stopping or None, oversample=args.oversample, amp=args.amp,
+        seed=args.seed,
+    )
+    from busseg import __version__
+
+    hardware = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "torch": torch.__version__,
+    }
+    ckpt_cfg = {
+        "model": model_cfg,
+        "preprocessing": {"input_size": list(size), "grey": True, "normalize": "zscore"},
+        "inference": {"threshold": 0.5, "tta_flips": bool(args.tta_flips)},
+        "training": {
+            "data": "BUSI (Al-Dhabyani et al., Data in Brief 28, 2020, 104863)",
+            "data_root": str(args.data),
+            "split_file": os.path.relpath(args.split, ROOT) if Path(args.split).is_absolute() else args.split,
+            "n_train": len(train_set), "n_val": len(val_set),
+            "train_counts": _counts(train_recs), "val_counts": _counts(val_recs),
+            "augment": None if args.no_augment else Augment().to_dict(),
+            "hardware": hardware, "busseg_version": __version__,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        },
+        "lineage": lineage,
+    }
+    gen = fit_iter(model, train_set, val_set, cfg, device=device, out_dir=args.out,
+                   checkpoint_config=ckpt_cfg, resume=args.resume)
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="step", dynamic_ncols=True)
+    result = None
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as s:
+            result = s.value
+            break
+        if rank != 0:
+            continue
+        if bar is not None:
+            if ev.kind == "start":
+                bar.reset(total=ev.total_steps)
+                bar.update(ev.step)
+            elif ev.kind == "step":
+                bar.update(1)
+                bar.set_postfix(loss=f"{ev.loss:.3f}", best=f"{ev.best_val_dice or 0:.3f}")
+            elif ev.kind == "eval":
+                bar.write(ev.message)
+        elif ev.kind in ("start", "eval", "end"):
+            print(ev.message, flush=True)
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        print(f"best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}; "
+              f"{result.steps} steps in {result.elapsed:.0f} s; checkpoint: {result.checkpoint}")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _counts(records) -> dict:
+    from collections import Counter
+
+    return dict(sorted(Counter(r.label for r in records).items()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
