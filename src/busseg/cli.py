@@ -1,0 +1,538 @@
+"""The ``busseg`` command: segment image files headlessly, and describe the installation.
+
+Examples
+--------
+::
+
+    busseg predict --samples --out preds/              # the three shipped sample cases
+    busseg predict scans/ one.png --out preds/ --tta   # folders (BUSI or plain) and files
+    busseg predict Dataset_BUSI_with_GT --out preds/ --checkpoint runs/x/best
+    busseg info
+
+``busseg predict`` writes one ``<stem>_mask.png`` (0 = background, 255 = lesion, the image's
+own size) per image. The layout under each PATH folder is mirrored in OUT (a BUSI folder
+gives ``OUT/benign/benign (1)_mask.png`` ...); single files go straight into OUT. Masks
+named ``*_mask*.png`` are never taken as input; when an image has such ground-truth masks
+beside it (BUSI naming), its Dice is printed, and the mean at the end.
+
+Exit status: 0 all masks written; 1 the run finished but some images were skipped because
+their output exists (pass ``--overwrite`` to replace) or could not be read; 2 nothing was
+done because of a usage error (missing file, no images, bad checkpoint or device);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_EPILOG = """examples:
+  busseg predict --samples --out preds/              # the three shipped sample cases
+  busseg predict scans/ one.png --out preds/ --tta   # folders (BUSI or plain) and files
+  busseg predict Dataset_BUSI_with_GT --out preds/ --checkpoint runs/x/best
+  busseg info
+
+exit status: 0 all masks written; 1 finished, but some images were skipped (output exists
+without --overwrite, or unreadable); 2 usage error, nothing done; 130 interrupted.
+"""
+
+
+class UsageError(Exception):
+    """An error the user can fix; printed without a traceback, exit status 2."""
+
+
+@dataclass
+class Job:
+    """One image to segment."""
+
+    image: Path
+    out: Path
+    display: str
+    masks: tuple[Path, ...] = field(default_factory=tuple)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of the ``busseg`` command.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        With the sub-commands ``predict`` and ``info``.
+    """
+    from busseg import __version__
+
+    ap = argparse.ArgumentParser(
+        prog="busseg",
+        description="Breast-ultrasound lesion segmentation with a U-Net (napari-busseg).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--version", action="version", version=f"busseg {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "predict",
+        help="segment images and write <stem>_mask.png files",
+        description="Segment image files (PNG/JPEG/TIFF/BMP; grey, RGB or RGBA) and write one "
+        "<stem>_mask.png (0/255) per image into --out. Exit status: 0 all written, 1 some "
+        "skipped (output exists, or unreadable image), 2 usage error.",
+    )
+    p.add_argument(
+        "paths", nargs="*", metavar="PATH",
+        help="image files or folders (a BUSI Dataset_BUSI_with_GT folder, a class folder, or "
+        "any folder of images; *_mask*.png files are skipped)",
+    )
+    p.add_argument("--out", "-o", required=True, metavar="DIR", help="folder for the masks")
+    p.add_argument("--samples", action="store_true", help="also run on the 3 shipped samples")
+    p.add_argument(
+        "--checkpoint", metavar="CKPT", default=None,
+        help="checkpoint directory (default: the shipped default model)",
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
+    p.add_argument(
+        "--threshold", type=_probability, default=None, metavar="T",
+        help="probability threshold in (0, 1) (default: the checkpoint's)",
+    )
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
+                     help="average with the left-right flipped image (2x slower)")
+    tta.add_argument("--no-tta", dest="tta", action="store_false",
+                     help="no test-time flips (default: the checkpoint's setting)")
+    p.add_argument("--fill-holes", action="store_true", help="fill holes in predicted lesions")
+    p.add_argument("--keep", choices=("all", "largest"), default="all",
+                   help="keep all lesions (default) or only the largest")
+    p.add_argument("--min-area", type=_non_negative_int, default=0, metavar="PX",
+                   help="drop predicted lesions smaller than PX pixels (default 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing mask files (default: skip them and exit with 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="print the version, devices and the model card summary")
+    i.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="describe this checkpoint instead of the default model")
+    return ap
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _sibling_masks(image: Path) -> tuple[Path, ...]:
+    """Ground-truth masks beside ``image`` by BUSI naming: <stem>_mask.png, <stem>_mask_1.png."""
+    from busseg.data.io import IMAGE_SUFFIXES
+
+    pattern = re.compile(rf"^{re.escape(image.stem)}_mask(?:_(\d+))?$", re.IGNORECASE)
+    found = []
+    try:
+        entries = list(image.parent.iterdir())
+    except OSError:
+        return ()
+    for p in entries:
+        m = pattern.match(p.stem)
+        if m and p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            found.append((int(m.group(1) or 0), p))
+    return tuple(p for _, p in sorted(found))
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+def _folder_jobs(folder: Path, out: Path) -> list[Job]:
+    from busseg.data.busi import discover_busi, is_busi_image
+
+    try:
+        index = discover_busi(folder, check_sizes=False)
+        pairs = [(r.image_path, r.mask_paths) for r in index.records]
+    except ValueError:  # not BUSI-like (no masks anywhere): a plain folder of images
+        files = sorted(
+            (p for p in folder.iterdir() if p.is_file() and is_busi_image(p)
+             and not p.name.startswith(".")),
+            key=lambda p: _natural_key(p.name),
+        )
+        pairs = [(p, ()) for p in files]
+    if not pairs:
+        raise UsageError(
+            f"no images found in {folder}: expected .png/.jpg/.jpeg/.tif/.tiff/.bmp files "
+            "(files named *_mask*.png are ground truth and skipped)"
+        )
+    jobs = []
+    for image, masks in pairs:
+        try:
+            rel = image.relative_to(folder)
+        except ValueError:
+            rel = Path(image.name)
+        jobs.append(Job(image, out / rel.parent / f"{image.stem}_mask.png",
+                        rel.as_posix(), tuple(masks)))
+    return jobs
+
+
+def _file_job(path: Path, out: Path) -> Job:
+    from busseg.data.busi import is_busi_image
+    from busseg.data.io import IMAGE_SUFFIXES
+
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UsageError(
+            f"{path} is not an image file: expected one of {', '.join(IMAGE_SUFFIXES)}"
+        )
+    if not is_busi_image(path):
+        raise UsageError(f"{path} is named like a mask (*_mask*); pass the image instead")
+    return Job(path, out / f"{path.stem}_mask.png", path.name, _sibling_masks(path))
+
+
+def collect_jobs(paths: list[str], out: Path, samples: bool) -> list[Job]:
+    """Expand files and folders into jobs and check them before any work is done.
+
+    Parameters
+    ----------
+    paths : list of str
+        Image files and folders from the command line.
+    out : pathlib.Path
+        The output folder.
+    samples : bool
+        Add the shipped sample cases (written to ``OUT/<class>/<stem>_mask.png``).
+
+    Returns
+    -------
+    list of Job
+        One per distinct image, in command-line order.
+
+    Raises
+    ------
+    UsageError
+        If a path does not exist, is not an image, a folder holds no image, two images would
+        write the same output file, or an output would land beside its input image (where it
+        would pass for a ground-truth mask) or on an input file.
+    """
+    jobs: list[Job] = []
+    if samples:
+        from busseg.samples import samples_dir
+
+        jobs += _folder_jobs(samples_dir(), out)
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            jobs += _folder_jobs(path, out)
+        elif path.is_file():
+            jobs.append(_file_job(path, out))
+        else:
+            raise UsageError(f"no such file or folder: {path}")
+    if not jobs:
+        raise UsageError("no input: give image files or folders, or --samples")
+
+    seen_images: set[Path] = set()
+    unique: list[Job] = []
+    for j in jobs:
+        key = j.image.resolve()
+        if key not in seen_images:
+            seen_images.add(key)
+            unique.append(j)
+    inputs = set(seen_images) | {m.resolve() for j in unique for m in j.masks}
+    outputs: dict[Path, Job] = {}
+    for j in unique:
+        target = j.out.resolve()
+        if target in outputs:
+            raise UsageError(
+                f"{j.image} and {outputs[target].image} would both be written to {j.out}; "
+                "segment them in separate runs with different --out folders"
+            )
+        if target in inputs or target.parent == j.image.resolve().parent:
+            raise UsageError(
+                f"refusing to write {j.out} beside its input image {j.image}: a predicted "
+                "<stem>_mask.png there would pass for a ground-truth mask; choose another --out"
+            )
+        outputs[target] = j
+    return unique
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _err(msg: str) -> None:
+    print(f"busseg: error: {msg}", file=sys.stderr)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    jobs = collect_jobs(args.paths, out, args.samples)
+
+    existing = [j for j in jobs if j.out.exists()] if not args.overwrite else []
+    skip = {id(j) for j in existing}
+    todo = [j for j in jobs if id(j) not in skip]
+
+    from busseg.inference import load_model
+    from busseg.models import CheckpointError
+
+    try:
+        model = load_model(args.checkpoint, device=args.device)
+    except (CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if not todo:
+        _report_existing(existing)
+        return EXIT_PARTIAL
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from busseg.data.io import ImageReadError, read_image, read_mask, write_mask_png
+    from busseg.inference import predict_mask
+    from busseg.metrics import dice_score
+
+    cfg = model.busseg_config
+    threshold = args.threshold if args.threshold is not None else cfg["inference"]["threshold"]
+    tta = args.tta if args.tta is not None else cfg["inference"].get("tta_flips", False)
+    print(
+        f"model {getattr(model, 'busseg_checkpoint_path', args.checkpoint)}: input "
+        f"{cfg['preprocessing'].get('input_size')}, threshold {threshold}, "
+        f"TTA {'on' if tta else 'off'}; {len(todo)} image(s) to segment"
+    )
+    failed: list[str] = []
+    dice: list[tuple[str, float, bool]] = []
+    written = 0
+    bar = tqdm(todo, unit="image", disable=args.no_progress or not todo, dynamic_ncols=True)
+    for job in bar:
+        try:
+            image = read_image(job.image)
+        except (ImageReadError, FileNotFoundError, OSError) as exc:
+            failed.append(f"{job.display}: {exc}")
+            tqdm.write(f"cannot read {job.image}: {exc}", file=sys.stderr)
+            continue
+        mask = predict_mask(
+            image, model, threshold=args.threshold, tta=args.tta,
+            fill_holes=args.fill_holes, keep=args.keep, min_area=args.min_area,
+        )
+        try:
+            write_mask_png(job.out, mask, overwrite=args.overwrite)
+            written += 1
+        except FileExistsError:  # appeared while we were running
+            existing.append(job)
+            continue
+        if job.masks:
+            try:
+                truth = read_mask(job.masks)
+            except (ValueError, OSError) as exc:
+                tqdm.write(f"{job.display}: ground truth unreadable ({exc}); no Dice")
+                continue
+            if truth.shape != mask.shape:
+                tqdm.write(
+                    f"{job.display}: ground truth is {truth.shape[::-1]} (W, H) but the image "
+                    f"is {mask.shape[::-1]}; no Dice"
+                )
+                continue
+            d = dice_score(mask, truth)
+            dice.append((job.display, d, bool(truth.any())))
+            tqdm.write(f"{job.display}: Dice {d:.3f}" + ("" if truth.any() else " (no lesion)"))
+    bar.close()
+
+    print(f"wrote {written} mask(s) to {out}")
+    if dice:
+        values = np.array([d for _, d, _ in dice])
+        lesion = np.array([d for _, d, has in dice if has])
+        line = f"mean Dice {values.mean():.3f} over {len(values)} image(s) with ground truth"
+        if 0 < len(lesion) < len(values):
+            line += f"; {lesion.mean():.3f} over the {len(lesion)} with a lesion"
+        print(line)
+    status = EXIT_OK
+    if existing:
+        _report_existing(existing)
+        status = EXIT_PARTIAL
+    if failed:
+        print(f"could not read {len(failed)} image(s):", file=sys.stderr)
+        for f in failed[:10]:
+            print(f"  {f}", file=sys.stderr)
+        status = EXIT_PARTIAL
+    return status
+
+
+def _report_existing(existing: list[Job]) -> None:
+    print(
+        f"skipped {len(existing)} image(s) whose mask file already exists (pass "
+        "--overwrite to replace them):", file=sys.stderr,
+    )
+    for j in existing[:10]:
+        print(f"  {j.out}", file=sys.stderr)
+    if len(existing) > 10:
+        print(f"  ... and {len(existing) - 10} more", file=sys.stderr)
+
+
+def _count_parameters(weights: Path) -> int | None:
+    try:
+        from safetensors import safe_open
+
+        n = 0
+        with safe_open(str(weights), framework="numpy") as fh:
+            for key in fh.keys():
+                if key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+                    continue
+                size = 1
+                for s in fh.get_slice(key).get_shape():
+                    size *= int(s)
+                n += size
+        return n
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def model_card_lines(path: str | os.PathLike | None) -> list[str]:
+    """Summarise a checkpoint's config as text lines (no torch model is built).
+
+    Parameters
+    ----------
+    path : str or os.PathLike or None
+        Checkpoint directory, or None for the shipped default model.
+
+    Returns
+    -------
+    list of str
+        Path, architecture, parameter count, preprocessing, inference settings, training data
+        and metrics.
+
+    Raises
+    ------
+    busseg.models.CheckpointError
+        If the checkpoint is missing or invalid.
+    """
+    from busseg.models import default_checkpoint_path, read_checkpoint_config
+    from busseg.models.checkpoint import WEIGHTS_NAME
+
+    directory = Path(path).expanduser() if path is not None else default_checkpoint_path()
+    if directory.is_file():
+        directory = directory.parent
+    cfg = read_checkpoint_config(directory)
+    m, prep, inf = cfg["model"], cfg["preprocessing"], cfg["inference"]
+    tr, metrics, lineage = cfg.get("training", {}), cfg.get("metrics", {}), cfg.get("lineage", {})
+    n_params = _count_parameters(directory / WEIGHTS_NAME)
+    size = prep.get("input_size")
+    lines = [
+        f"checkpoint: {directory.resolve()}",
+        f"  written by busseg {cfg.get('busseg_version', '?')} (format {cfg['format_version']})",
+        f"  model: {m.get('arch', 'unet')}, {m.get('encoder', 'plain')} encoder, base "
+        f"{m.get('base_channels')} channels, depth {m.get('depth')}"
+        + (f", {n_params / 1e6:.2f} M parameters" if n_params else ""),
+        f"  input: {'native size' if size is None else f'{size[0]} x {size[1]} (h x w)'}, grey, "
+        f"{prep.get('normalize', 'zscore')}",
+        f"  inference: threshold {inf.get('threshold')}, TTA flips "
+        f"{'on' if inf.get('tta_flips') else 'off'}",
+    ]
+    if tr:
+        data = tr.get("data", "?")
+        counts = tr.get("train_counts")
+        lines.append(
+            f"  trained on: {data}"
+            + (f"; split {tr['split_file']}" if tr.get("split_file") else "")
+            + (f"; {tr['n_train']} train / {tr.get('n_val', '?')} val images" if "n_train" in tr
+               else "")
+            + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else "")
+        )
+        if "best_epoch" in tr or "train_time_s" in tr:
+            lines.append(
+                f"  training: best epoch {tr.get('best_epoch', '?')}, "
+                f"{_fmt_value(tr.get('train_time_s', '?'))} s on "
+                f"{tr.get('hardware', {}).get('device', '?')}"
+            )
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    if flat:
+        lines.append("  metrics: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in flat.items()))
+    if lineage.get("base_model"):
+        lines.append(
+            f"  fine-tuned from {lineage['base_model']} on {len(lineage.get('pairs', []))} pair(s)"
+        )
+    return lines
+
+
+def _info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from busseg import __version__
+    from busseg.devices import available_devices, get_device
+    from busseg.models import CheckpointError
+
+    print(f"busseg {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
+    print(f"devices: {', '.join(available_devices())} (auto -> {get_device('auto')}); "
+          f"CPU threads {torch.get_num_threads()}")
+    try:
+        lines = model_card_lines(args.checkpoint)
+    except CheckpointError as exc:
+        if args.checkpoint is not None:
+            raise UsageError(str(exc)) from None
+        print(f"default model: not installed. {exc}")
+        return EXIT_OK
+    if args.checkpoint is None:
+        lines[0] = "default model " + lines[0]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``busseg`` command.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 success, 1 finished with skipped images, 2 usage error, 130
+        interrupted (argparse errors exit with 2 through ``SystemExit``).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "predict":
+            return _predict(args)
+        return _info(args)
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted; masks written so far are complete (each file is written atomically)")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,387 @@
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from busseg.cli import main
+from busseg.data.io import read_image, read_mask
+from busseg.metrics import dice_score
+from busseg.samples import sample_cases, samples_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _mask_png(path):
+    with Image.open(path) as im:
+        assert im.mode == "L"
+        a = np.asarray(im)
+    assert set(np.unique(a)) <= {0, 255}
+    return a > 0
+
+
+def _printed_dice(out):
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(.+): Dice ([0-9.]+)", out, re.M)}
+
+
+def test_predict_busi_tree_writes_masks_and_dice(fake_busi, tiny_checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    code, out, err = _run(
+        ["predict", fake_busi, "--out", out_dir, "--checkpoint", tiny_checkpoint, "--no-progress"],
+        capsys,
+    )
+    assert code == 0, err
+    written = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png"))
+    assert written == [
+        "benign/benign (1)_mask.png",
+        "benign/benign (2)_mask.png",
+        "benign/benign (3)_mask.png",
+        "malignant/malignant (1)_mask.png",
+        "malignant/malignant (2)_mask.png",
+        "normal/normal (1)_mask.png",
+    ]
+    dice = _printed_dice(out)
+    assert len(dice) == 6
+    for rel in written:
+        cls, name = rel.split("/")
+        stem = name.replace("_mask.png", "")
+        image = read_image(fake_busi / cls / f"{stem}.png")
+        pred = _mask_png(out_dir / rel)
+        assert pred.shape == image.shape
+        truth = read_mask(sorted((fake_busi / cls).glob(f"{stem}_mask*.png")))
+        assert dice[f"{cls}/{stem}.png"] == pytest.approx(dice_score(pred, truth), abs=5e-4)
+    mean = float(re.search(r"mean Dice ([0-9.]+) over 6 image", out).group(1))
+    assert mean == pytest.approx(np.mean(list(dice.values())), abs=2e-3)
+    assert "wrote 6 mask(s)" in out
+
+
+def test_no_overwrite_then_overwrite(fake_busi, tiny_checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    args = [
+        "predict",
+        fake_busi / "benign",
+        "--out",
+        out_dir,
+        "--checkpoint",
+        tiny_checkpoint,
+        "--no-progress",
+    ]
+    assert _run(args, capsys)[0] == 0
+    # a class folder as PATH: OUT mirrors the layout under it
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "benign (1)_mask.png",
+        "benign (2)_mask.png",
+        "benign (3)_mask.png",
+    ]
+    target = out_dir / "benign (1)_mask.png"
+    target.write_bytes(b"user edited")  # stands for a file the user changed
+    code, out, err = _run(args, capsys)
+    assert code == 1
+    assert "--overwrite" in err and "benign (1)_mask.png" in err
+    assert target.read_bytes() == b"user edited"
+    # only some outputs present: the others are still written, exit status still 1
+    (out_dir / "benign (3)_mask.png").unlink()
+    code, out, err = _run(args, capsys)
+    assert code == 1 and (out_dir / "benign (3)_mask.png").is_file()
+    assert "wrote 1 mask(s)" in out
+    code, out, err = _run([*args, "--overwrite"], capsys)
+    assert code == 0
+    assert _mask_png(target).shape == (40, 48)
+
+
+def test_plain_folder_and_single_files(tmp_path, tiny_checkpoint, capsys):
+    src = tmp_path / "scans"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 41), dtype=np.uint8)).save(src / "a.png")
+    Image.fromarray(rng.integers(0, 255, (25, 20, 3), dtype=np.uint8)).save(src / "b.jpg")
+    Image.fromarray(rng.integers(0, 60000, (22, 18), dtype=np.uint16)).save(src / "c.tif")
+    (src / "notes.txt").write_text("not an image")
+    out_dir = tmp_path / "out"
+    code, out, err = _run(
+        [
+            "predict",
+            src,
+            "--out",
+            out_dir,
+            "--checkpoint",
+            tiny_checkpoint,
+            "--no-progress",
+            "--threshold",
+            "0.4",
+            "--tta",
+            "--fill-holes",
+            "--keep",
+            "largest",
+            "--min-area",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["a_mask.png", "b_mask.png", "c_mask.png"]
+    assert _mask_png(out_dir / "b_mask.png").shape == (25, 20)
+    assert _mask_png(out_dir / "c_mask.png").shape == (22, 18)
+    assert "Dice" not in out  # no ground truth
+    # a single file with a ground-truth sibling gets a Dice line
+    Image.fromarray(np.zeros((30, 41), np.uint8)).save(src / "a_mask.png")
+    code, out, err = _run(
+        [
+            "predict",
+            src / "a.png",
+            "--out",
+            tmp_path / "o2",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert code == 0 and re.search(r"^a\.png: Dice [0-9.]+", out, re.M)
+
+
+def test_samples(tiny_checkpoint, tmp_path, capsys):
+    out_dir = tmp_path / "s"
+    code, out, err = _run(
+        [
+            "predict",
+            "--samples",
+            "--out",
+            out_dir,
+            "--checkpoint",
+            tiny_checkpoint,
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    names = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png"))
+    assert names == [
+        "benign/benign (100)_mask.png",
+        "malignant/malignant (181)_mask.png",
+        "normal/normal (9)_mask.png",
+    ]
+    assert len(_printed_dice(out)) == 3
+
+
+def test_sample_cases_are_test_split_busi_cases():
+    recs = sample_cases()
+    assert [r.label for r in recs] == ["benign", "malignant", "normal"]
+    assert all(r.usable for r in recs)
+    assert len(recs[0].mask_paths) == 2  # benign (100) has two lesions
+    assert not read_mask(recs[2].mask_paths).any()  # the normal case has no lesion
+    assert read_mask(recs[1].mask_paths).any()
+    total = sum(p.stat().st_size for p in samples_dir().rglob("*") if p.is_file())
+    assert total < 1_000_000
+    readme = (samples_dir() / "README.md").read_text()
+    assert "10.1016/j.dib.2019.104863" in readme and "CC" in readme
+    with open(REPO / "training" / "splits" / "busi.csv", newline="") as fh:
+        split = {r["image"]: r["split"] for r in csv.DictReader(fh)}
+    for r in recs:
+        assert split[r.rel_path] == "test", r.rel_path
+
+
+@pytest.mark.realdata
+def test_real_rgb_originals_and_grey_copies_agree(
+    busi_root, busi_originals, tiny_checkpoint, tmp_path, capsys
+):
+    code, out, err = _run(
+        [
+            "predict",
+            busi_originals,
+            "--out",
+            tmp_path / "rgb",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    rgb_masks = sorted((tmp_path / "rgb").rglob("*_mask.png"))
+    assert len(rgb_masks) >= 6
+    assert len(_printed_dice(out)) == len(rgb_masks)
+    files = [busi_root / p.parent.name / p.name.replace("_mask.png", ".png") for p in rgb_masks]
+    code, out, err = _run(
+        [
+            "predict",
+            *files,
+            "--out",
+            tmp_path / "grey",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    with Image.open(files[0]) as im:
+        assert im.mode in ("L", "RGB")
+    n_grey_inputs = 0
+    for p in rgb_masks:
+        grey = tmp_path / "grey" / p.name
+        np.testing.assert_array_equal(_mask_png(grey), _mask_png(p))
+        with Image.open(busi_root / p.parent.name / p.name.replace("_mask.png", ".png")) as im:
+            n_grey_inputs += im.mode == "L"
+    assert n_grey_inputs >= 1  # the comparison really crossed RGB and single-channel files
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["missing.png"], "no such file or folder"),
+        (["EMPTY"], "no images found"),
+        (["NOTIMAGE"], "not an image file"),
+        (["MASK"], "named like a mask"),
+        ([], "no input"),
+    ],
+)
+def test_usage_errors_exit_2_without_traceback(extra, match, tmp_path, tiny_checkpoint, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "x.txt").write_text("x")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "y_mask.png")
+    subst = {
+        "EMPTY": tmp_path / "empty",
+        "NOTIMAGE": tmp_path / "x.txt",
+        "MASK": tmp_path / "y_mask.png",
+    }
+    paths = [subst.get(e, tmp_path / e) for e in extra]
+    code, out, err = _run(
+        ["predict", *paths, "--out", tmp_path / "out", "--checkpoint", tiny_checkpoint], capsys
+    )
+    assert code == 2
+    assert re.search(match, err) and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_checkpoint_device_and_threshold(fake_busi, tmp_path, capsys):
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    (bad / "model.safetensors").write_bytes(b"junk")
+    code, out, err = _run(
+        ["predict", fake_busi, "--out", tmp_path / "o", "--checkpoint", bad], capsys
+    )
+    assert code == 2 and "not valid JSON" in err
+    code, out, err = _run(
+        ["predict", fake_busi, "--out", tmp_path / "o", "--checkpoint", tmp_path / "nope"], capsys
+    )
+    assert code == 2 and "does not exist" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(fake_busi), "--out", str(tmp_path / "o"), "--threshold", "1.5"])
+    assert exc.value.code == 2
+    assert "(0, 1)" in capsys.readouterr().err
+
+
+def test_device_error(fake_busi, tiny_checkpoint, tmp_path, capsys):
+    code, out, err = _run(
+        [
+            "predict",
+            fake_busi,
+            "--out",
+            tmp_path / "o",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--device",
+            "tpu",
+        ],
+        capsys,
+    )
+    assert code == 2 and "Unknown device" in err
+
+
+def test_refuses_to_write_beside_inputs_or_collide(fake_busi, tiny_checkpoint, tmp_path, capsys):
+    before = sorted(fake_busi.rglob("*"))
+    for src in (fake_busi, fake_busi / "benign"):  # predictions would land on / beside the truth
+        code, out, err = _run(
+            ["predict", src, "--out", src, "--checkpoint", tiny_checkpoint], capsys
+        )
+        assert code == 2 and "ground-truth" in err
+    assert sorted(fake_busi.rglob("*")) == before
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "scan.png")
+    code, out, err = _run(
+        [
+            "predict",
+            one / "scan.png",
+            two / "scan.png",
+            "--out",
+            tmp_path / "o",
+            "--checkpoint",
+            tiny_checkpoint,
+        ],
+        capsys,
+    )
+    assert code == 2 and "would both be written" in err
+    # the same image named twice is segmented once
+    code, out, err = _run(
+        [
+            "predict",
+            one / "scan.png",
+            one,
+            "--out",
+            tmp_path / "o",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert code == 0 and "wrote 1 mask(s)" in out
+
+
+def test_unreadable_image_is_reported_and_the_rest_written(tmp_path, tiny_checkpoint, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(src / "good.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, out, err = _run(
+        ["predict", src, "--out", tmp_path / "o", "--checkpoint", tiny_checkpoint, "--no-progress"],
+        capsys,
+    )
+    assert code == 1
+    assert "broken.png" in err and (tmp_path / "o" / "good_mask.png").is_file()
+    assert not (tmp_path / "o" / "broken_mask.png").exists()
+
+
+def test_info(tiny_checkpoint, tmp_path, capsys):
+    code, out, err = _run(["info", "--checkpoint", tiny_checkpoint], capsys)
+    assert code == 0
+    assert "busseg 0.1.0" in out and "devices: " in out and "cpu" in out
+    assert "input: 32 x 32" in out and "base 4 channels, depth 2" in out
+    assert "threshold 0.5" in out
+    code, out, err = _run(["info"], capsys)
+    assert code == 0
+    assert "default model checkpoint:" in out or "default model: not installed" in out
+    code, out, err = _run(["info", "--checkpoint", tmp_path / "nope"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "predict" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs():
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(
+        [sys.executable, "-m", "busseg.cli", "--version"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 0 and res.stdout.strip() == "busseg 0.1.0"
+    assert "busseg = busseg.cli:main" in (REPO / "setup.cfg").read_text()
