@@ -1,0 +1,157 @@
+"""Small helpers shared by the napari-busseg dock widgets (napari side; imports no torch).
+
+- Layer names: :func:`prediction_name` (``"<image layer name> prediction"``, the editable Labels
+  layer the segment widget writes and the BUSI browser saves as a correction) and
+  :func:`ground_truth_name` (``"<image layer name> ground truth"``, written by the reader).
+- :func:`busseg_metadata`: the ``layer.metadata["busseg"]`` dict the reader and widgets attach.
+- :func:`find_layer`: a layer by name (and optionally kind) or ``None``.
+- :func:`notify_info`, :func:`notify_warning`, :func:`notify_error`: napari notifications
+  (one place for tests to monkeypatch).
+- :func:`ask_yes_no`: a modal yes/no question (tests monkeypatch it; it is never called without
+  a display).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Key of the plugin's entry in ``layer.metadata``.
+META_KEY = "busseg"
+#: Suffix of the editable prediction Labels layer: ``"<image layer name> prediction"``.
+PREDICTION_SUFFIX = " prediction"
+#: Suffix of the ground-truth Labels layer: ``"<image layer name> ground truth"``.
+GROUND_TRUTH_SUFFIX = " ground truth"
+
+
+def prediction_name(image_name: str) -> str:
+    """Name of the prediction Labels layer of an image layer.
+
+    Parameters
+    ----------
+    image_name : str
+        The image layer's name, e.g. ``"benign (4)"``.
+
+    Returns
+    -------
+    str
+        ``"<image_name> prediction"``.
+    """
+    return f"{image_name}{PREDICTION_SUFFIX}"
+
+
+def ground_truth_name(image_name: str) -> str:
+    """Name of the ground-truth Labels layer of an image layer.
+
+    Parameters
+    ----------
+    image_name : str
+        The image layer's name, e.g. ``"benign (4)"``.
+
+    Returns
+    -------
+    str
+        ``"<image_name> ground truth"``.
+    """
+    return f"{image_name}{GROUND_TRUTH_SUFFIX}"
+
+
+def busseg_metadata(layer: Any) -> dict:
+    """Return the plugin's metadata of a layer.
+
+    Parameters
+    ----------
+    layer : napari.layers.Layer or None
+        Any layer.
+
+    Returns
+    -------
+    dict
+        ``layer.metadata["busseg"]`` (keys such as ``source``, ``label``, ``name``, ``root``,
+        ``original_size``, ``slices``; see :mod:`busseg._reader`), or an empty dict when the
+        layer has none.
+    """
+    meta = getattr(layer, "metadata", None) or {}
+    value = meta.get(META_KEY)
+    return value if isinstance(value, dict) else {}
+
+
+def find_layer(viewer: Any, name: str, layer_type: str | None = None) -> Any:
+    """Find a layer by name.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer to search.
+    name : str
+        Exact layer name.
+    layer_type : {"image", "labels"} or None
+        Only accept a layer of this kind.
+
+    Returns
+    -------
+    napari.layers.Layer or None
+        The layer, or ``None`` when no layer has that name (or it is of another kind).
+    """
+    for layer in viewer.layers:
+        if layer.name != name:
+            continue
+        if layer_type is None or _is_kind(layer, layer_type):
+            return layer
+    return None
+
+
+def _is_kind(layer: Any, layer_type: str) -> bool:
+    import napari.layers
+
+    kinds = {"image": napari.layers.Image, "labels": napari.layers.Labels}
+    if layer_type not in kinds:
+        raise ValueError(f"layer_type must be one of {sorted(kinds)}, got {layer_type!r}")
+    return isinstance(layer, kinds[layer_type])
+
+
+def notify_info(message: str) -> None:
+    """Show an information notification in napari (and the log when there is no window)."""
+    from napari.utils.notifications import show_info
+
+    show_info(message)
+
+
+def notify_warning(message: str) -> None:
+    """Show a warning notification in napari."""
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)
+
+
+def notify_error(message: str) -> None:
+    """Show an error notification in napari; use it instead of raising from a widget slot."""
+    from napari.utils.notifications import show_error
+
+    show_error(message)
+
+
+def ask_yes_no(title: str, text: str, parent: Any = None) -> bool:
+    """Ask a modal yes/no question; "No" is the default button.
+
+    Parameters
+    ----------
+    title, text : str
+        Window title and question.
+    parent : QWidget, optional
+        The dialog's parent (e.g. a widget's ``native``).
+
+    Returns
+    -------
+    bool
+        True when the user answered Yes.
+    """
+    from qtpy.QtWidgets import QMessageBox
+
+    answer = QMessageBox.question(
+        parent,
+        title,
+        text,
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+        QMessageBox.StandardButton.No,
+    )
+    return answer == QMessageBox.StandardButton.Yes

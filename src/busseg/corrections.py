@@ -1,0 +1,317 @@
+"""A folder of hand-corrected masks, kept in the BUSI layout (numpy only; no Qt, no napari).
+
+The segment-correct-fine-tune loop stores each corrected case as two files::
+
+    <corrections>/<class>/<stem>.png        the image, 8-bit grey
+    <corrections>/<class>/<stem>_mask.png   the corrected mask, 0/255
+
+so the corrections folder is itself a BUSI-layout dataset that
+:func:`busseg.data.busi.discover_busi`, the fine-tune widget and ``training/train.py`` read like
+BUSI. Files are written atomically and never over an existing correction without
+``overwrite=True``. The folder must lie outside the dataset it corrects, so a correction can never
+replace an expert mask.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from busseg.data.io import (
+    IMAGE_SUFFIXES,
+    atomic_write_bytes,
+    read_image,
+    read_mask,
+    to_grey,
+    write_mask_png,
+)
+
+#: Case status values, in order of precedence.
+CORRECTED = "corrected"
+PREDICTED = "predicted"
+NOT_SEGMENTED = "not segmented"
+
+
+class CorrectionPaths(NamedTuple):
+    """Where one corrected case lives.
+
+    Attributes
+    ----------
+    image : pathlib.Path
+        ``<root>/<class>/<stem>.png``.
+    mask : pathlib.Path
+        ``<root>/<class>/<stem>_mask.png``.
+    """
+
+    image: Path
+    mask: Path
+
+
+def _is_within(path: Path, other: Path) -> bool:
+    """Whether ``path`` equals ``other`` or lies inside it (both resolved)."""
+    try:
+        path.relative_to(other)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_part(value: str, what: str) -> str:
+    value = str(value)
+    if (
+        not value
+        or value in (".", "..")
+        or "/" in value
+        or "\\" in value
+        or os.sep in value
+        or value != value.strip()
+    ):
+        raise ValueError(
+            f"{what} {value!r} cannot be used as a file or folder name; use a plain name such "
+            f"as 'benign (4)' (no slashes, no leading or trailing spaces)"
+        )
+    return value
+
+
+class CorrectionStore:
+    """A BUSI-layout folder of corrected (image, mask) pairs.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The corrections folder; created on the first save.
+    dataset_root : str or os.PathLike, optional
+        The dataset the corrections belong to. The corrections folder may neither equal it,
+        lie inside it, nor contain it.
+
+    Raises
+    ------
+    ValueError
+        If ``root`` and ``dataset_root`` overlap, or ``root`` is an existing file.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, dataset_root: str | os.PathLike | None = None
+    ) -> None:
+        self.root = Path(root).expanduser()
+        if str(root).strip() in ("", "."):
+            raise ValueError("choose a corrections folder (an empty path is not allowed)")
+        if self.root.is_file():
+            raise ValueError(f"{self.root} is a file; choose a folder for the corrections")
+        self.dataset_root = Path(dataset_root).expanduser() if dataset_root else None
+        if self.dataset_root is not None:
+            mine, theirs = self.root.resolve(), self.dataset_root.resolve()
+            if _is_within(mine, theirs) or _is_within(theirs, mine):
+                raise ValueError(
+                    f"the corrections folder {self.root} overlaps the dataset {self.dataset_root}; "
+                    "choose a folder outside the dataset so its expert masks are never replaced"
+                )
+
+    def __repr__(self) -> str:
+        return f"CorrectionStore({str(self.root)!r})"
+
+    @staticmethod
+    def _name_label(record_or_name: Any, label: str | None) -> tuple[str, str]:
+        if isinstance(record_or_name, (str, os.PathLike)):
+            name = str(record_or_name)
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                name = name[: -len(Path(name).suffix)]
+        else:
+            name = getattr(record_or_name, "name", None)
+            label = label or getattr(record_or_name, "label", None)
+            if name is None:
+                raise TypeError(
+                    f"expected a BusiRecord or a case name, got {type(record_or_name).__name__}"
+                )
+        if not label:
+            raise ValueError(
+                f"no class given for {name!r}; pass label='benign', 'malignant', 'normal' or "
+                "'unknown'"
+            )
+        return _check_part(name, "case name"), _check_part(label, "class")
+
+    def path_for(self, record_or_name: Any, label: str | None = None) -> CorrectionPaths:
+        """Paths of a case's corrected image and mask.
+
+        Parameters
+        ----------
+        record_or_name : BusiRecord or str
+            A :class:`~busseg.data.busi.BusiRecord` (its ``name`` and ``label`` are used) or a
+            case name such as ``"benign (4)"`` (a file name's suffix is dropped).
+        label : str, optional
+            The class folder; required with a name, overrides a record's label.
+
+        Returns
+        -------
+        CorrectionPaths
+            ``(image, mask)``: ``<root>/<label>/<name>.png`` and ``<root>/<label>/<name>_mask.png``.
+
+        Raises
+        ------
+        ValueError
+            If the name or class is empty or contains a path separator.
+        """
+        name, label = self._name_label(record_or_name, label)
+        folder = self.root / label
+        return CorrectionPaths(folder / f"{name}.png", folder / f"{name}_mask.png")
+
+    def is_corrected(self, record_or_name: Any, label: str | None = None) -> bool:
+        """Whether a corrected mask exists for the case (see :meth:`path_for`)."""
+        return self.path_for(record_or_name, label).mask.is_file()
+
+    def status(
+        self, record_or_name: Any, label: str | None = None, *, predicted: bool = False
+    ) -> str:
+        """Return a case's status in the correction loop.
+
+        Parameters
+        ----------
+        record_or_name, label
+            As in :meth:`path_for`.
+        predicted : bool
+            Whether a prediction exists for the case (the caller knows, e.g. a viewer layer).
+
+        Returns
+        -------
+        str
+            ``"corrected"`` when a corrected mask is stored, else ``"predicted"`` when
+            ``predicted`` is True, else ``"not segmented"``.
+        """
+        if self.is_corrected(record_or_name, label):
+            return CORRECTED
+        return PREDICTED if predicted else NOT_SEGMENTED
+
+    def save(
+        self,
+        record_or_name: Any,
+        label: str | None,
+        image: np.ndarray,
+        mask: np.ndarray,
+        *,
+        overwrite: bool = False,
+    ) -> CorrectionPaths:
+        """Store a corrected case: the image as 8-bit grey PNG and the mask as 0/255 PNG.
+
+        Both files are written atomically, the image first and the mask last, so a case counts
+        as corrected (:meth:`is_corrected`) only once both are complete.
+
+        Parameters
+        ----------
+        record_or_name, label
+            As in :meth:`path_for`.
+        image : numpy.ndarray
+            (H, W) grey or (H, W, 3|4) colour, any dtype :func:`busseg.data.io.to_grey` accepts.
+        mask : numpy.ndarray
+            (H, W); any value > 0 is lesion (a napari Labels layer's data, bool, 0/1, 0/255).
+        overwrite : bool
+            Replace an existing correction. Without it an existing mask raises; an existing
+            image file is left alone when it holds the same pixels and raises otherwise.
+
+        Returns
+        -------
+        CorrectionPaths
+            The written paths.
+
+        Raises
+        ------
+        FileExistsError
+            If the case is already corrected (or a different image has its name) and
+            ``overwrite`` is False.
+        ValueError
+            If the mask is not 2D or its size differs from the image's.
+        """
+        paths = self.path_for(record_or_name, label)
+        grey = to_grey(np.asarray(image))
+        mask = np.asarray(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"a mask must be 2D (H, W), got shape {mask.shape}")
+        if mask.shape != grey.shape:
+            raise ValueError(
+                f"the mask is {mask.shape[1]}x{mask.shape[0]} (W x H) but the image is "
+                f"{grey.shape[1]}x{grey.shape[0]}; correct the mask on the image it belongs to"
+            )
+        if not overwrite and paths.mask.exists():
+            raise FileExistsError(
+                f"{paths.mask} already exists; pass overwrite=True to replace the correction"
+            )
+        write_image = True
+        if paths.image.exists() and not overwrite:
+            try:
+                same = np.array_equal(read_image(paths.image), grey)
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                raise FileExistsError(
+                    f"{paths.image} already exists and holds another image; pass overwrite=True "
+                    "to replace it"
+                )
+            write_image = False
+        if write_image:
+            from PIL import Image
+
+            buf = _io.BytesIO()
+            Image.fromarray(grey, mode="L").save(buf, format="PNG")
+            atomic_write_bytes(paths.image, buf.getvalue(), overwrite=overwrite)
+        write_mask_png(paths.mask, mask, overwrite=overwrite)
+        return paths
+
+    def load(self, record_or_name: Any, label: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Read one stored correction.
+
+        Returns
+        -------
+        image : numpy.ndarray
+            (H, W) uint8 grey.
+        mask : numpy.ndarray
+            (H, W) bool.
+
+        Raises
+        ------
+        FileNotFoundError
+            If the case has no stored correction.
+        """
+        paths = self.path_for(record_or_name, label)
+        return read_image(paths.image), read_mask(paths.mask)
+
+    def records(self) -> list:
+        """List the stored cases as :class:`~busseg.data.busi.BusiRecord` (usable ones only).
+
+        Returns
+        -------
+        list of BusiRecord
+            Cases with an image and a mask of equal size, sorted by class and natural order;
+            an empty list when the folder does not exist or holds no case yet.
+        """
+        from busseg.data.busi import discover_busi
+
+        if not self.root.is_dir():
+            return []
+        try:
+            index = discover_busi(self.root, check_sizes=True)
+        except ValueError:  # no class folder or no image yet
+            return []
+        return index.usable
+
+    def load_pairs(self) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+        """All stored corrections as training pairs (for fine-tuning).
+
+        Returns
+        -------
+        images : list of numpy.ndarray
+            (H, W) uint8 grey images.
+        masks : list of numpy.ndarray
+            (H, W) bool masks, each the size of its image.
+        names : list of str
+            ``"<class>/<stem>.png"`` (the record's ``rel_path``), unique within the folder.
+            All three lists are empty when nothing is stored yet.
+        """
+        images, masks, names = [], [], []
+        for rec in self.records():
+            images.append(read_image(rec.image_path))
+            masks.append(read_mask(rec.mask_paths))
+            names.append(rec.rel_path)
+        return images, masks, names

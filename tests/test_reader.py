@@ -1,0 +1,280 @@
+"""The napari reader: single cases, mask files, lazy folder stacks, corrupt files, real BUSI."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from busseg import _reader
+from busseg._reader import napari_get_reader
+from busseg.data.io import read_image, read_mask
+
+
+def _ensure_plugin():
+    """Make sure napari knows the plugin (discovered when installed, else from the manifest)."""
+    from npe2 import PluginManager, PluginManifest
+
+    import busseg
+
+    pm = PluginManager.instance()
+    if "napari-busseg" not in pm:
+        pm.discover()
+    if "napari-busseg" not in pm:
+        pm.register(PluginManifest.from_file(Path(busseg.__file__).parent / "napari.yaml"))
+
+
+@pytest.fixture
+def notes(monkeypatch):
+    """Collect the reader's notifications instead of showing them."""
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(_reader, "_notify", lambda kind, msg: seen.append((kind, msg)))
+    return seen
+
+
+def _png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def mixed_tree(tmp_path):
+    """BUSI layout with three sizes; ``benign (2)`` has two masks, ``normal (1)`` an empty one."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    rng = np.random.default_rng(0)
+    spec = {
+        "benign/benign (1)": (30, 40),
+        "benign/benign (2)": (50, 20),
+        "malignant/malignant (1)": (25, 60),
+        "normal/normal (1)": (30, 40),
+    }
+    for stem, (h, w) in spec.items():
+        _png(root / f"{stem}.png", rng.integers(1, 256, (h, w), dtype=np.uint8))
+        m = np.zeros((h, w), np.uint8)
+        if not stem.startswith("normal"):
+            m[2:10, 3:12] = 255
+        _png(root / f"{stem}_mask.png", m)
+    m1 = np.zeros((50, 20), np.uint8)
+    m1[30:40, 5:15] = 255
+    _png(root / "benign/benign (2)_mask_1.png", m1)
+    return root
+
+
+# ------------------------------------------------------------------ get_reader
+
+
+def test_get_reader_declines_what_it_does_not_handle(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    assert napari_get_reader(str(tmp_path / "notes.txt")) is None
+    assert napari_get_reader(str(tmp_path / "missing.png")) is None
+    assert napari_get_reader(str(tmp_path / "empty")) is None
+    assert napari_get_reader([str(tmp_path / "notes.txt"), str(tmp_path / "x.png")]) is None
+
+
+def test_get_reader_leaves_multipage_tiffs_to_other_readers(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(
+        tmp_path / "stack.tif", np.zeros((3, 8, 8), np.uint8), photometric="minisblack"
+    )
+    tifffile.imwrite(tmp_path / "one.tif", np.zeros((8, 8), np.uint8))
+    assert napari_get_reader(str(tmp_path / "stack.tif")) is None
+    assert napari_get_reader(str(tmp_path / "one.tif")) is _reader.read_image_file
+
+
+def test_get_reader_decodes_no_pixels(mixed_tree, monkeypatch):
+    def boom(*_, **__):
+        raise AssertionError("get_reader must not open image files")
+
+    monkeypatch.setattr(Image, "open", boom)
+    img = mixed_tree / "benign" / "benign (2).png"
+    assert napari_get_reader(str(img)) is _reader.read_image_file
+    assert napari_get_reader([str(img)]) is _reader.read_image_file
+    assert napari_get_reader(str(mixed_tree / "benign" / "benign (2)_mask_1.png")) is (
+        _reader.read_mask_file
+    )
+    for folder in (mixed_tree, mixed_tree.parent, mixed_tree / "normal"):
+        assert napari_get_reader(str(folder)) is _reader.read_folder
+    two = [str(img), str(mixed_tree / "benign" / "benign (1).png")]
+    assert napari_get_reader(two) is _reader.read_files_as_stack
+
+
+# ------------------------------------------------------------------ one case
+
+
+def test_read_case_with_union_ground_truth(mixed_tree, notes):
+    path = mixed_tree / "benign" / "benign (2).png"
+    layers = napari_get_reader(str(path))(str(path))
+    assert [(kw["name"], kind) for _, kw, kind in layers] == [
+        ("benign (2)", "image"),
+        ("benign (2) ground truth", "labels"),
+    ]
+    (image, ikw, _), (gt, gkw, _) = layers
+    np.testing.assert_array_equal(image, read_image(path))
+    assert image.dtype == np.uint8 and image.shape == (50, 20)
+    assert gt.dtype == np.uint8 and set(np.unique(gt)) == {0, 1}
+    assert gt[5, 5] == 1 and gt[35, 10] == 1  # both masks
+    meta = ikw["metadata"]["busseg"]
+    assert meta["label"] == "benign"
+    assert meta["original_shape"] == [50, 20]
+    assert meta["source"] == str(path)
+    assert meta["root"] == str(mixed_tree)
+    assert len(meta["mask_paths"]) == 2
+    assert ikw["colormap"] == "gray"
+    assert not notes
+
+
+def test_image_without_masks_and_mask_file(tmp_path, notes):
+    img = _png(tmp_path / "scan.png", np.full((8, 9, 3), 60, np.uint8))
+    layers = napari_get_reader(str(img))(str(img))
+    assert len(layers) == 1 and layers[0][0].shape == (8, 9)
+    assert layers[0][1]["metadata"]["busseg"]["label"] == "unknown"
+
+    m = np.zeros((8, 9, 4), np.uint8)
+    m[2:4, 2:4] = (255, 255, 255, 255)
+    mpath = _png(tmp_path / "scan_mask.png", m)
+    ((data, kw, kind),) = napari_get_reader(str(mpath))(str(mpath))
+    assert kind == "labels" and kw["name"] == "scan_mask"
+    assert data.sum() == 4 and data.max() == 1
+
+
+def test_corrupt_file_is_a_notification_not_a_traceback(tmp_path, notes):
+    bad = tmp_path / "benign (9).png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    assert napari_get_reader(str(bad))(str(bad)) == [(None,)]
+    assert notes and notes[0][0] == "error" and "benign (9).png" in notes[0][1]
+
+
+def test_corrupt_mask_keeps_the_image(mixed_tree, notes):
+    (mixed_tree / "benign" / "benign (1)_mask.png").write_bytes(b"not a png")
+    path = mixed_tree / "benign" / "benign (1).png"
+    layers = _reader.read_image_file(str(path))
+    assert [kind for _, _, kind in layers] == ["image"]
+    assert notes[0][0] == "warning" and "benign (1).png" in notes[0][1]
+
+
+# ------------------------------------------------------------------ lazy stacks
+
+
+def test_folder_opens_as_padded_lazy_stacks(mixed_tree, notes, monkeypatch):
+    import dask.array as da
+
+    decoded = []
+    real = _reader._SliceLoader.image
+    monkeypatch.setattr(
+        _reader._SliceLoader, "image", lambda self, p: decoded.append(p) or real(self, p)
+    )
+    layers = _reader.read_folder(str(mixed_tree.parent))
+    assert decoded == []  # nothing decoded until a slice is asked for
+    (images, ikw, ikind), (masks, mkw, mkind) = layers
+    assert (ikind, mkind) == ("image", "labels")
+    assert isinstance(images, da.Array) and isinstance(masks, da.Array)
+    assert images.shape == masks.shape == (4, 50, 60)  # max H, max W
+    assert images.dtype == masks.dtype == np.uint8
+    meta = ikw["metadata"]["busseg"]
+    assert meta["kind"] == "stack" and meta["root"] == str(mixed_tree)
+    slices = meta["slices"]
+    assert [s["name"] for s in slices] == [
+        "benign (1)",
+        "benign (2)",
+        "malignant (1)",
+        "normal (1)",
+    ]
+    assert [s["label"] for s in slices] == ["benign", "benign", "malignant", "normal"]
+    assert slices[1]["original_shape"] == [50, 20]
+    assert mkw["name"] == f"{ikw['name']} ground truth"
+
+    s1 = np.asarray(images[1])
+    assert len(decoded) == 1
+    truth = read_image(slices[1]["image_path"])
+    np.testing.assert_array_equal(s1[:50, :20], truth)
+    assert not s1[:, 20:].any()  # zero padding at the right
+    m1 = np.asarray(masks[1])
+    np.testing.assert_array_equal(m1[:50, :20], read_mask(slices[1]["mask_paths"]))
+    assert not np.asarray(masks[3]).any()  # the normal case
+    assert not notes
+
+
+def test_class_folder_and_corrupt_slice(mixed_tree, notes):
+    (mixed_tree / "benign" / "benign (1).png").write_bytes(b"broken")
+    layers = _reader.read_folder(str(mixed_tree / "benign"))
+    images = layers[0][0]
+    assert images.shape == (2, 50, 20)
+    assert layers[0][1]["metadata"]["busseg"]["root"] == str(mixed_tree)
+    notes.clear()
+    assert not np.asarray(images[0]).any()  # the corrupt slice is zeros
+    np.asarray(images[0])
+    warnings = [m for k, m in notes if k == "warning"]
+    assert len(warnings) == 1 and "benign (1).png" in warnings[0]  # warned once
+    assert np.asarray(images[1]).any()
+
+
+def test_plain_folder_and_file_list(tmp_path, notes):
+    a = _png(tmp_path / "imgs" / "a 2.png", np.full((5, 6), 7, np.uint8))
+    b = _png(tmp_path / "imgs" / "a 10.png", np.full((9, 4), 9, np.uint8))
+    layers = _reader.read_folder(str(tmp_path / "imgs"))
+    assert len(layers) == 1  # no masks, no Labels layer
+    stack = layers[0][0]
+    assert stack.shape == (2, 9, 6)
+    assert [s["name"] for s in layers[0][1]["metadata"]["busseg"]["slices"]] == ["a 2", "a 10"]
+    layers = _reader.read_files_as_stack([str(b), str(a)])
+    assert np.asarray(layers[0][0][0])[:9, :4].min() == 9
+
+
+# ------------------------------------------------------------------ real data
+
+
+@pytest.mark.realdata
+def test_real_rgb_originals_and_grey_copies_agree(busi_originals, busi_root, notes):
+    for stem in ("benign/benign (195)", "malignant/malignant (65)", "normal/normal (1)"):
+        orig = _reader.read_image_file(str(busi_originals / f"{stem}.png"))
+        grey = _reader.read_image_file(str(busi_root / f"{stem}.png"))
+        assert Image.open(busi_originals / f"{stem}.png").mode == "RGB"
+        assert len(orig) == len(grey) == 2
+        for (a, _, ka), (b, _, kb) in zip(orig, grey, strict=True):
+            assert ka == kb and a.dtype == np.uint8 and a.ndim == 2
+            np.testing.assert_array_equal(a, b)
+    three = _reader.read_image_file(str(busi_originals / "benign/benign (195).png"))
+    assert len(three[0][1]["metadata"]["busseg"]["mask_paths"]) == 3
+    assert not notes
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_full_busi_root_opens_lazily_and_fast(busi_root, notes):
+    t0 = time.perf_counter()
+    reader = napari_get_reader(str(busi_root.parent))
+    layers = reader(str(busi_root.parent))
+    elapsed = time.perf_counter() - t0
+    images, masks = layers[0][0], layers[1][0]
+    assert images.shape == masks.shape == (780, 719, 1048)
+    assert elapsed < 15, f"opening BUSI took {elapsed:.1f} s (about 1 s expected)"
+    slices = layers[0][1]["metadata"]["busseg"]["slices"]
+    assert len(slices) == 780
+    i = next(k for k, s in enumerate(slices) if s["name"] == "benign (195)")
+    h, w = slices[i]["original_shape"]
+    np.testing.assert_array_equal(
+        np.asarray(images[i])[:h, :w], read_image(slices[i]["image_path"])
+    )
+    assert np.asarray(masks[i])[:h, :w].sum() == read_mask(slices[i]["mask_paths"]).sum()
+
+
+# ------------------------------------------------------------------ through napari
+
+
+@pytest.mark.gui
+def test_viewer_opens_a_folder_through_the_manifest(make_napari_viewer, mixed_tree):
+    _ensure_plugin()
+    viewer = make_napari_viewer()
+    viewer.open(str(mixed_tree), plugin="napari-busseg")
+    assert [layer.name for layer in viewer.layers] == [
+        "Dataset_BUSI_with_GT",
+        "Dataset_BUSI_with_GT ground truth",
+    ]
+    assert viewer.layers[0].data.shape == (4, 50, 60)
+    assert viewer.dims.nsteps[0] == 4
