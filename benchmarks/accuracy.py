@@ -1,0 +1,576 @@
+"""Accuracy of a checkpoint on the BUSI test split and, zero-shot, on BUS-BRA fold 1.
+
+Usage (from the repository root)::
+
+    python benchmarks/accuracy.py                       # shipped default model, full run
+    python benchmarks/accuracy.py --checkpoint runs/x/best --quick
+
+BUSI: the test split of ``training/splits/busi.csv`` (duplicate-aware groups, never used for
+training or tuning). Per class (benign, malignant, lesion = benign + malignant, normal): mean
+Dice, IoU, precision, recall and HD95 (pixels) of the per-image values with 95 % percentile
+bootstrap confidence intervals (``busseg.metrics``), and the image-level false-positive rate
+on normal images (share with any predicted pixel). BUS-BRA (other scanners, another
+hospital, never seen in training): the same metrics overall and per scanner (``Device``).
+A second table places published U-Net-family figures on BUSI beside ours, with each
+source's protocol. Writes ``accuracy.md``, ``accuracy.json`` (with every per-image row) and
+``accuracy.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+NAME = "accuracy"
+METRICS = ("dice", "iou", "precision", "recall", "hd95")
+_TITLES = {
+    "dice": "Dice",
+    "iou": "IoU",
+    "precision": "Precision",
+    "recall": "Recall",
+    "hd95": "HD95 (px)",
+}
+
+#: Published U-Net-family results on BUSI. Only numbers read in their source are listed.
+#: All come from one source; its protocol is described in ``PUBLISHED_SOURCES``.
+PUBLISHED: list[dict[str, Any]] = [
+    {
+        "model": "U-Net",
+        "params_m": 34.52,
+        "dice": 76.97,
+        "dice_sd": 3.10,
+        "iou": 68.61,
+        "iou_sd": 2.86,
+        "source": "tang2024",
+    },
+    {
+        "model": "Attention U-Net",
+        "params_m": 34.87,
+        "dice": 76.88,
+        "dice_sd": 3.50,
+        "iou": 68.55,
+        "iou_sd": 3.22,
+        "source": "tang2024",
+    },
+    {
+        "model": "U-Net++",
+        "params_m": 26.90,
+        "dice": 78.06,
+        "dice_sd": 3.25,
+        "iou": 69.49,
+        "iou_sd": 2.94,
+        "source": "tang2024",
+    },
+    {
+        "model": "U-Net 3+",
+        "params_m": 26.97,
+        "dice": 76.88,
+        "dice_sd": 3.68,
+        "iou": 68.38,
+        "iou_sd": 3.35,
+        "source": "tang2024",
+    },
+    {
+        "model": "UNeXt",
+        "params_m": 1.47,
+        "dice": 74.16,
+        "dice_sd": 2.84,
+        "iou": 65.04,
+        "iou_sd": 2.71,
+        "source": "tang2024",
+    },
+    {
+        "model": "CMUNeXt",
+        "params_m": 3.14,
+        "dice": 79.86,
+        "dice_sd": 2.58,
+        "iou": 71.56,
+        "iou_sd": 2.43,
+        "source": "tang2024",
+    },
+]
+
+PUBLISHED_SOURCES: dict[str, dict[str, Any]] = {
+    "tang2024": {
+        "citation": (
+            "Tang F, Ding J, Wang L, Ning C, Zhou SK. CMUNeXt: An efficient medical image "
+            "segmentation network based on large kernel and skip fusion. ISBI 2024 "
+            "(arXiv:2308.01239); results table 'Results on BUSI' of the authors' benchmark "
+            "repository github.com/FengheTan9/Medical-Image-Segmentation-Benchmarks "
+            "(README, commit 0f69025e), all models re-trained there by the same authors"
+        ),
+        "short": "Tang et al. 2024 (CMUNeXt benchmark)",
+        "duplicate_aware": False,
+        "normal_included": False,
+        "protocol_short": "random image-level 70/30 split, x3; best epoch picked on the "
+        "reported split; batch-pooled pixels",
+        "protocol": (
+            "benign + malignant only (647 images, normal excluded); random image-level "
+            "70/30 split with sklearn train_test_split (split.py), repeated three times, "
+            "mean ± sd over the three; images resized to 256x256; no separate test set: the "
+            "epoch with the best IoU on the 30 % split is kept and its figures on that same "
+            "split are reported; 'F1-value' (= Dice) and IoU are computed over the pixels of "
+            "each validation batch and averaged over batches (src/utils/metrics.py), not per "
+            "image"
+        ),
+    },
+}
+
+LEAK_NOTE = (
+    "**Not directly comparable.** BUSI holds many near-identical frames of one lesion, some "
+    "filed under two classes (Pawlowska, Karwat & Zolek, Data in Brief 48, 2023, 109247). A "
+    "random image-level split puts near-copies of test images into training, which inflates "
+    "test figures; the published protocol also picks its best epoch on the images it reports "
+    "on, drops the normal images, and pools pixels over batches instead of averaging per "
+    "image. Our split (training/splits/busi.csv) keeps each near-duplicate group on one side, "
+    "includes normal images, never tunes on the test split, and averages per image."
+)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _select_busi(busi_root: Path, split_csv: Path, split: str, limit: int | None):
+    from busseg.data import discover_busi
+    from busseg.data.splits import read_split_csv, select_split
+
+    index = discover_busi(busi_root)
+    rows = read_split_csv(split_csv)
+    records = select_split(index, rows, split)
+    if limit is not None:
+        per: dict[str, int] = {}
+        kept = []
+        for r in records:
+            if per.get(r.label, 0) < limit:
+                kept.append(r)
+                per[r.label] = per.get(r.label, 0) + 1
+        records = kept
+    return records
+
+
+def evaluate(
+    items: Sequence[dict],
+    predict: Callable[[np.ndarray], np.ndarray],
+    *,
+    quiet: bool = False,
+    what: str = "",
+) -> list[dict]:
+    """Per-image metrics of ``predict`` on ``items``.
+
+    Parameters
+    ----------
+    items : sequence of dict
+        Each with ``name``, ``image_path``, ``mask_paths`` and any grouping keys (kept).
+    predict : callable
+        (H, W) uint8 image -> (H, W) bool mask.
+
+    Returns
+    -------
+    list of dict
+        The item's keys (paths as str) plus :func:`busseg.metrics.segmentation_metrics`
+        and ``seconds`` (prediction time).
+    """
+    from busseg.data import read_image, read_mask
+    from busseg.metrics import segmentation_metrics
+
+    rows = []
+    t0 = time.perf_counter()
+    for i, item in enumerate(items):
+        image = read_image(item["image_path"])
+        truth = read_mask(item["mask_paths"])
+        t = time.perf_counter()
+        pred = predict(image)
+        dt = time.perf_counter() - t
+        row = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in item.items()
+            if k not in ("image_path", "mask_paths")
+        }
+        row.update(segmentation_metrics(pred, truth))
+        row["seconds"] = dt
+        rows.append(row)
+        if not quiet and ((i + 1) % 20 == 0 or i + 1 == len(items)):
+            C.log(f"  {what} {i + 1}/{len(items)} ({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+def _stats_cell(stats: dict | None, digits: int) -> str:
+    if stats is None or stats.get("n", 0) == 0 or math.isnan(stats["mean"]):
+        return "–"
+    cell = (
+        f"{stats['mean']:.{digits}f} [{C.fmt(stats.get('ci_low'), digits)}, "
+        f"{C.fmt(stats.get('ci_high'), digits)}]"
+    )
+    if stats.get("n_nan"):
+        cell += f" ({stats['n_nan']} undefined)"
+    return cell
+
+
+def summary_table(
+    summary: dict, groups: Sequence[str], *, label_title: str = "Group", fp_ci: dict | None = None
+) -> str:
+    """Markdown table of mean [95 % CI] per group; FP rate column where defined."""
+    header = [label_title, "n"] + [_TITLES[m] for m in METRICS]
+    show_fp = any(summary[g]["n_empty_truth"] for g in groups if g in summary)
+    if show_fp:
+        header.append("FP rate (images)")
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for g in groups:
+        if g not in summary:
+            continue
+        s = summary[g]
+        all_empty = s["n_empty_truth"] == s["n"]
+        cells = [g, str(s["n"])]
+        for m in METRICS:
+            if all_empty and m in ("recall", "hd95"):
+                cells.append("–")  # undefined without a lesion
+                continue
+            cells.append(_stats_cell(s["metrics"].get(m), 1 if m == "hd95" else 3))
+        if show_fp:
+            if s["n_empty_truth"]:
+                ci = (fp_ci or {}).get(g)
+                ci_txt = f" [{C.fmt(ci[0])}, {C.fmt(ci[1])}]" if ci else ""
+                cells.append(f"{s['fp_rate']:.3f}{ci_txt} ({s['n_fp']}/{s['n_empty_truth']})")
+            else:
+                cells.append("–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def published_table(ours: dict | None) -> str:
+    """Markdown table: published BUSI figures beside ours, with each source's protocol."""
+    lines = [
+        "| Model | Params (M) | Dice (%) | IoU (%) | Source | Duplicate-aware split | "
+        "Normal images | Protocol |",
+        "|---|---:|---:|---:|---|---|---|---|",
+    ]
+    if ours is not None:
+        lines.append(
+            f"| **ours** ({ours['arch']}) | {ours['params_m']:.2f} | "
+            f"{100 * ours['dice']:.2f} [{100 * ours['dice_ci'][0]:.1f}, "
+            f"{100 * ours['dice_ci'][1]:.1f}] | {100 * ours['iou']:.2f} "
+            f"[{100 * ours['iou_ci'][0]:.1f}, {100 * ours['iou_ci'][1]:.1f}] | this run | yes "
+            f"| {'excluded from this row' if ours['normal_excluded'] else 'included'} | "
+            f"{ours['protocol']} |"
+        )
+    for p in PUBLISHED:
+        src = PUBLISHED_SOURCES[p["source"]]
+        proto = src["protocol_short"]
+        lines.append(
+            f"| {p['model']} | {p['params_m']:.2f} | {p['dice']:.2f} ± {p['dice_sd']:.2f} | "
+            f"{p['iou']:.2f} ± {p['iou_sd']:.2f} | {src['short']} | "
+            f"{'yes' if src['duplicate_aware'] else 'no'} | "
+            f"{'included' if src['normal_included'] else 'excluded'} | {proto} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fp_ci(rows: Sequence[dict], key: str, groups: Sequence[str], n_boot: int) -> dict:
+    from busseg.metrics import bootstrap_ci
+
+    out = {}
+    for g in groups:
+        vals = [
+            float(r["any_pred"])
+            for r in rows
+            if r["true_area"] == 0 and (g == "all" or r.get(key) == g)
+        ]
+        if vals:
+            out[g] = bootstrap_ci(vals, n_boot=n_boot, seed=0)
+    return out
+
+
+def make_figure(busi_rows: list[dict], busbra_rows: list[dict], busi_summary: dict | None):
+    fig, axes = C.new_figure(1, 2, size=(6.5, 4.2))
+    # per-image Dice, lesion images only (normal images are scored by the FP rate)
+    groups, data = [], []
+    for lab in ("benign", "malignant"):
+        vals = [r["dice"] for r in busi_rows if r["label"] == lab]
+        if vals:
+            groups.append(f"BUSI\n{lab}")
+            data.append(vals)
+    if busbra_rows:
+        groups.append("BUS-BRA\nall")
+        data.append([r["dice"] for r in busbra_rows])
+        for dev in sorted({r["device"] for r in busbra_rows}):
+            vals = [r["dice"] for r in busbra_rows if r["device"] == dev]
+            groups.append(
+                "BUS-BRA\n" + dev.split("@")[0].strip().replace(" ", "\n", 1) + f"\n(n={len(vals)})"
+            )
+            data.append(vals)
+    ax = axes[0][0]
+    if data:
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(groups) + 1), groups, fontsize=7)
+    ax.set_ylabel("Dice per image")
+    ax.set_ylim(-0.02, 1.02)
+    title = "Dice on images with a lesion"
+    if busi_summary and busi_summary.get("normal"):
+        title += f"\nBUSI normal: FP rate {busi_summary['normal']['fp_rate']:.2f}"
+    ax.set_title(title, fontsize=9)
+    ax = axes[0][1]
+    hd, hd_groups = [], []
+    for name, rows in (
+        ("BUSI lesion", [r for r in busi_rows if r["label"] != "normal"]),
+        ("BUS-BRA", busbra_rows),
+    ):
+        vals = [r["hd95"] for r in rows if r["hd95"] is not None and math.isfinite(r["hd95"])]
+        if vals:
+            hd.append(vals)
+            hd_groups.append(name)
+    if hd:
+        ax.boxplot(hd, showmeans=True)
+        ax.set_xticks(range(1, len(hd_groups) + 1), hd_groups, fontsize=8)
+        ax.set_yscale("log")
+    ax.set_ylabel("HD95 (pixels, log scale)")
+    ax.set_title("HD95 where both masks are non-empty", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--busi",
+        default=str(C.DEFAULT_BUSI),
+        help="BUSI Dataset_BUSI_with_GT folder (default ../shared/data/busi/...)",
+    )
+    p.add_argument(
+        "--split", default=str(C.DEFAULT_SPLIT), help="split CSV (default training/splits/busi.csv)"
+    )
+    p.add_argument("--split-name", default="test", help="split to score (default test)")
+    p.add_argument(
+        "--busbra",
+        default=str(C.DEFAULT_BUSBRA),
+        help="BUS-BRA folder (default ../shared/data/busbra-fold1)",
+    )
+    p.add_argument("--no-busbra", action="store_true", help="skip the BUS-BRA evaluation")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="at most N images per BUSI class and N BUS-BRA images (quick checks)",
+    )
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument(
+        "--tta",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="flip test-time augmentation (auto: as the checkpoint says)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: --limit 3 --n-boot 200 unless given"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    C.add_common_args(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.limit = 3 if args.limit is None else args.limit
+        args.n_boot = 200 if args.n_boot == 2000 else args.n_boot
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark; return the JSON payload (also written to ``--out``)."""
+    args = parse_args(argv)
+    threads = C.set_threads(args.threads)
+    ckpt = C.resolve_checkpoint(args.checkpoint)
+    busi_root = C.require_dir(args.busi, "BUSI", "--busi")
+    split_csv = Path(args.split)
+    if not split_csv.is_file():
+        raise SystemExit(f"split file {split_csv} not found; pass --split")
+
+    from busseg.inference import load_model, predict_mask
+    from busseg.metrics import summarize
+
+    t_start = time.perf_counter()
+    model = load_model(ckpt, device=args.device)
+    device = next(model.parameters()).device
+    tta = None if args.tta == "auto" else args.tta == "on"
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def predict(image):
+        return predict_mask(image, model, tta=tta)
+
+    ck = C.checkpoint_summary(ckpt)
+    hw = C.hardware_info(device)
+    C.log(f"threads {threads}; checkpoint {ckpt}", args.quiet)
+
+    records = _select_busi(busi_root, split_csv, args.split_name, args.limit)
+    items = [
+        {
+            "dataset": "BUSI",
+            "name": r.name,
+            "label": r.label,
+            "image_path": r.image_path,
+            "mask_paths": list(r.mask_paths),
+        }
+        for r in records
+    ]
+    C.log(f"BUSI {args.split_name}: {len(items)} images", args.quiet)
+    busi_rows = evaluate(items, predict, quiet=args.quiet, what="BUSI")
+    busi_summary = summarize(
+        busi_rows, by="label", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
+    )
+    busi_fp_ci = _fp_ci(busi_rows, "label", ["normal", "all"], args.n_boot)
+
+    busbra_rows: list[dict] = []
+    busbra_summary = busbra_path = None
+    devices: list[str] = []
+    if not args.no_busbra:
+        busbra_path = C.require_dir(args.busbra, "BUS-BRA", "--busbra (or give --no-busbra)")
+        recs = C.read_busbra(busbra_path)
+        if args.limit is not None:
+            recs = recs[: args.limit]
+        items = [
+            {
+                "dataset": "BUS-BRA",
+                "name": r.id,
+                "label": r.pathology,
+                "device": r.device,
+                "case": r.case,
+                "image_path": r.image_path,
+                "mask_paths": [r.mask_path],
+            }
+            for r in recs
+        ]
+        C.log(f"BUS-BRA: {len(items)} images", args.quiet)
+        busbra_rows = evaluate(items, predict, quiet=args.quiet, what="BUS-BRA")
+        busbra_summary = summarize(
+            busbra_rows, by="device", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
+        )
+        busbra_by_label = summarize(
+            busbra_rows, by="label", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
+        )
+        devices = sorted({r["device"] for r in busbra_rows})
+        for g in ("benign", "malignant"):
+            if g in busbra_by_label:
+                busbra_summary[f"pathology: {g}"] = busbra_by_label[g]
+
+    seconds = time.perf_counter() - t_start
+    lesion = busi_summary.get("lesion")
+    ours = None
+    if lesion is not None:
+        ours = {
+            "arch": f"U-Net base {ck['model'].get('base_channels')}, depth "
+            f"{ck['model'].get('depth')}, {ck['input_size'][0]}x{ck['input_size'][1]}",
+            "params_m": n_params / 1e6,
+            "dice": lesion["metrics"]["dice"]["mean"],
+            "dice_ci": (lesion["metrics"]["dice"]["ci_low"], lesion["metrics"]["dice"]["ci_high"]),
+            "iou": lesion["metrics"]["iou"]["mean"],
+            "iou_ci": (lesion["metrics"]["iou"]["ci_low"], lesion["metrics"]["iou"]["ci_high"]),
+            "normal_excluded": True,
+            "protocol": (
+                f"duplicate-aware {args.split_name} split, lesion images "
+                f"(n={lesion['n']}), per-image mean [95 % CI]; normal images: FP rate "
+                "above"
+            ),
+        }
+
+    busi_groups = ["benign", "malignant", "lesion", "normal"]
+    md = [
+        f"# Accuracy: BUSI {args.split_name} split and BUS-BRA (zero-shot)",
+        "",
+        C.hardware_markdown(hw),
+        "",
+        C.checkpoint_markdown(ck),
+        f"TTA: {args.tta}. Wall time {seconds:.0f} s.",
+        "",
+    ]
+    if args.limit is not None:
+        md += [f"**Quick run: at most {args.limit} images per group; not a result.**", ""]
+    md += [
+        f"## BUSI {args.split_name} split (duplicate-aware, never used for training or tuning)",
+        "",
+        "Mean of per-image values with a 95 % percentile bootstrap CI "
+        f"({args.n_boot} resamples). HD95 in pixels of the original image, over images where "
+        "both masks are non-empty ('undefined' counts the other images). FP rate: share of "
+        "images without a lesion (normal) that "
+        "get any predicted pixel. For normal images Dice, IoU and precision are 1 for an "
+        "empty prediction and 0 otherwise.",
+        "",
+        summary_table(busi_summary, busi_groups, label_title="Class", fp_ci=busi_fp_ci),
+        "",
+    ]
+    if busbra_summary is not None:
+        md += [
+            "## BUS-BRA fold 1, zero-shot (other scanners and hospital, not seen in training)",
+            "",
+            "Every image has one lesion. Rows: all images, per scanner (Device column), per "
+            "pathology.",
+            "",
+            summary_table(
+                busbra_summary,
+                ["all"] + devices + ["pathology: benign", "pathology: malignant"],
+                label_title="Images",
+            ),
+            "",
+        ]
+    md += [
+        "## Published U-Net-family results on BUSI",
+        "",
+        LEAK_NOTE,
+        "",
+        published_table(ours),
+        "",
+    ]
+    for src in PUBLISHED_SOURCES.values():
+        md += [f"- {src['short']}: {src['citation']}. Protocol: {src['protocol']}."]
+    md += [
+        "",
+        "Dice (%) of published rows is their 'F1-value'; ± is the sd over their three "
+        "random splits. Our row gives the mean and 95 % CI on one duplicate-aware split.",
+        "",
+    ]
+    markdown = "\n".join(md)
+
+    payload = {
+        "benchmark": NAME,
+        "hardware": hw,
+        "checkpoint": ck,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seconds": seconds,
+        "n_params": n_params,
+        "busi": {
+            "root": str(busi_root),
+            "split_file": str(split_csv.resolve()),
+            "split": args.split_name,
+            "summary": busi_summary,
+            "fp_rate_ci": busi_fp_ci,
+        },
+        "busbra": (
+            {"root": str(busbra_path), "summary": busbra_summary}
+            if busbra_summary is not None
+            else None
+        ),
+        "published": {"rows": PUBLISHED, "sources": PUBLISHED_SOURCES, "note": LEAK_NOTE},
+        "per_image": busi_rows + busbra_rows,
+    }
+    fig = make_figure(busi_rows, busbra_rows, busi_summary)
+    paths = C.write_results(args.out, NAME, markdown, payload, fig)
+    print(markdown)
+    C.log(f"wrote {', '.join(str(p) for p in paths.values())}", args.quiet)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1042 @@
+"""Speed and memory of our U-Net beside MONAI's BasicUNet and UNet, and of the whole pipeline.
+
+Usage (from the repository root)::
+
+    python benchmarks/speed.py                          # shipped default model, full run
+    python benchmarks/speed.py --checkpoint runs/x/best --quick
+
+Measured in one run, on the same inputs and thread count:
+
+- parameters of our U-Net (architecture read from the checkpoint config) and of MONAI peers
+  at matched widths (``pip install monai`` or the ``bench`` extra; rows are skipped without):
+  ``BasicUNet(features=(b, 2b, 4b, 8b, 16b, b))`` (classic U-Net, double conv per level,
+  max-pool, transposed-conv up-sampling; only for depth 4, which BasicUNet fixes) and
+  ``UNet(channels=(b, ..., b * 2**depth), strides=(2,) * depth)`` with ``num_res_units`` 0
+  and 2 (strided-conv down-sampling); ``b`` is our ``base_channels``; all with batch norm
+  like ours;
+- inference latency per image (median and IQR over rounds) at 256x256 and at our input size,
+  batch 1 and 16; the models are interleaved in shuffled order within each round, since the
+  shared host's timings swing several-fold;
+- training throughput in images/s (batch 8 at our input size, BCE + Dice loss, AdamW);
+- peak memory: on CPU the increase of the peak resident set size (``VmHWM``, else
+  ``ru_maxrss``) in a fresh subprocess per model and mode (``tracemalloc`` does not see
+  torch's allocations); on CUDA ``max_memory_allocated``;
+- our whole ``busseg.predict_mask`` on real BUSI images (decode, preprocess, model, resize
+  back), and optionally (``--widget``) the time from clicking Run in the *Segment lesions*
+  napari widget to its Labels layer appearing (headless viewer, Xvfb).
+
+Writes ``speed.md``, ``speed.json`` and ``speed.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+NAME = "speed"
+OURS = "ours"
+PEERS = ("monai_basicunet", "monai_unet_r0", "monai_unet_r2")
+_LABELS = {
+    OURS: "busseg U-Net",
+    "monai_basicunet": "MONAI BasicUNet",
+    "monai_unet_r0": "MONAI UNet (res units 0)",
+    "monai_unet_r2": "MONAI UNet (res units 2)",
+}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def monai_version() -> str | None:
+    """MONAI's version, or None when it is not installed."""
+    try:
+        import monai
+    except ImportError:
+        return None
+    return str(monai.__version__)
+
+
+def model_definitions(model_cfg: dict) -> dict[str, str]:
+    """A one-line definition of every model this run can build (for the table)."""
+    b, d = int(model_cfg.get("base_channels", 16)), int(model_cfg.get("depth", 4))
+    widths = tuple(b * 2**i for i in range(d + 1))
+    norm = model_cfg.get("norm", "batch")
+    defs = {
+        OURS: f"build_model({{base_channels: {b}, depth: {d}, norm: {norm}, "
+        f"upsample: {model_cfg.get('upsample', 'transpose')}}})"
+    }
+    if monai_version() is not None:
+        if d == 4:
+            defs["monai_basicunet"] = f"BasicUNet(features={widths + (b,)}, norm={norm})"
+        for r in (0, 2):
+            defs[f"monai_unet_r{r}"] = (
+                f"UNet(channels={widths}, strides={(2,) * d}, num_res_units={r}, norm={norm})"
+            )
+    return defs
+
+
+def build(name: str, checkpoint: Path) -> Any:
+    """Build model ``name`` (``"ours"`` loads the checkpoint; peers get matched widths).
+
+    Returns
+    -------
+    torch.nn.Module
+        In eval mode, on the CPU.
+    """
+    from busseg.models import load_checkpoint, read_checkpoint_config
+
+    if name == OURS:
+        return load_checkpoint(checkpoint, device="cpu")[0].eval()
+    mcfg = read_checkpoint_config(checkpoint)["model"]
+    b, d = int(mcfg.get("base_channels", 16)), int(mcfg.get("depth", 4))
+    widths = tuple(b * 2**i for i in range(d + 1))
+    norm = {"batch": "batch", "instance": "instance", "none": None}.get(mcfg.get("norm", "batch"))
+    from monai.networks import nets
+
+    if name == "monai_basicunet":
+        if d != 4:
+            raise ValueError("MONAI BasicUNet has a fixed depth of 4")
+        net = nets.BasicUNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=1,
+            features=widths + (b,),
+            norm=norm or ("instance", {"affine": True}),
+        )
+    elif name.startswith("monai_unet_r"):
+        net = nets.UNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=1,
+            channels=widths,
+            strides=(2,) * d,
+            num_res_units=int(name[-1]),
+            norm=norm or "instance",
+        )
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    return net.eval()
+
+
+def n_params(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def latency_rounds(
+    models: dict[str, Any],
+    sizes: Sequence[tuple[int, int]],
+    batches: Sequence[int],
+    rounds: int,
+    warmup: int,
+    device,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict[tuple[str, tuple[int, int], int], list[float]]:
+    """Seconds per image of one forward pass, interleaving all configurations in each round.
+
+    Returns
+    -------
+    dict
+        ``{(model, (h, w), batch): [seconds per image, one per measured round]}``.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {
+        (s, bt): torch.randn(bt, 1, *s, generator=gen).to(device) for s in sizes for bt in batches
+    }
+    configs = [(m, s, bt) for m in models for s in sizes for bt in batches]
+    out: dict = {c: [] for c in configs}
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for r in range(warmup + rounds):
+            for i in rng.permutation(len(configs)):
+                m, s, bt = configs[i]
+                x = inputs[(s, bt)]
+                _sync(device)
+                t = time.perf_counter()
+                models[m](x)
+                _sync(device)
+                dt = time.perf_counter() - t
+                if r >= warmup:
+                    out[configs[i]].append(dt / bt)
+            C.log(
+                f"  latency round {r + 1}/{warmup + rounds} ({time.perf_counter() - t0:.0f} s)",
+                quiet,
+            )
+    return out
+
+
+def train_rounds(
+    models: dict[str, Any],
+    size: tuple[int, int],
+    batch: int,
+    rounds: int,
+    warmup: int,
+    device,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict[str, list[float]]:
+    """Seconds per training step (forward, BCE + Dice loss, backward, AdamW step), interleaved.
+
+    The models are deep-copied, so the inference models are not changed.
+    """
+    import copy
+
+    import torch
+
+    from busseg.losses import build_loss
+
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, *size, generator=gen).to(device)
+    y = (torch.rand(batch, 1, *size, generator=gen) > 0.7).float().to(device)
+    loss_fn = build_loss("bce_dice")
+    nets = {m: copy.deepcopy(net).train() for m, net in models.items()}
+    opts = {m: torch.optim.AdamW(net.parameters(), lr=1e-3) for m, net in nets.items()}
+    names = list(nets)
+    out: dict[str, list[float]] = {m: [] for m in names}
+    t0 = time.perf_counter()
+    for r in range(warmup + rounds):
+        for i in rng.permutation(len(names)):
+            m = names[i]
+            _sync(device)
+            t = time.perf_counter()
+            opts[m].zero_grad(set_to_none=True)
+            loss = loss_fn(nets[m](x), y)
+            loss.backward()
+            opts[m].step()
+            _sync(device)
+            if r >= warmup:
+                out[m].append(time.perf_counter() - t)
+        C.log(
+            f"  training round {r + 1}/{warmup + rounds} ({time.perf_counter() - t0:.0f} s)", quiet
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _proc_status_mib(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> str:
+    """Reset the resident-set high-water mark where the OS allows it; name the method.
+
+    ``ru_maxrss`` survives ``fork`` + ``exec`` (a child of a 1 GB process starts at 1 GB), so
+    on Linux the per-process ``VmHWM`` of ``/proc/self/status`` is used, reset by writing 5 to
+    ``/proc/self/clear_refs``. Elsewhere ``ru_maxrss`` of the fresh process is the fallback.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        if _proc_status_mib("VmHWM") is not None:
+            return "VmHWM"
+    except OSError:
+        pass
+    return "ru_maxrss"
+
+
+def _peak_mib(method: str) -> float:
+    if method == "VmHWM":
+        return float(_proc_status_mib("VmHWM"))
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20  # KiB on Linux, B on macOS
+
+
+def memory_probe(
+    name: str, checkpoint: Path, mode: str, size: tuple[int, int], batch: int, threads: int | None
+) -> dict:
+    """Run in a fresh process: peak RSS increase of building ``name`` and one infer/train step.
+
+    Imports, the input tensors and the loss are in place before the baseline is read, so the
+    increase is the model's parameters plus the activations (and gradients and optimiser state
+    when training) of one step, as seen by the operating system.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if name != OURS:
+        from monai.networks import nets  # noqa: F401  (imported before the baseline)
+
+    from busseg.losses import build_loss
+    from busseg.models import load_checkpoint  # noqa: F401
+
+    x = torch.randn(batch, 1, *size)
+    y = (torch.rand(batch, 1, *size) > 0.7).float()
+    loss_fn = build_loss("bce_dice")
+    method = _reset_peak()
+    base = _peak_mib(method)
+    net = build(name, checkpoint)
+    if mode == "infer":
+        with torch.inference_mode():
+            net(x)
+            net(x)
+    else:
+        net.train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(net(x), y).backward()
+            opt.step()
+    peak = _peak_mib(method)
+    return {
+        "model": name,
+        "mode": mode,
+        "size": list(size),
+        "batch": batch,
+        "baseline_mib": base,
+        "peak_mib": peak,
+        "increase_mib": peak - base,
+        "method": f"peak resident memory increase ({method}) in a fresh subprocess",
+    }
+
+
+def measure_memory(
+    names: Sequence[str],
+    checkpoint: Path,
+    size: tuple[int, int],
+    train_batch: int,
+    threads: int,
+    device,
+    quiet: bool,
+    modes: Sequence[str] = ("infer", "train"),
+) -> list[dict]:
+    """Peak memory per model and mode (subprocesses on CPU, CUDA counters on a GPU)."""
+    rows = []
+    plan = [(m, b) for m, b in (("infer", 1), ("train", train_batch)) if m in modes]
+    if str(device).startswith("cuda"):
+        import torch
+
+        from busseg.losses import build_loss
+
+        for name in names:
+            for mode, batch in plan:
+                net = build(name, checkpoint).to(device)
+                x = torch.randn(batch, 1, *size, device=device)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                if mode == "infer":
+                    with torch.inference_mode():
+                        net(x)
+                else:
+                    net.train()
+                    y = (torch.rand_like(x) > 0.7).float()
+                    build_loss("bce_dice")(net(x), y).backward()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated(device)
+                rows.append(
+                    {
+                        "model": name,
+                        "mode": mode,
+                        "size": list(size),
+                        "batch": batch,
+                        "increase_mib": (peak - base) / 2**20,
+                        "peak_mib": peak / 2**20,
+                        "method": "torch.cuda.max_memory_allocated (model already on the GPU)",
+                    }
+                )
+                del net, x
+        return rows
+    for name in names:
+        for mode, batch in plan:
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--probe-memory",
+                name,
+                "--probe-mode",
+                mode,
+                "--probe-size",
+                str(size[0]),
+                str(size[1]),
+                "--probe-batch",
+                str(batch),
+                "--checkpoint",
+                str(checkpoint),
+                "--threads",
+                str(threads),
+            ]
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(C.REPO_ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p]
+            )
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+            if res.returncode != 0:
+                raise RuntimeError(f"memory probe {name}/{mode} failed:\n{res.stderr[-2000:]}")
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            C.log(f"  memory {name} {mode}: +{row['increase_mib']:.0f} MiB", quiet)
+    return rows
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def e2e_predict(checkpoint: Path, paths: Sequence[Path], rounds: int, device, quiet: bool) -> dict:
+    """Time ``read_image`` + ``predict_mask`` per real image, in ``rounds`` passes."""
+    from busseg.data import read_image
+    from busseg.inference import load_model, predict_mask
+
+    model = load_model(checkpoint, device=device)
+    img0 = read_image(paths[0])
+    predict_mask(img0, model)  # warm-up
+    decode, predict, total, shapes = [], [], [], []
+    for _ in range(rounds):
+        for p in paths:
+            t0 = time.perf_counter()
+            image = read_image(p)
+            t1 = time.perf_counter()
+            mask = predict_mask(image, model)
+            t2 = time.perf_counter()
+            if mask.shape != image.shape[:2]:
+                raise RuntimeError(
+                    f"predict_mask returned {mask.shape} for an image of {image.shape}"
+                )
+            decode.append(t1 - t0)
+            predict.append(t2 - t1)
+            total.append(t2 - t0)
+            shapes.append(image.shape[:2])
+    C.log(f"  predict_mask: {len(total)} calls", quiet)
+    hs, ws = zip(*shapes, strict=True)
+    return {
+        "n_images": len(paths),
+        "rounds": rounds,
+        "decode_s": decode,
+        "predict_s": predict,
+        "total_s": total,
+        "median_height": float(np.median(hs)),
+        "median_width": float(np.median(ws)),
+        "images": [str(p) for p in paths],
+    }
+
+
+def _find_run_button(widget):
+    """The Run push button of a magicgui Container or Qt widget (by text or name)."""
+    try:
+        from magicgui.widgets import PushButton
+
+        stack = [widget]
+        while stack:
+            w = stack.pop()
+            if isinstance(w, PushButton) and str(w.text).strip().lower() in ("run", "segment"):
+                return w.native
+            if hasattr(w, "__iter__") and not isinstance(w, (str, bytes)):
+                try:
+                    stack.extend(list(w))
+                except TypeError:
+                    pass
+    except ImportError:  # pragma: no cover
+        pass
+    from qtpy.QtWidgets import QPushButton, QWidget
+
+    native = getattr(widget, "native", widget)
+    if isinstance(native, QWidget):
+        for b in native.findChildren(QPushButton):
+            if b.text().replace("&", "").strip().lower() in ("run", "segment"):
+                return b
+    raise RuntimeError("no Run button found in the Segment lesions widget")
+
+
+def widget_probe(
+    checkpoint: Path, image_path: Path, repeats: int, timeout: float, viewer: Any = None
+) -> dict:
+    """Run in a fresh process: click Run in *Segment lesions*, time until a Labels layer appears.
+
+    The first click includes loading the model; later clicks reuse the widget's cached model.
+    Before each click the widget's output layer is removed, so "appears" always means a new
+    Labels layer inserted into the viewer (the viewer is not shown, so drawing is not timed).
+    A ``viewer`` passed in (tests) is left open; otherwise one is made and closed.
+    """
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from busseg.data import read_image
+
+    image = read_image(image_path)
+    _ensure_plugin()
+    own = viewer is None
+    viewer = napari.Viewer(show=False) if own else viewer
+    try:
+        viewer.add_image(image, name=image_path.stem)
+        _dock, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+        _set_widget_checkpoint(widget, checkpoint)
+        button = _find_run_button(widget)
+        app = QApplication.instance()
+        times = []
+        for _ in range(repeats):
+            for lyr in [lyr for lyr in viewer.layers if isinstance(lyr, napari.layers.Labels)]:
+                viewer.layers.remove(lyr)
+            app.processEvents()
+            seen: dict[str, float] = {}
+
+            def _inserted(event, seen=seen):
+                if isinstance(event.value, napari.layers.Labels) and "t" not in seen:
+                    seen["t"] = time.perf_counter()
+
+            viewer.layers.events.inserted.connect(_inserted)
+            t0 = time.perf_counter()
+            button.click()
+            while "t" not in seen and time.perf_counter() - t0 < timeout:
+                app.processEvents()
+                time.sleep(0.001)
+            viewer.layers.events.inserted.disconnect(_inserted)
+            if "t" not in seen:
+                raise RuntimeError(f"no Labels layer appeared within {timeout} s of clicking Run")
+            times.append(seen["t"] - t0)
+        return {"seconds": times, "image": str(image_path), "image_shape": list(image.shape)}
+    finally:
+        if own:
+            viewer.close()
+
+
+def _set_widget_checkpoint(widget, checkpoint: Path) -> None:
+    """Point the widget at ``checkpoint`` (its public ``use_checkpoint``)."""
+    if not hasattr(widget, "use_checkpoint"):
+        raise RuntimeError("the Segment lesions widget has no use_checkpoint(path) method")
+    widget.use_checkpoint(checkpoint)
+
+
+def _ensure_plugin() -> None:
+    """Make napari find the plugin in a source checkout (not pip-installed)."""
+    from npe2 import PluginManager, PluginManifest
+
+    import busseg
+
+    pm = PluginManager.instance()
+    if "napari-busseg" not in pm:
+        pm.discover()
+    if "napari-busseg" not in pm:
+        pm.register(PluginManifest.from_file(Path(busseg.__file__).parent / "napari.yaml"))
+
+
+def measure_widget(checkpoint: Path, image_path: Path, repeats: int, quiet: bool) -> dict:
+    """Run :func:`widget_probe` in a subprocess under Xvfb (pytest-xvfb's PyVirtualDisplay)."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--probe-widget",
+        "--probe-image",
+        str(image_path),
+        "--checkpoint",
+        str(checkpoint),
+        "--widget-repeats",
+        str(repeats),
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(C.REPO_ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    lines = [ln for ln in res.stdout.strip().splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        return {"error": (res.stderr.strip().splitlines() or ["no output"])[-1][:500]}
+    out = json.loads(lines[-1])
+    C.log(f"  widget: {', '.join(f'{t:.2f}' for t in out['seconds'])} s", quiet)
+    return out
+
+
+def _with_display(fn):
+    """Call ``fn`` with a display: the current one, else a virtual X server (Xvfb)."""
+    if os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM"):
+        return fn()
+    from pyvirtualdisplay import Display
+
+    with Display(visible=False, size=(1280, 1024)):
+        return fn()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _ms(x: float) -> str:
+    return C.fmt(1000 * x, 1) if x is not None and math.isfinite(x) else "–"
+
+
+def _ratio(peer: float, ours: float) -> str:
+    if not (math.isfinite(peer) and math.isfinite(ours)) or ours <= 0:
+        return "–"
+    return f"{peer / ours:.2f}"
+
+
+def render(result: dict) -> str:
+    hw = result["hardware"]
+    md = [
+        "# Speed: our U-Net beside MONAI peers, and the whole pipeline",
+        "",
+        C.hardware_markdown(hw),
+        "",
+        C.checkpoint_markdown(result["checkpoint"]),
+        f"MONAI {result['monai'] or 'not installed (peer rows skipped)'}. "
+        f"Wall time {result['seconds']:.0f} s.",
+        "",
+    ]
+    if result["quick"]:
+        md += ["**Quick run: too few rounds for a result.**", ""]
+    md += [
+        "Ratios are peer / ours of the time per image (> 1: ours is faster) and of the "
+        "parameter count and memory (> 1: ours is smaller). Medians with the "
+        "interquartile range [25th, 75th percentile] over rounds; within each round the "
+        "models run in shuffled order, so load swings on the shared host hit all alike.",
+        "",
+        "MONAI BasicUNet is the like-for-like peer (two 3x3 conv + norm + activation per "
+        "level, max-pool, transposed-conv up-sampling, same widths). MONAI UNet is a lighter "
+        "design at the same widths: one strided 3x3 conv per encoder level instead of two "
+        "convs and a max-pool (plus a residual unit each with num_res_units=2), so it "
+        "computes much less per image.",
+        "",
+        "## Models",
+        "",
+        "| Model | Definition | Parameters | Peer / ours |",
+        "|---|---|---:|---:|",
+    ]
+    p_ours = result["params"][OURS]
+    for m, d in result["definitions"].items():
+        p = result["params"][m]
+        md.append(f"| {_LABELS[m]} | `{d}` | {p:,} | {_ratio(p, p_ours)} |")
+    lat = result["latency"]
+    md += [
+        "",
+        f"## Inference latency per image ({lat['rounds']} rounds, {lat['warmup']} warm-up)",
+        "",
+        "| Input | Batch | Model | ms / image (median) | IQR (ms) | Peer / ours |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for row in lat["rows"]:
+        md.append(
+            f"| {row['size'][0]}x{row['size'][1]} | {row['batch']} | {_LABELS[row['model']]}"
+            f" | {_ms(row['median'])} | {_ms(row['q25'])}–{_ms(row['q75'])} | "
+            f"{row['ratio']} |"
+        )
+    tr = result.get("training")
+    if tr:
+        md += [
+            "",
+            f"## Training throughput (batch {tr['batch']}, {tr['size'][0]}x"
+            f"{tr['size'][1]}, BCE + Dice, AdamW; {tr['rounds']} rounds)",
+            "",
+            "| Model | Images / s (median) | Step time IQR (s) | Peer / ours (time) |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in tr["rows"]:
+            md.append(
+                f"| {_LABELS[row['model']]} | {C.fmt(row['images_per_s'], 1)} | "
+                f"{C.fmt(row['q25'], 2)}–{C.fmt(row['q75'], 2)} | {row['ratio']} |"
+            )
+    mem = result.get("memory")
+    if mem:
+        md += [
+            "",
+            f"## Peak memory ({mem[0]['method']})",
+            "",
+            "| Model | Mode | Input | Batch | Peak increase (MiB) | Peer / ours |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        ours_mem = {r["mode"]: r["increase_mib"] for r in mem if r["model"] == OURS}
+        for r in mem:
+            md.append(
+                f"| {_LABELS[r['model']]} | {r['mode']} | {r['size'][0]}x{r['size'][1]} | "
+                f"{r['batch']} | {C.fmt(r['increase_mib'], 1)} | "
+                f"{_ratio(r['increase_mib'], ours_mem.get(r['mode'], math.nan))} |"
+            )
+    e2e = result.get("e2e")
+    if e2e:
+        md += [
+            "",
+            f"## Whole `predict_mask` on real BUSI images ({e2e['n_images']} images x "
+            f"{e2e['rounds']} rounds, median size {e2e['median_width']:.0f}x"
+            f"{e2e['median_height']:.0f} px)",
+            "",
+            "| Stage | ms / image (median) | IQR (ms) |",
+            "|---|---:|---:|",
+        ]
+        for key, label in (
+            ("decode_s", "decode PNG (read_image)"),
+            ("predict_s", "predict_mask (preprocess, model, resize back)"),
+            ("total_s", "total"),
+        ):
+            q50, q25, q75 = C.median_iqr(e2e[key])
+            md.append(f"| {label} | {_ms(q50)} | {_ms(q25)}–{_ms(q75)} |")
+    w = result.get("widget")
+    md += ["", "## Segment lesions widget: click Run -> Labels layer appears", ""]
+    if w is None:
+        md += ["Not measured (pass `--widget`; needs napari, the plugin manifest and Xvfb)."]
+    elif "error" in w:
+        md += [f"Not measured: {w['error']}"]
+    else:
+        s = w["seconds"]
+        warm = C.median_iqr(s[1:]) if len(s) > 1 else (math.nan,) * 3
+        md += [
+            "| Click | seconds |",
+            "|---|---:|",
+            f"| first (includes loading the model) | {C.fmt(s[0], 2)} |",
+            f"| later, median of {len(s) - 1} | {C.fmt(warm[0], 2)} "
+            f"[{C.fmt(warm[1], 2)}, {C.fmt(warm[2], 2)}] |",
+        ]
+    return "\n".join(md) + "\n"
+
+
+def make_figure(result: dict):
+    fig, axes = C.new_figure(1, 3, size=(5.0, 3.8))
+    lat = result["latency"]["rows"]
+    models = list(result["definitions"])
+    confs = sorted({(tuple(r["size"]), r["batch"]) for r in lat})
+    ax = axes[0][0]
+    width = 0.8 / max(1, len(models))
+    for j, m in enumerate(models):
+        rows = [
+            next(r for r in lat if r["model"] == m and tuple(r["size"]) == s and r["batch"] == b)
+            for s, b in confs
+        ]
+        med = np.array([1000 * r["median"] for r in rows])
+        err = np.array(
+            [
+                [1000 * (r["median"] - r["q25"]) for r in rows],
+                [1000 * (r["q75"] - r["median"]) for r in rows],
+            ]
+        )
+        ax.bar(np.arange(len(confs)) + j * width, med, width, yerr=err, label=_LABELS[m], capsize=2)
+    ax.set_xticks(
+        np.arange(len(confs)) + width * (len(models) - 1) / 2,
+        [f"{s[0]}x{s[1]}\nbatch {b}" for s, b in confs],
+        fontsize=8,
+    )
+    ax.set_ylabel("ms per image (median, IQR)")
+    ax.set_title("Inference latency", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    tr = result.get("training")
+    if tr:
+        ax.bar(
+            [_LABELS[r["model"]].replace(" (", "\n(") for r in tr["rows"]],
+            [r["images_per_s"] for r in tr["rows"]],
+        )
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_ylabel("images / s")
+        ax.set_title(f"Training throughput (batch {tr['batch']})", fontsize=9)
+    ax = axes[0][2]
+    mem = result.get("memory")
+    if mem:
+        for k, mode in enumerate(("infer", "train")):
+            rows = [r for r in mem if r["mode"] == mode]
+            ax.bar(
+                np.arange(len(rows)) + 0.4 * k,
+                [r["increase_mib"] for r in rows],
+                0.4,
+                label=f"{mode} (batch {rows[0]['batch']})" if rows else mode,
+            )
+        names = [r["model"] for r in mem if r["mode"] == "infer"]
+        ax.set_xticks(
+            np.arange(len(names)) + 0.2,
+            [_LABELS[n].replace(" (", "\n(") for n in names],
+            fontsize=7,
+        )
+        ax.set_ylabel("peak memory increase (MiB)")
+        ax.set_title("Peak memory", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--busi",
+        default=str(C.DEFAULT_BUSI),
+        help="BUSI folder for the predict_mask timing (default ../shared/data/...)",
+    )
+    p.add_argument(
+        "--split",
+        default=str(C.DEFAULT_SPLIT),
+        help="split CSV; predict_mask is timed on test-split images",
+    )
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="square input sides for the latency table (default: 256 and the "
+        "checkpoint's input size)",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        help="batch sizes for the latency table (default 1 16)",
+    )
+    p.add_argument("--rounds", type=int, default=15, help="measured latency rounds (default 15)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up rounds (default 2)")
+    p.add_argument("--train-batch", type=int, default=8, help="training batch (default 8)")
+    p.add_argument("--train-rounds", type=int, default=8, help="measured training rounds")
+    p.add_argument(
+        "--e2e-images",
+        type=int,
+        default=20,
+        help="BUSI test images for the predict_mask timing (default 20; 0 skips)",
+    )
+    p.add_argument("--e2e-rounds", type=int, default=3, help="passes over those images")
+    p.add_argument("--no-monai", action="store_true", help="only our model")
+    p.add_argument("--no-train", action="store_true", help="skip training throughput")
+    p.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    p.add_argument(
+        "--memory-models",
+        nargs="+",
+        default=None,
+        help="measure peak memory only for these models (default: all)",
+    )
+    p.add_argument(
+        "--memory-modes",
+        nargs="+",
+        default=["infer", "train"],
+        choices=["infer", "train"],
+        help="memory for inference and/or training",
+    )
+    p.add_argument(
+        "--widget",
+        action="store_true",
+        help="also time the Segment lesions widget (napari, manifest, Xvfb)",
+    )
+    p.add_argument("--widget-repeats", type=int, default=4, help="clicks (first is cold)")
+    p.add_argument("--widget-timeout", type=float, default=120.0, help="seconds per click")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 rounds, 1 warm-up, batches 1 2, train batch 2, 2 images",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    C.add_common_args(p)
+    # internal: the subprocess probes
+    p.add_argument("--probe-memory", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe-mode", default="infer", help=argparse.SUPPRESS)
+    p.add_argument("--probe-size", type=int, nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe-batch", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--probe-widget", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--probe-image", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup, args.train_rounds = 2, 1, 2
+        args.batches, args.train_batch = [1, 2], 2
+        args.e2e_images, args.e2e_rounds = min(args.e2e_images, 2), 1
+        args.widget_repeats = min(args.widget_repeats, 2)
+    return args
+
+
+def _e2e_paths(args, n: int) -> list[Path]:
+    busi = Path(args.busi)
+    if n <= 0 or not busi.is_dir() or not Path(args.split).is_file():
+        return []
+    from busseg.data import discover_busi
+    from busseg.data.splits import read_split_csv, select_split
+
+    recs = select_split(discover_busi(busi), read_split_csv(args.split), "test")
+    # lesion and normal images alternately, in split order
+    lesion = [r for r in recs if r.label != "normal"]
+    normal = [r for r in recs if r.label == "normal"]
+    picked = lesion[: n - n // 4] + normal[: n // 4]
+    return [r.image_path for r in picked][:n]
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Run the benchmark; return the JSON payload (also written to ``--out``)."""
+    args = parse_args(argv)
+    if args.probe_memory:  # subprocess mode
+        ckpt = C.resolve_checkpoint(args.checkpoint)
+        row = memory_probe(
+            args.probe_memory,
+            ckpt,
+            args.probe_mode,
+            tuple(args.probe_size),
+            args.probe_batch,
+            args.threads,
+        )
+        print(json.dumps(row))
+        return None
+    if args.probe_widget:  # subprocess mode
+        ckpt = C.resolve_checkpoint(args.checkpoint)
+        out = _with_display(
+            lambda: widget_probe(
+                ckpt, Path(args.probe_image), args.widget_repeats, args.widget_timeout
+            )
+        )
+        print(json.dumps(out))
+        return None
+
+    import torch
+
+    from busseg.devices import get_device
+    from busseg.models import read_checkpoint_config
+
+    threads = C.set_threads(args.threads)
+    ckpt = C.resolve_checkpoint(args.checkpoint)
+    device = get_device(args.device)
+    cfg = read_checkpoint_config(ckpt)
+    in_size = tuple(int(v) for v in cfg["preprocessing"]["input_size"])
+    sizes = sorted(
+        {(s, s) for s in args.sizes} if args.sizes else {(256, 256), in_size}, reverse=True
+    )
+    t_start = time.perf_counter()
+
+    definitions = model_definitions(cfg["model"])
+    if args.no_monai:
+        definitions = {OURS: definitions[OURS]}
+    mv = monai_version()
+    if mv is None and not args.no_monai:
+        C.log("MONAI is not installed (pip install monai): only our model is measured", args.quiet)
+    models = {m: build(m, ckpt).to(device) for m in definitions}
+    params = {m: n_params(net) for m, net in models.items()}
+    C.log(f"threads {threads}; device {device}; models {list(models)}; sizes {sizes}", args.quiet)
+
+    lat = latency_rounds(
+        models, sizes, args.batches, args.rounds, args.warmup, device, quiet=args.quiet
+    )
+    lat_rows = []
+    for s in sizes:
+        for bt in args.batches:
+            ours_med = C.median_iqr(lat[(OURS, s, bt)])[0]
+            for m in models:
+                q50, q25, q75 = C.median_iqr(lat[(m, s, bt)])
+                lat_rows.append(
+                    {
+                        "model": m,
+                        "size": list(s),
+                        "batch": bt,
+                        "median": q50,
+                        "q25": q25,
+                        "q75": q75,
+                        "ratio": _ratio(q50, ours_med),
+                        "seconds_per_image": lat[(m, s, bt)],
+                    }
+                )
+
+    training = None
+    if not args.no_train:
+        steps = train_rounds(
+            models,
+            in_size,
+            args.train_batch,
+            args.train_rounds,
+            max(1, args.warmup // 2),
+            device,
+            quiet=args.quiet,
+        )
+        ours_step = C.median_iqr(steps[OURS])[0]
+        rows = []
+        for m, st in steps.items():
+            q50, q25, q75 = C.median_iqr(st)
+            rows.append(
+                {
+                    "model": m,
+                    "images_per_s": args.train_batch / q50,
+                    "median": q50,
+                    "q25": q25,
+                    "q75": q75,
+                    "ratio": _ratio(q50, ours_step),
+                    "step_seconds": st,
+                }
+            )
+        training = {
+            "batch": args.train_batch,
+            "size": list(in_size),
+            "rounds": args.train_rounds,
+            "rows": rows,
+        }
+
+    memory = None
+    if not args.no_memory:
+        names = [m for m in models if args.memory_models is None or m in args.memory_models]
+        memory = measure_memory(
+            names, ckpt, in_size, args.train_batch, threads, device, args.quiet, args.memory_modes
+        )
+
+    e2e = None
+    paths = _e2e_paths(args, args.e2e_images)
+    if paths:
+        e2e = e2e_predict(ckpt, paths, args.e2e_rounds, device, args.quiet)
+    elif args.e2e_images > 0:
+        C.log("BUSI not found: predict_mask timing skipped (pass --busi)", args.quiet)
+
+    widget = None
+    if args.widget:
+        image = (
+            paths[0]
+            if paths
+            else next(
+                (C.REPO_ROOT / "src" / "busseg" / "samples" / "benign").glob("* (*).png"), None
+            )
+        )
+        if image is None:
+            widget = {"error": "no image to segment (pass --busi)"}
+        else:
+            widget = measure_widget(ckpt, Path(image), args.widget_repeats, args.quiet)
+
+    result = {
+        "benchmark": NAME,
+        "hardware": C.hardware_info(device),
+        "checkpoint": C.checkpoint_summary(ckpt),
+        "monai": mv if not args.no_monai else None,
+        "torch": torch.__version__,
+        "quick": bool(args.quick),
+        "args": vars(args),
+        "seconds": time.perf_counter() - t_start,
+        "definitions": definitions,
+        "params": params,
+        "latency": {"rounds": args.rounds, "warmup": args.warmup, "rows": lat_rows},
+        "training": training,
+        "memory": memory,
+        "e2e": e2e,
+        "widget": widget,
+    }
+    markdown = render(result)
+    fig = make_figure(result)
+    written = C.write_results(args.out, NAME, markdown, result, fig)
+    print(markdown)
+    C.log(f"wrote {', '.join(str(p) for p in written.values())}", args.quiet)
+    return result
+
+
+if __name__ == "__main__":
+    main()
