@@ -51,8 +51,9 @@ def to_grey(image: np.ndarray) -> np.ndarray:
             arr = rgb[..., 0]
         else:
             arr = rgb.astype(np.float64) @ _LUMA
-            if image.dtype == np.uint8:
-                arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+            if np.issubdtype(rgb.dtype, np.integer):  # keep the dtype so its range applies below
+                info = np.iinfo(rgb.dtype)
+                arr = np.clip(np.rint(arr), info.min, info.max).astype(rgb.dtype)
     if arr.ndim != 2:
         raise ValueError(
             f"expected a 2D grey image (H, W) or a colour image (H, W, 3|4), got shape "
@@ -177,6 +178,13 @@ def read_mask(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> np.ndar
     return union
 
 
+def default_file_mode() -> int:
+    """Permission bits a newly created file gets under the current umask (e.g. 0o644)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Write bytes to ``path`` atomically: a temporary file in the same folder, then a rename.
 
@@ -207,6 +215,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600 files; give the file the mode an ordinary open() would.
+        os.chmod(tmp, default_file_mode())
         if overwrite:
             os.replace(tmp, path)
         else:

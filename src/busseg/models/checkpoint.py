@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from busseg.data.io import default_file_mode
 from torch import nn
 
 __all__ = [
@@ -479,6 +481,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_NAME, default_file_mode())  # safetensors writes 0600
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
             fh.flush()
