@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from busseg.data.io import default_file_mode
-from torch import nn
 
 __all__ = [
     "CONFIG_NAME",
