@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-out", required=True, help="folder for the test-split evaluation")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--note", action="append", default=[],
+                    help="a line of provenance for the model card (repeatable)")
     args = ap.parse_args(argv)
 
     import evaluate as evaluate_script
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
                           "--no-progress", "--threads", str(args.threads)])
     summary = json.loads((Path(args.eval_out) / "summary.json").read_text())
     card = build_card(cfg, summary, run)
+    card["notes"] = list(args.note)
     cfg["metrics"]["test"] = card["test_metrics"]
     save_checkpoint(dest, model, cfg, overwrite=True)
     atomic_write_bytes(dest / "model_card.json", (json.dumps(card, indent=2) + "\n").encode(),
@@ -184,6 +187,8 @@ def card_markdown(card: dict) -> str:
         for r in tried["grid"]:
             lines.append(f"| {'on' if r['tta_flips'] else 'off'} | {r['threshold']} | "
                          f"{r['val_dice']:.4f} | {r['val_dice_lesion']:.4f} |")
+    if card.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
     lines += ["", f"Produced by `python training/export_default.py --run {card['run']}`.", ""]
     return "\n".join(lines)
 

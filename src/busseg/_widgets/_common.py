@@ -9,10 +9,13 @@
   (one place for tests to monkeypatch).
 - :func:`ask_yes_no`: a modal yes/no question (tests monkeypatch it; it is never called without
   a display).
+- :func:`guarded` / :class:`WorkerError`: run a worker job so its errors reach ``errored``.
+- :func:`wrap_label`, :func:`connect_layer_changes`: small Qt/napari wiring shared by widgets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 #: Key of the plugin's entry in ``layer.metadata``.
@@ -155,3 +158,69 @@ def ask_yes_no(title: str, text: str, parent: Any = None) -> bool:
         QMessageBox.StandardButton.No,
     )
     return answer == QMessageBox.StandardButton.Yes
+
+
+class WorkerError(Exception):
+    """An error raised inside a worker job, re-raised under a type the worker reports.
+
+    superqt's ``GeneratorWorker`` takes any ``RuntimeError`` from the generator (torch raises
+    those, e.g. when memory runs out) for a deleted Qt object and only warns; this type makes
+    it reach the ``errored`` signal and the widget's status line.
+    """
+
+
+def guarded(gen: Generator) -> Generator:
+    """Run a job generator, re-raising ``RuntimeError`` as :class:`WorkerError`.
+
+    Parameters
+    ----------
+    gen : generator
+        A job such as :func:`segment_job` or :func:`busseg.finetune.finetune_iter`.
+
+    Yields
+    ------
+    object
+        What ``gen`` yields.
+
+    Returns
+    -------
+    object
+        What ``gen`` returns.
+
+    Raises
+    ------
+    WorkerError
+        If ``gen`` raises a ``RuntimeError``.
+    """
+    try:
+        return (yield from gen)
+    except RuntimeError as exc:
+        raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def wrap_label(label: Any) -> None:
+    """Word-wrap a status label without letting long text widen the dock."""
+    from qtpy.QtWidgets import QSizePolicy
+
+    label.native.setWordWrap(True)
+    policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    policy.setHeightForWidth(True)  # keep the word-wrap height; a new policy drops it
+    label.native.setSizePolicy(policy)
+    label.native.setMinimumWidth(120)
+
+
+def connect_layer_changes(viewer: Any, callback: Any) -> None:
+    """Call ``callback`` whenever layers are inserted, removed, moved, reordered or renamed.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer whose layer list is watched.
+    callback : callable
+        Connected to each of those layer-list events that this napari version has.
+    """
+    ev = viewer.layers.events
+    for name in ("inserted", "removed", "moved", "reordered", "renamed"):
+        emitter = getattr(ev, name, None)
+        if emitter is not None:
+            emitter.connect(callback)

@@ -33,14 +33,14 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from busseg._widgets._common import find_layer, prediction_name
-from busseg._widgets.segment import (
-    _wrap,
-    find_segment_widget,
+from busseg._widgets._common import (
+    connect_layer_changes,
+    find_layer,
     guarded,
-    slice_crop,
-    stack_slices,
+    prediction_name,
+    wrap_label,
 )
+from busseg._widgets.segment import find_segment_widget, slice_crop, stack_slices
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -238,7 +238,7 @@ class FineTuneWidget(Container):
         self._status = Label(label="status", value="add corrected pairs, then Start")
         self._result = Label(label="result", value="")
         for lab in (self._live, self._status, self._result):
-            _wrap(lab)
+            wrap_label(lab)
 
         self.extend([
             self._pair_image, self._pair_labels, self._scope,
@@ -257,11 +257,7 @@ class FineTuneWidget(Container):
         self._unit.changed.connect(self._on_unit_changed)
         self._start_btn.changed.connect(self._on_start)
         self._stop_btn.changed.connect(self._on_stop)
-        ev = viewer.layers.events
-        for name in ("inserted", "removed", "moved", "reordered", "renamed"):
-            emitter = getattr(ev, name, None)
-            if emitter is not None:
-                emitter.connect(self._on_layers_changed)
+        connect_layer_changes(viewer, self._on_layers_changed)
         self._on_image_changed()
 
     # ---------------------------------------------------------------- public API

@@ -41,10 +41,14 @@ from magicgui.widgets import (
 
 from busseg._widgets._common import (
     META_KEY,
+    WorkerError,
     busseg_metadata,
+    connect_layer_changes,
     find_layer,
     ground_truth_name,
+    guarded,
     prediction_name,
+    wrap_label,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,55 +135,6 @@ def _checkpoint_dir(path: str | Path) -> Path:
     if p.is_file():
         p = p.parent
     return p
-
-
-class WorkerError(Exception):
-    """An error raised inside a worker job, re-raised under a type the worker reports.
-
-    superqt's ``GeneratorWorker`` takes any ``RuntimeError`` from the generator (torch raises
-    those, e.g. when memory runs out) for a deleted Qt object and only warns; this type makes
-    it reach the ``errored`` signal and the widget's status line.
-    """
-
-
-def guarded(gen: Generator) -> Generator:
-    """Run a job generator, re-raising ``RuntimeError`` as :class:`WorkerError`.
-
-    Parameters
-    ----------
-    gen : generator
-        A job such as :func:`segment_job` or :func:`busseg.finetune.finetune_iter`.
-
-    Yields
-    ------
-    object
-        What ``gen`` yields.
-
-    Returns
-    -------
-    object
-        What ``gen`` returns.
-
-    Raises
-    ------
-    WorkerError
-        If ``gen`` raises a ``RuntimeError``.
-    """
-    try:
-        return (yield from gen)
-    except RuntimeError as exc:
-        raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _wrap(label: Label) -> None:
-    """Word-wrap a status label without letting long text widen the dock."""
-    from qtpy.QtWidgets import QSizePolicy
-
-    label.native.setWordWrap(True)
-    policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
-    policy.setHeightForWidth(True)  # keep the word-wrap height; a new policy drops it
-    label.native.setSizePolicy(policy)
-    label.native.setMinimumWidth(120)
 
 
 def stack_slices(layer: Any) -> list[dict] | None:
@@ -449,7 +404,7 @@ class SegmentWidget(Container):
         self._status = Label(label="status", value="ready")
         self._metrics = Label(label="vs ground truth", value="")
         for lab in (self._model_info, self._status, self._metrics):
-            _wrap(lab)
+            wrap_label(lab)
         self.extend([
             self._image, self._source, self._checkpoint, self._model_info, self._device,
             self._threshold, self._tta, self._fill_holes, self._keep, self._min_area,
@@ -462,11 +417,7 @@ class SegmentWidget(Container):
         self._checkpoint.changed.connect(self._on_model_changed)
         self._run_btn.changed.connect(self._on_run)
         self._cancel_btn.changed.connect(self._on_cancel)
-        ev = viewer.layers.events
-        for name in ("inserted", "removed", "moved", "reordered", "renamed"):
-            emitter = getattr(ev, name, None)
-            if emitter is not None:
-                emitter.connect(self._on_layers_changed)
+        connect_layer_changes(viewer, self._on_layers_changed)
         viewer.layers.selection.events.active.connect(self._on_active_layer)
         self._on_active_layer()
         self._on_model_changed()
