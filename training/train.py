@@ -4,7 +4,7 @@ Examples
 --------
     python training/train.py --data ../shared/data/busi/Dataset_BUSI_with_GT --out runs/default
     python training/train.py --epochs 1 --limit 16 --out runs/smoke          # smoke test
-    torchrun --nproc_per_node 2 training/train.py --out runs/ddp             # DistributedDataParallel
+    torchrun --nproc_per_node 2 training/train.py --out runs/ddp      # DistributedDataParallel
 
 Writes ``OUT/log.csv`` (one row per validation), ``OUT/curves.png``, ``OUT/best/`` (the best
 checkpoint: ``model.safetensors`` + ``config.json``) and ``OUT/last/`` (state for ``--resume``).
@@ -26,11 +26,13 @@ if str(ROOT / "src") not in sys.path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"),
                     help="BUSI dataset root (Dataset_BUSI_with_GT)")
     ap.add_argument("--split", default=str(ROOT / "training/splits/busi.csv"), help="split CSV")
-    ap.add_argument("--out", required=True, help="run folder to create (must not exist unless --resume)")
+    ap.add_argument("--out", required=True,
+                    help="run folder to create (must not exist unless --resume)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
     ap.add_argument("--init", default=None, help="start from this checkpoint (fine-tuning)")
     ap.add_argument("--epochs", type=int, default=100)
@@ -46,13 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--encoder", default="plain", choices=["plain", "resnet34"])
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--no-augment", action="store_true")
-    ap.add_argument("--oversample", action="store_true", help="balance classes with a WeightedRandomSampler")
-    ap.add_argument("--tta-flips", action="store_true", help="record test-time flips as the inference default")
+    ap.add_argument("--oversample", action="store_true",
+                    help="balance classes with a WeightedRandomSampler")
+    ap.add_argument("--tta-flips", action="store_true",
+                    help="record test-time flips as the inference default")
     ap.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     ap.add_argument("--amp", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N train/val images (smoke tests)")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="use only the first N train/val images (smoke tests)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -94,7 +99,8 @@ def main(argv=None) -> int:
         train_recs, val_recs = train_recs[: args.limit], val_recs[: max(2, args.limit // 4)]
     t0 = time.perf_counter()
     size = tuple(args.input_size)
-    train_set = load_records(train_recs, size, None if args.no_augment else Augment(), seed=args.seed + rank)
+    augment = None if args.no_augment else Augment()
+    train_set = load_records(train_recs, size, augment, seed=args.seed + rank)
     val_set = load_records(val_recs, size)
     if rank == 0:
         print(f"loaded {len(train_set)} train and {len(val_set)} val images in "
@@ -103,7 +109,8 @@ def main(argv=None) -> int:
     if args.init:
         model, base_cfg = load_checkpoint(args.init)
         model_cfg = base_cfg["model"]
-        lineage = {"base_model": str(args.init), "pairs": [r.rel_path for r in train_recs]}
+        lineage = {"base_model": str(Path(args.init).resolve()),
+                   "pairs": [r.rel_path for r in train_recs]}
     else:
         model_cfg = {"arch": "unet", "encoder": args.encoder, "base_channels": args.base_channels,
                      "depth": args.depth, "dropout": args.dropout}
@@ -120,7 +127,8 @@ def main(argv=None) -> int:
 
     hardware = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "cpu_threads": torch.get_num_threads(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "torch": torch.__version__,
@@ -132,7 +140,8 @@ def main(argv=None) -> int:
         "training": {
             "data": "BUSI (Al-Dhabyani et al., Data in Brief 28, 2020, 104863)",
             "data_root": str(args.data),
-            "split_file": os.path.relpath(args.split, ROOT) if Path(args.split).is_absolute() else args.split,
+            "split_file": (os.path.relpath(args.split, ROOT) if Path(args.split).is_absolute()
+                           else args.split),
             "n_train": len(train_set), "n_val": len(val_set),
             "train_counts": _counts(train_recs), "val_counts": _counts(val_recs),
             "augment": None if args.no_augment else Augment().to_dict(),

@@ -107,7 +107,7 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
 
     def to_dict(self) -> dict:
-        """The settings as a JSON-serialisable dict."""
+        """Return the settings as a JSON-serialisable dict."""
         return asdict(self)
 
 
@@ -265,7 +265,9 @@ def evaluate_dataset(
         "dice": dice,
         "mean_dice": float(dice.mean()) if n else float("nan"),
         "mean_dice_lesion": float(dice[has_lesion].mean()) if has_lesion.any() else float("nan"),
-        "fp_rate_normal": float(predicted[~has_lesion].mean()) if (~has_lesion).any() else float("nan"),
+        "fp_rate_normal": (
+            float(predicted[~has_lesion].mean()) if (~has_lesion).any() else float("nan")
+        ),
         "loss": float(sum(losses) / n) if losses and n else float("nan"),
     }
 
@@ -277,7 +279,8 @@ def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
         if warm and step < warm:
             return (step + 1) / warm
         t = (step - warm) / max(1, total_steps - warm)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
     return f
 
@@ -360,7 +363,10 @@ def _load_training_state(path: Path, model, optimizer, scheduler) -> dict:
         pid, name = k.split(".", 1)
         opt_state.setdefault(int(pid), {})[name] = torch.tensor(v)
     optimizer.load_state_dict({"state": opt_state, "param_groups": scalars["param_groups"]})
-    scheduler.load_state_dict(scalars["scheduler"])
+    sched = dict(scalars["scheduler"])
+    # the lambdas are code, not state: they are rebuilt from the TrainConfig, so none is saved
+    sched.setdefault("lr_lambdas", [None] * len(optimizer.param_groups))
+    scheduler.load_state_dict(sched)
     return scalars
 
 
@@ -461,7 +467,8 @@ def fit_iter(
         sampler = None
     loader = DataLoader(
         train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-        generator=g if sampler is None else None, drop_last=len(train_set) // world > cfg.batch_size,
+        generator=g if sampler is None else None,
+        drop_last=len(train_set) // world > cfg.batch_size,
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
     )
     steps_per_epoch = max(1, len(loader))
@@ -546,7 +553,8 @@ def fit_iter(
                            val_dice_lesion=ev["mean_dice_lesion"],
                            val_fp_rate_normal=ev["fp_rate_normal"])
                 if best is None or ev["mean_dice"] > best + 1e-4:
-                    best, best_step, best_epoch, bad, improved = ev["mean_dice"], step, epoch, 0, True
+                    best, best_step, best_epoch = ev["mean_dice"], step, epoch
+                    bad, improved = 0, True
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     bad += 1
@@ -579,6 +587,13 @@ def fit_iter(
             stopped = True
         if stopped or early or step >= total:
             break
+    if (val_set is None or not len(val_set)) and step > best_step:
+        # stopped between validations without a validation set: the last weights are the result
+        best_step, best_epoch = step, epoch
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if out is not None and is_main:
+            _save_best(out / "best", model, best_state, cfg, checkpoint_config, best, best_step,
+                       best_epoch, elapsed(), history)
     model.load_state_dict(best_state)
     model.eval()
     if out is not None and is_main and (out / "best").is_dir():

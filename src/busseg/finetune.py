@@ -36,7 +36,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 
 
 def finetune_config(**overrides: Any) -> TrainConfig:
-    """The :class:`~busseg.engine.TrainConfig` of fine-tuning, with optional overrides.
+    """Return the :class:`~busseg.engine.TrainConfig` of fine-tuning, with optional overrides.
 
     Parameters
     ----------
@@ -60,7 +60,7 @@ def finetune_config(**overrides: Any) -> TrainConfig:
 
 
 def split_pairs(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Indices of the pairs to train on and to hold out.
+    """Choose the indices of the pairs to train on and to hold out.
 
     Parameters
     ----------
@@ -95,7 +95,7 @@ def split_pairs(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[
 
 
 def default_output_dir(root: str | os.PathLike | None = None) -> Path:
-    """A new, time-stamped folder for a fine-tuned checkpoint.
+    """Return a new, time-stamped folder for a fine-tuned checkpoint.
 
     Parameters
     ----------

@@ -87,11 +87,11 @@ class BusiIndex:
         return [r for r in self.records if r.usable]
 
     def counts(self) -> dict[str, int]:
-        """Number of images per class."""
+        """Count the images per class."""
         return dict(Counter(r.label for r in self.records))
 
     def by_rel_path(self) -> dict[str, BusiRecord]:
-        """Records keyed by ``rel_path``."""
+        """Return the records keyed by ``rel_path``."""
         return {r.rel_path: r for r in self.records}
 
 

@@ -59,7 +59,7 @@ class SegmentationDataset(Dataset):
             raise ValueError("the dataset is empty: give at least one image/mask pair")
         self.input_size = (int(input_size[0]), int(input_size[1]))
         imgs, msks = [], []
-        for i, (im, m) in enumerate(zip(images, masks)):
+        for i, (im, m) in enumerate(zip(images, masks, strict=True)):
             g = to_grey(im)
             m = np.asarray(m)
             if m.shape != g.shape:

@@ -203,17 +203,23 @@ def read_split_csv(path: str | os.PathLike) -> list[dict]:
         reader = csv.DictReader(fh)
         missing = set(SPLIT_COLUMNS) - set(reader.fieldnames or ())
         if missing:
-            raise ValueError(f"{path} lacks the column(s) {sorted(missing)}; expected {SPLIT_COLUMNS}")
+            raise ValueError(
+                f"{path} lacks the column(s) {sorted(missing)}; expected {SPLIT_COLUMNS}"
+            )
         rows = []
         for r in reader:
             if r["split"] not in SPLITS:
-                raise ValueError(f"{path}: split {r['split']!r} for {r['image']} is not one of {SPLITS}")
+                raise ValueError(
+                    f"{path}: split {r['split']!r} for {r['image']} is not one of {SPLITS}"
+                )
             rows.append({**r, "group": int(r["group"])})
     return rows
 
 
-def select_split(index: BusiIndex, rows: Sequence[dict], split: str | Sequence[str]) -> list[BusiRecord]:
-    """The usable records of ``index`` that the split file puts in ``split``.
+def select_split(
+    index: BusiIndex, rows: Sequence[dict], split: str | Sequence[str]
+) -> list[BusiRecord]:
+    """Return the usable records of ``index`` that the split file puts in ``split``.
 
     Parameters
     ----------

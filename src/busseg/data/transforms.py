@@ -65,16 +65,18 @@ def normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     x : torch.Tensor
         (..., H, W) float; statistics are taken over the last two dimensions.
     eps : float
-        Floor of the standard deviation, so a constant image gives zeros rather than NaN.
+        Images whose standard deviation is at most ``eps`` (constant images) give exact
+        zeros rather than NaN or amplified rounding noise.
 
     Returns
     -------
     torch.Tensor
-        Same shape, zero mean and unit variance per image.
+        Same shape, zero mean and unit variance per image (zeros for constant images).
     """
     mean = x.mean(dim=(-2, -1), keepdim=True)
-    std = x.std(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    return (x - mean) / std
+    std = x.std(dim=(-2, -1), keepdim=True)
+    # (x - mean) of a constant image is rounding noise, not signal: give exact zeros
+    return torch.where(std > eps, (x - mean) / std.clamp_min(eps), torch.zeros_like(x))
 
 
 @dataclass
@@ -115,7 +117,7 @@ class Augment:
     speckle_strength: float = 0.15
 
     def to_dict(self) -> dict:
-        """The settings as a JSON-serialisable dict."""
+        """Return the settings as a JSON-serialisable dict."""
         return asdict(self)
 
     def __call__(

@@ -1,0 +1,225 @@
+"""Shared fixtures: paths to the real data in ../shared, tiny synthetic BUSI trees and checkpoints.
+
+Fixtures for other test modules:
+
+- ``repo_root``: the checkout (``Path``).
+- ``busi_root``, ``busi_originals``, ``busbra_root``: the real datasets in ``../shared/data``
+  relative to the repository root; the test is skipped, with the reason, where absent.
+  ``busi_index``: ``discover_busi(busi_root)``, once per session.
+- ``make_fake_busi(root=None, *, edge_cases=False, size=(40, 48))``: factory writing a tiny
+  BUSI-layout tree and returning its ``Dataset_BUSI_with_GT`` folder; ``fake_busi`` is the
+  tree without edge cases (see ``FAKE_BUSI_*`` below for what it holds).
+- ``synthetic_pairs(n, size=(32, 32), seed=0)``: factory of (images, masks) lists: speckled
+  uint8 images with one dark elliptical "lesion" each, bool masks (an easy task a tiny U-Net
+  learns in a few dozen steps).
+- ``tiny_checkpoint``: a checkpoint folder of ``build_model({"base_channels": 4, "depth": 2})``
+  with preprocessing input size [32, 32] (untrained, seeded).
+
+Every test runs with one torch thread (the tensors are tiny; more threads only add overhead)
+and with ``BUSSEG_HOME`` pointing into a temporary folder so nothing lands in the real home.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+BUSI_ROOT = SHARED_DATA / "busi" / "Dataset_BUSI_with_GT"
+BUSI_ORIGINALS = SHARED_DATA / "busi-originals"
+BUSBRA_ROOT = SHARED_DATA / "busbra-fold1"
+
+#: What ``fake_busi`` holds, per class: image stem -> number of mask files.
+FAKE_BUSI_MASKS = {
+    "benign": {"benign (1)": 1, "benign (2)": 2, "benign (3)": 1},
+    "malignant": {"malignant (1)": 1, "malignant (2)": 1},
+    "normal": {"normal (1)": 1},
+}
+#: ``benign (2)`` is stored as an RGB image (R = G = B plus a coloured caliper mark), and
+#: ``malignant (1)_mask.png`` as an RGBA mask; the others are L images and L masks.
+FAKE_BUSI_RGB_IMAGE = "benign (2)"
+FAKE_BUSI_RGBA_MASK = "malignant (1)"
+#: Added by ``make_fake_busi(edge_cases=True)``: an image without a mask, a mask without an
+#: image, and an image whose mask has another size.
+FAKE_BUSI_EDGE = {
+    "no_mask": "benign/benign (7).png",
+    "orphan_mask": "benign/benign (8)_mask.png",
+    "size_mismatch": "malignant/malignant (3).png",
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_one_thread():
+    """Use one torch thread for the whole session (tiny tensors; the CI box has 2 cores)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _busseg_home(tmp_path_factory):
+    """Point ``BUSSEG_HOME`` (fine-tuned checkpoints, caches) into a temporary folder."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BUSSEG_HOME", str(tmp_path_factory.mktemp("busseg_home")))
+    yield
+    mp.undo()
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        pytest.skip(
+            f"{what} not found at {path} (the real data lives in ../shared/data beside "
+            "the checkout; see ../shared/data/README.md)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def busi_root() -> Path:
+    """The full BUSI dataset (``Dataset_BUSI_with_GT``); skips where absent."""
+    return _require(BUSI_ROOT, "BUSI (Dataset_BUSI_with_GT)")
+
+
+@pytest.fixture(scope="session")
+def busi_index(busi_root):
+    """``discover_busi(busi_root)`` of the real BUSI, computed once per session."""
+    from busseg.data.busi import discover_busi
+
+    return discover_busi(busi_root)
+
+
+@pytest.fixture(scope="session")
+def busi_originals() -> Path:
+    """The 8 BUSI cases byte-for-byte as distributed (RGB images); skips where absent."""
+    return _require(BUSI_ORIGINALS, "the BUSI originals (busi-originals)")
+
+
+@pytest.fixture(scope="session")
+def busbra_root() -> Path:
+    """BUS-BRA fold 1 (``Images/``, ``Masks/``, ``bus_data.csv``); skips where absent."""
+    return _require(BUSBRA_ROOT, "BUS-BRA fold 1 (busbra-fold1)")
+
+
+def _ellipse(size: tuple[int, int], cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+    yy, xx = np.mgrid[: size[0], : size[1]]
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def _synthetic_pair(rng: np.random.Generator, size: tuple[int, int], lesion: bool = True):
+    """A speckled grey uint8 image (H, W) and its bool mask with one dark ellipse."""
+    h, w = size
+    base = 150.0 + 30.0 * np.linspace(-1, 1, h)[:, None]  # brighter with depth, like a TGC ramp
+    image = base * rng.gamma(4.0, 0.25, size=size)  # multiplicative speckle, mean 1
+    mask = np.zeros(size, dtype=bool)
+    if lesion:
+        ry, rx = rng.uniform(0.15, 0.3) * h, rng.uniform(0.15, 0.3) * w
+        cy, cx = rng.uniform(ry + 1, h - ry - 1), rng.uniform(rx + 1, w - rx - 1)
+        mask = _ellipse(size, cy, cx, ry, rx)
+        image[mask] *= 0.25  # hypoechoic lesion
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture
+def synthetic_pairs():
+    """Factory ``(n, size=(32, 32), seed=0, lesion=True) -> (images, masks)``.
+
+    Images are (H, W) uint8 with multiplicative speckle, masks (H, W) bool with one ellipse.
+    """
+
+    def make(n: int, size: tuple[int, int] = (32, 32), seed: int = 0, lesion: bool = True):
+        rng = np.random.default_rng(seed)
+        pairs = [_synthetic_pair(rng, size, lesion) for _ in range(n)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    return make
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _write_fake_busi(root: Path, edge_cases: bool, size: tuple[int, int]) -> Path:
+    data = root / "Dataset_BUSI_with_GT"
+    rng = np.random.default_rng(1234)
+    for label, stems in FAKE_BUSI_MASKS.items():
+        folder = data / label
+        for stem, n_masks in stems.items():
+            image, mask = _synthetic_pair(rng, size, lesion=label != "normal")
+            if stem == FAKE_BUSI_RGB_IMAGE:
+                rgb = np.repeat(image[..., None], 3, axis=-1)
+                rgb[2:4, 2:6] = (255, 255, 0)  # a yellow caliper mark, as on some BUSI frames
+                _save_png(folder / f"{stem}.png", rgb)
+            else:
+                _save_png(folder / f"{stem}.png", image)
+            m8 = mask.astype(np.uint8) * 255
+            if stem == FAKE_BUSI_RGBA_MASK:
+                rgba = np.zeros((*size, 4), np.uint8)
+                rgba[..., :3] = m8[..., None]
+                rgba[..., 3] = 255
+                _save_png(folder / f"{stem}_mask.png", rgba)
+            else:
+                _save_png(folder / f"{stem}_mask.png", m8)
+            for k in range(1, n_masks):  # a second lesion, away from the first
+                second = _ellipse(size, size[0] * 0.8, size[1] * 0.15, 3, 3) & ~mask
+                _save_png(folder / f"{stem}_mask_{k}.png", second.astype(np.uint8) * 255)
+    if edge_cases:
+        image, mask = _synthetic_pair(rng, size)
+        _save_png(data / FAKE_BUSI_EDGE["no_mask"], image)
+        _save_png(data / FAKE_BUSI_EDGE["orphan_mask"], mask.astype(np.uint8) * 255)
+        _save_png(data / FAKE_BUSI_EDGE["size_mismatch"], image)
+        small = mask[: size[0] // 2, : size[1] // 2].astype(np.uint8) * 255
+        _save_png(data / FAKE_BUSI_EDGE["size_mismatch"].replace(".png", "_mask.png"), small)
+    return data
+
+
+@pytest.fixture
+def make_fake_busi(tmp_path):
+    """Factory ``(root=None, *, edge_cases=False, size=(40, 48)) -> Dataset_BUSI_with_GT path``.
+
+    Writes a tiny BUSI-layout tree (``FAKE_BUSI_MASKS``: 3 benign, 2 malignant, 1 normal;
+    one RGB image, one RGBA mask, one image with a second mask ``_mask_1``; images
+    ``size`` = (H, W) pixels). ``edge_cases`` adds the files in ``FAKE_BUSI_EDGE``.
+    """
+
+    def make(root: Path | None = None, *, edge_cases: bool = False, size=(40, 48)) -> Path:
+        root = Path(root) if root is not None else tmp_path / "fake_busi"
+        return _write_fake_busi(root, edge_cases, tuple(size))
+
+    return make
+
+
+@pytest.fixture
+def fake_busi(make_fake_busi) -> Path:
+    """A tiny BUSI-layout tree without edge cases; the ``Dataset_BUSI_with_GT`` folder."""
+    return make_fake_busi()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    """An untrained checkpoint folder: base 4 channels, depth 2, input size 32x32."""
+    import torch
+
+    from busseg.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model({"base_channels": 4, "depth": 2})
+    config = {"preprocessing": {"input_size": [32, 32], "grey": True, "normalize": "zscore"}}
+    return save_checkpoint(tmp_path / "tiny_checkpoint", model, config)

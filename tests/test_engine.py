@@ -1,0 +1,330 @@
+import csv
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from busseg.data.dataset import SegmentationDataset
+from busseg.engine import (
+    LOG_COLUMNS,
+    FitResult,
+    ProgressEvent,
+    TrainConfig,
+    _lr_lambda,
+    drain,
+    evaluate_dataset,
+    fit,
+    fit_iter,
+)
+from busseg.models import build_model, load_checkpoint
+
+TINY = {"base_channels": 4, "depth": 2}
+CKPT_CONFIG = {
+    "preprocessing": {"input_size": [32, 32], "grey": True, "normalize": "zscore"},
+    "training": {"data": "synthetic"},
+    "lineage": {"base_model": None, "pairs": []},
+}
+
+
+@pytest.fixture
+def four(synthetic_pairs):
+    images, masks = synthetic_pairs(4, size=(32, 32))
+    return SegmentationDataset(images, masks, (32, 32))
+
+
+def _model(seed=0, **extra):
+    torch.manual_seed(seed)
+    return build_model({**TINY, **extra})
+
+
+def _cfg(**kw):
+    base = dict(batch_size=2, lr=1e-2, warmup_steps=0, early_stopping=None, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_tiny_model_overfits_four_images(four):
+    model = _model()
+    before = evaluate_dataset(model, four)["mean_dice"]
+    events = []
+    cfg = _cfg(max_steps=40, batch_size=4, lr=2e-2, eval_every_steps=10)  # robust over seeds
+    result = fit(model, four, four, cfg, device="cpu", callback=events.append)
+    assert isinstance(result, FitResult) and result.steps == 40
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert kinds.count("step") == 40 and kinds.count("eval") == 4
+    losses = [e.loss for e in events if e.kind == "step"]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    dices = [h["val_dice"] for h in result.history]
+    assert dices[-1] > max(0.8, before + 0.3), (before, dices)
+    assert result.best_val_dice == max(dices)
+    assert [h["step"] for h in result.history] == [10, 20, 30, 40]
+    assert not result.model.training  # returned in eval mode with the best weights
+    after = evaluate_dataset(result.model, four)["mean_dice"]
+    assert after == pytest.approx(result.best_val_dice, abs=1e-6)
+    assert all(isinstance(e, ProgressEvent) and e.total_steps == 40 for e in events)
+
+
+def test_stop_flag_stops_after_the_current_step(four):
+    stop = threading.Event()
+    gen = fit_iter(_model(), four, four, _cfg(epochs=50), device="cpu", stop=stop)
+    seen = []
+
+    def on_event(ev):
+        seen.append(ev)
+        if ev.kind == "step" and ev.step == 3:
+            stop.set()
+
+    result = drain(gen, on_event)
+    assert result.stopped and not result.early_stopped
+    assert result.steps == 3
+    assert [e.step for e in seen if e.kind == "step"] == [1, 2, 3]
+    assert seen[-1].kind == "end" and "stopped" in seen[-1].message
+    assert result.best_val_dice is not None  # epoch 1 (steps 1-2) was validated
+
+
+def test_stop_before_the_first_step_returns_the_initial_weights(four):
+    stop = threading.Event()
+    stop.set()
+    model = _model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(model, four, four, _cfg(epochs=3), device="cpu", stop=stop)
+    assert result.stopped and result.steps == 0 and result.history == []
+    for k, v in result.model.state_dict().items():
+        torch.testing.assert_close(v, initial[k])
+
+
+def test_run_folder_outputs(four, tmp_path):
+    out = tmp_path / "run"
+    result = fit(
+        _model(),
+        four,
+        four,
+        _cfg(epochs=3),
+        device="cpu",
+        out_dir=out,
+        checkpoint_config=CKPT_CONFIG,
+    )
+    assert result.checkpoint == out / "best"
+    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "log.csv"]
+    with open(out / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == LOG_COLUMNS
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert float(rows[-1]["best_val_dice"]) == pytest.approx(result.best_val_dice)
+    with Image.open(out / "curves.png") as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    model, config = load_checkpoint(out / "best")
+    assert config["preprocessing"]["input_size"] == [32, 32]
+    assert config["training"]["data"] == "synthetic"
+    assert config["training"]["hyperparameters"]["epochs"] == 3
+    assert config["training"]["best_step"] == result.best_step
+    assert config["metrics"]["val_dice"] == pytest.approx(result.best_val_dice)
+    assert config["model"]["base_channels"] == 4
+    x = four[0][0][None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), result.model(x))
+    assert sorted(p.name for p in (out / "last").iterdir()) == [
+        "training_state.json",
+        "training_state.safetensors",
+    ]
+
+
+def test_out_dir_is_never_overwritten(four, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.csv").write_text("an earlier run\n")
+    with pytest.raises(FileExistsError, match="resume"):
+        fit(_model(), four, four, _cfg(epochs=1), device="cpu", out_dir=out)
+    assert (out / "log.csv").read_text() == "an earlier run\n"
+    assert sorted(p.name for p in out.iterdir()) == ["log.csv"]
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder is fine
+    fit(
+        _model(),
+        four,
+        four,
+        _cfg(epochs=1),
+        device="cpu",
+        out_dir=empty,
+        checkpoint_config=CKPT_CONFIG,
+    )
+    assert (empty / "best" / "config.json").is_file()
+
+
+def test_resume_continues_from_last_and_finishes(four, tmp_path):
+    cfg = _cfg(epochs=4)  # 2 steps per epoch, 8 steps
+    reference = []
+    fit(_model(), four, four, cfg, device="cpu", callback=reference.append)
+    ref_lr = {e.step: e.lr for e in reference if e.kind == "step"}
+
+    out = tmp_path / "run"
+    stop = threading.Event()
+
+    def stop_after_epoch_2(ev):
+        if ev.kind == "eval" and ev.epoch == 2:
+            stop.set()
+
+    first = fit(
+        _model(),
+        four,
+        four,
+        cfg,
+        device="cpu",
+        out_dir=out,
+        stop=stop,
+        checkpoint_config=CKPT_CONFIG,
+        callback=stop_after_epoch_2,
+    )
+    assert first.stopped and first.steps == 4
+    resumed_events = []
+    second = fit(
+        _model(seed=1),
+        four,
+        four,
+        cfg,
+        device="cpu",
+        out_dir=out,
+        resume=True,
+        checkpoint_config=CKPT_CONFIG,
+        callback=resumed_events.append,
+    )
+    assert not second.stopped and second.steps == 8
+    steps = [e.step for e in resumed_events if e.kind == "step"]
+    assert steps == [5, 6, 7, 8]  # continues, does not start over
+    assert resumed_events[0].kind == "start" and resumed_events[0].step == 4
+    for e in resumed_events:  # the learning-rate schedule continues where it stopped
+        if e.kind == "step":
+            assert e.lr == pytest.approx(ref_lr[e.step])
+    assert [h["epoch"] for h in second.history] == [1, 2, 3, 4]
+    with open(out / "log.csv", newline="") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3, 4]
+    assert second.best_val_dice >= first.best_val_dice
+    _, config = load_checkpoint(out / "best")
+    assert config["metrics"]["val_dice"] == pytest.approx(second.best_val_dice)
+
+
+def test_resume_without_state_says_what_is_missing(four, tmp_path):
+    with pytest.raises(FileNotFoundError, match="training_state"):
+        fit(
+            _model(),
+            four,
+            four,
+            _cfg(epochs=1),
+            device="cpu",
+            out_dir=tmp_path / "new",
+            resume=True,
+        )
+    with pytest.raises(ValueError, match="out_dir"):
+        fit(_model(), four, four, _cfg(epochs=1), device="cpu", resume=True)
+
+
+def test_early_stopping(four):
+    # no normalisation layer and a negligible learning rate: validation Dice cannot improve
+    model = _model(norm="none")
+    result = fit(model, four, four, _cfg(epochs=20, lr=1e-12, early_stopping=2), device="cpu")
+    assert result.early_stopped and not result.stopped
+    assert len(result.history) == 3  # the first validation, then two without improvement
+    assert result.steps == 6 and result.best_step == 2 and result.best_epoch == 1
+
+
+def test_without_validation_the_last_weights_are_kept(four, tmp_path):
+    result = fit(
+        _model(),
+        four,
+        None,
+        _cfg(epochs=2),
+        device="cpu",
+        out_dir=tmp_path / "r",
+        checkpoint_config=CKPT_CONFIG,
+    )
+    assert result.best_val_dice is None and result.best_step == 4
+    assert np.isnan(result.history[-1]["val_dice"])
+    assert result.checkpoint == tmp_path / "r" / "best"
+
+
+def test_stop_without_validation_keeps_the_last_weights(four, tmp_path):
+    stop = threading.Event()
+    model = _model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def stop_at_3(ev):
+        if ev.kind == "step" and ev.step == 3:
+            stop.set()
+
+    out = tmp_path / "r"
+    result = fit(model, four, None, _cfg(epochs=10), device="cpu", stop=stop, out_dir=out,
+                 checkpoint_config=CKPT_CONFIG, callback=stop_at_3)
+    assert result.stopped and result.steps == 3 and result.best_step == 3
+    assert any(not torch.equal(v, initial[k]) for k, v in result.model.state_dict().items()
+               if v.is_floating_point())
+    saved, config = load_checkpoint(out / "best")
+    assert config["training"]["best_step"] == 3
+    for k, v in saved.state_dict().items():
+        torch.testing.assert_close(v, result.model.state_dict()[k])
+
+
+def test_oversampling_and_max_steps(synthetic_pairs):
+    images, masks = synthetic_pairs(6, size=(32, 32))
+    ds = SegmentationDataset(images, masks, (32, 32), labels=["a"] * 5 + ["b"])
+    result = fit(_model(), ds, None, _cfg(max_steps=5, oversample=True), device="cpu")
+    assert result.steps == 5
+
+
+def test_evaluate_dataset_dice_and_false_positive_rate(synthetic_pairs):
+    _, masks = synthetic_pairs(3, size=(32, 32))
+    masks.append(np.zeros((32, 32), bool))  # a lesion-free image
+    images = [np.where(m, 200, 40).astype(np.uint8) for m in masks]  # bright lesions
+    ds = SegmentationDataset(images, masks, (32, 32))
+
+    class Oracle(torch.nn.Module):  # predicts the truth: bright pixels are lesion
+        def forward(self, x):
+            return (x > 0).float() * 20 - 10
+
+    class Everything(torch.nn.Module):
+        def forward(self, x):
+            return torch.full_like(x, 10.0)
+
+    ev = evaluate_dataset(Oracle(), ds, batch_size=3)
+    assert ev["dice"].shape == (4,) and ev["dice"].dtype == np.float64
+    np.testing.assert_array_equal(ev["dice"], 1.0)  # empty prediction on empty truth counts 1
+    assert ev["mean_dice"] == ev["mean_dice_lesion"] == 1.0 and ev["fp_rate_normal"] == 0.0
+    assert np.isnan(ev["loss"])
+    ev = evaluate_dataset(Everything(), ds, loss_fn=torch.nn.BCEWithLogitsLoss())
+    assert ev["dice"][3] == 0.0 and ev["fp_rate_normal"] == 1.0
+    assert ev["loss"] > 1.0
+    fractions = np.array([m.mean() for m in masks[:3]])
+    np.testing.assert_allclose(ev["dice"][:3], 2 * fractions / (1 + fractions), atol=1e-6)
+    assert ev["mean_dice_lesion"] == pytest.approx(ev["dice"][:3].mean())
+
+
+def test_train_config_validation_and_schedule():
+    for bad in (
+        dict(epochs=0),
+        dict(max_steps=0),
+        dict(batch_size=0),
+        dict(lr=0.0),
+        dict(amp="fast"),
+    ):
+        with pytest.raises(ValueError):
+            TrainConfig(**bad)
+    assert TrainConfig().to_dict()["loss"] == "bce_dice"
+    f = _lr_lambda(TrainConfig(warmup_steps=10, min_lr_ratio=0.01), 100)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    values = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert f(100) == pytest.approx(0.01)
+    g = _lr_lambda(TrainConfig(warmup_steps=100), 10)  # warm-up capped at a fifth of the run
+    assert g(1) == pytest.approx(1.0)
+
+
+def test_empty_training_set_is_refused():
+    class Empty(torch.utils.data.Dataset):
+        def __len__(self):
+            return 0
+
+    with pytest.raises(ValueError, match="empty"):
+        fit(_model(), Empty(), None, _cfg(), device="cpu")

@@ -1,0 +1,153 @@
+"""training/train.py end to end: a smoke run on real BUSI, runs on a fake tree, and DDP."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from busseg.data.busi import discover_busi
+from busseg.data.splits import write_split_csv
+from busseg.models import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "training" / "train.py"
+TINY_ARGS = ["--input-size", "32", "32", "--base-channels", "4", "--depth", "2",
+             "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    spec = importlib.util.spec_from_file_location("_busseg_train_script", TRAIN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def fake_run(fake_busi, tmp_path):
+    """A fake BUSI tree and a split file: 4 train, 1 val, 1 test image."""
+    records = discover_busi(fake_busi).records
+    test_name, val_name = "benign/benign (3).png", "malignant/malignant (2).png"
+    rows = [{"image": r.rel_path, "label": r.label, "group": i,
+             "split": "test" if r.rel_path == test_name else "val" if r.rel_path == val_name
+             else "train"} for i, r in enumerate(records)]
+    split = write_split_csv(tmp_path / "split.csv", rows)
+    return fake_busi, split, test_name
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _log_rows(out):
+    with open(out / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_smoke_run_on_real_busi(busi_root, tmp_path):
+    out = tmp_path / "smoke"
+    cmd = [sys.executable, str(TRAIN), "--data", str(busi_root), "--out", str(out),
+           "--limit", "8", "--epochs", "1", "--batch-size", "4",
+           "--input-size", "64", "64", "--base-channels", "4", "--depth", "2",
+           "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "loaded 8 train and 2 val images" in proc.stdout
+    assert "test split untouched" in proc.stdout
+    assert "best validation Dice" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "log.csv"]
+    assert len(_log_rows(out)) == 1
+    model, config = load_checkpoint(out / "best")
+    assert config["preprocessing"]["input_size"] == [64, 64]
+    assert config["model"]["base_channels"] == 4 and config["model"]["depth"] == 2
+    training = config["training"]
+    assert training["n_train"] == 8 and training["n_val"] == 2
+    assert sum(training["train_counts"].values()) == 8
+    assert training["split_file"] == "training/splits/busi.csv"
+    assert training["hardware"]["world_size"] == 1
+    assert training["hyperparameters"]["epochs"] == 1
+    assert config["lineage"]["base_model"] is None
+    assert 0.0 <= config["metrics"]["val_dice"] <= 1.0
+
+
+def test_the_test_split_is_never_read(fake_run, tmp_path, train_module, monkeypatch):
+    from busseg.data import io as bio
+
+    data, split, test_name = fake_run
+    read = []
+    real_image, real_mask = bio.read_image, bio.read_mask
+
+    def spy_image(path):
+        read.append(Path(path))
+        return real_image(path)
+
+    def spy_mask(paths):
+        read.extend(Path(p) for p in paths)
+        return real_mask(paths)
+
+    monkeypatch.setattr(bio, "read_image", spy_image)
+    monkeypatch.setattr(bio, "read_mask", spy_mask)
+    out = tmp_path / "run"
+    assert train_module.main(["--data", str(data), "--split", str(split), "--out", str(out),
+                              "--epochs", "1", "--batch-size", "2", *TINY_ARGS]) == 0
+    names = {p.relative_to(data).as_posix() for p in read}
+    assert "malignant/malignant (2).png" in names  # the validation image was read
+    assert len({n for n in names if "_mask" not in n}) == 5
+    assert test_name not in names and "benign/benign (3)_mask.png" not in names
+    _, config = load_checkpoint(out / "best")
+    assert config["training"]["n_train"] == 4 and config["training"]["n_val"] == 1
+
+
+def test_existing_out_is_refused_and_resume_continues(fake_run, tmp_path, train_module):
+    data, split, _ = fake_run
+    out = tmp_path / "run"
+    common = ["--data", str(data), "--split", str(split), "--out", str(out),
+              "--batch-size", "2", *TINY_ARGS]
+    assert train_module.main([*common, "--epochs", "1"]) == 0
+    before = (out / "log.csv").read_text()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_module.main([*common, "--epochs", "1"])
+    assert (out / "log.csv").read_text() == before
+    assert train_module.main([*common, "--epochs", "3", "--resume"]) == 0
+    assert [int(r["epoch"]) for r in _log_rows(out)] == [1, 2, 3]
+
+
+def test_init_from_a_checkpoint_records_lineage(fake_run, tmp_path, train_module,
+                                                tiny_checkpoint):
+    data, split, _ = fake_run
+    out = tmp_path / "ft"
+    assert train_module.main(["--data", str(data), "--split", str(split), "--out", str(out),
+                              "--init", str(tiny_checkpoint), "--epochs", "1",
+                              "--batch-size", "2", *TINY_ARGS]) == 0
+    _, config = load_checkpoint(out / "best")
+    assert config["lineage"]["base_model"] == str(tiny_checkpoint.resolve())
+    assert len(config["lineage"]["pairs"]) == 4
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu(fake_run, tmp_path):
+    data, split, _ = fake_run
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TRAIN), "--data", str(data), "--split", str(split), "--out", str(out),
+           "--epochs", "2", "--batch-size", "1", *TINY_ARGS]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # 4 training images over 2 processes with batch 1: 2 steps per epoch, 4 in all
+    assert "training on cpu: 4 images, 4 steps" in proc.stdout
+    assert proc.stdout.count("best validation Dice") == 1  # only rank 0 reports
+    assert [int(r["step"]) for r in _log_rows(out)] == [2, 4]
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["training"]["hardware"]["world_size"] == 2
+    load_checkpoint(out / "best")
