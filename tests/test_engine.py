@@ -82,6 +82,8 @@ def test_stop_flag_stops_after_the_current_step(four):
     assert [e.step for e in seen if e.kind == "step"] == [1, 2, 3]
     assert seen[-1].kind == "end" and "stopped" in seen[-1].message
     assert result.best_val_dice is not None  # epoch 1 (steps 1-2) was validated
+    # the stop request validates the step done since: the result is never older than step 3
+    assert [h["step"] for h in result.history] == [2, 3]
 
 
 def test_stop_before_the_first_step_returns_the_initial_weights(four):

@@ -148,6 +148,39 @@ def test_finetune_single_pair_and_stop(pairs, tiny_checkpoint, tmp_path):
                if v.is_floating_point()), "the two steps done before the stop were lost"
 
 
+def test_finetune_stopped_before_its_first_validation_keeps_the_steps(
+    pairs, tiny_checkpoint, tmp_path
+):
+    images, masks, _ = pairs  # 5 pairs: 4 trained on, 1 held out
+    stop = threading.Event()
+
+    def stop_at_2(ev):
+        if ev.kind == "step" and ev.step == 2:
+            stop.set()
+
+    result = finetune(
+        images, masks, tiny_checkpoint, out_dir=tmp_path / "held",
+        cfg=finetune_config(max_steps=50, batch_size=2), device="cpu", stop=stop,
+        callback=stop_at_2,
+    )
+    assert result.n_val == 1 and result.fit.stopped and result.fit.steps == 2
+    assert [h["step"] for h in result.fit.history] == [2]  # validated on stop, not at step 5
+    model, _ = load_checkpoint(result.checkpoint)
+    base, _ = load_checkpoint(tiny_checkpoint)
+    assert any(not torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items()
+               if v.is_floating_point()), "a 'fine-tuned' checkpoint identical to its base"
+
+
+def test_finetune_stopped_before_any_step_writes_no_checkpoint(pairs, tiny_checkpoint, tmp_path):
+    images, masks, _ = pairs
+    stop = threading.Event()
+    stop.set()
+    result = finetune(images, masks, tiny_checkpoint, out_dir=tmp_path / "none",
+                      cfg=finetune_config(max_steps=5), device="cpu", stop=stop)
+    assert result.fit.steps == 0 and result.checkpoint is None
+    assert not (tmp_path / "none" / "best").exists()
+
+
 def test_finetune_iter_is_a_generator_that_does_nothing_until_iterated(
     pairs, tiny_checkpoint, tmp_path
 ):

@@ -536,9 +536,10 @@ def fit_iter(
             yield ProgressEvent("step", epoch, step, total, loss=losses[-1], best_val_dice=best,
                                 lr=lr_now(), elapsed=elapsed())
             at_epoch_end = step % steps_per_epoch == 0 or step >= total
-            if eval_every is not None and step % eval_every != 0 and step < total:
-                continue
-            if eval_every is None and not at_epoch_end:
+            due = at_epoch_end if eval_every is None else (step % eval_every == 0 or step >= total)
+            # a stop request validates the steps done since the last validation, so the
+            # returned (and saved) weights are never older than the work the user kept
+            if not (due or (stop is not None and stop.is_set())):
                 continue
             # ---- validation ----
             row = {"epoch": epoch, "step": step, "lr": lr_now(),
