@@ -26,14 +26,13 @@ them exists.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from busseg._widgets._common import META_KEY
-from busseg.data.io import atomic_write_bytes, write_mask_png
+from busseg.data.io import atomic_output, atomic_write_bytes, write_mask_png
 
 PNG_SUFFIXES = (".png",)
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -175,26 +174,11 @@ def write_tiff(path: str | os.PathLike, data: Any, *, overwrite: bool = False) -
         buf = io.BytesIO()
         tifffile.imwrite(buf, np.asarray(data).astype(dtype, copy=False))
         return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        n = int(np.shape(data)[0])
+    n = int(np.shape(data)[0])
+    with atomic_output(path, overwrite=overwrite) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=_needs_bigtiff(data, dtype)) as tif:
             for i in range(n):
                 tif.write(np.asarray(data[i]).astype(dtype, copy=False), contiguous=True)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{path} already exists; pass overwrite=True to replace it"
-                ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

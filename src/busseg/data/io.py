@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -185,8 +186,66 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Give a temporary path beside ``path``; on success, move it to ``path`` atomically.
+
+    The caller writes the whole file to the yielded path; when the ``with`` block ends without
+    an exception, the file is fsynced, given the umask's permissions and renamed onto
+    ``path`` (or hard-linked, when ``overwrite`` is False, so an existing file is never
+    replaced, not even by a concurrent writer). On an exception the temporary file is
+    removed and ``path`` is untouched.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination file; its folder is created if needed.
+    overwrite : bool
+        Replace an existing file. Without it an existing file raises.
+
+    Yields
+    ------
+    pathlib.Path
+        The temporary file (created empty) to write.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists and ``overwrite`` is False (checked before and after writing).
+    """
+    path = Path(path)
+    exists_msg = f"{path} already exists; choose another name or pass overwrite=True"
+    if not overwrite and path.exists():
+        raise FileExistsError(exists_msg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        # mkstemp creates 0600 files; give the file the mode an ordinary open() would.
+        os.chmod(tmp, default_file_mode())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # os.link fails if the destination exists: no window where a file could be replaced.
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(exists_msg) from None
+            except OSError:  # file systems without hard links
+                if path.exists():
+                    raise FileExistsError(exists_msg) from None
+                os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
-    """Write bytes to ``path`` atomically: a temporary file in the same folder, then a rename.
+    """Write bytes to ``path`` atomically (see :func:`atomic_output`).
 
     Parameters
     ----------
@@ -207,36 +266,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool 
     FileExistsError
         If ``path`` exists and ``overwrite`` is False.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600 files; give the file the mode an ordinary open() would.
-        os.chmod(tmp, default_file_mode())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            # os.link fails if the destination exists: no window where a file could be replaced.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{path} already exists; choose another name or pass overwrite=True"
-                ) from None
-            except OSError:  # file systems without hard links
-                if path.exists():
-                    raise FileExistsError(
-                        f"{path} already exists; choose another name or pass overwrite=True"
-                    ) from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_mask_png(
