@@ -364,7 +364,9 @@ def test_info(tiny_checkpoint, tmp_path, capsys):
     assert "threshold 0.5" in out
     code, out, err = _run(["info"], capsys)
     assert code == 0
-    assert "default model checkpoint:" in out or "default model: not installed" in out
+    # the default model ships with the package, with its test-split metrics in the model card
+    assert "default model checkpoint:" in out
+    assert "test split: " in out and "lesion Dice" in out
     code, out, err = _run(["info", "--checkpoint", tmp_path / "nope"], capsys)
     assert code == 2 and "does not exist" in err
 

@@ -471,6 +471,13 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     if flat:
         lines.append("  metrics: " + ", ".join(f"{k} {_fmt_value(v)}" for k, v in flat.items()))
+    test = metrics.get("test")
+    if isinstance(test, dict):
+        parts = [f"{group} Dice {_fmt_value(row['dice'])} (n={row.get('n', '?')})"
+                 for group, row in test.items()
+                 if isinstance(row, dict) and isinstance(row.get("dice"), (int, float))]
+        if parts:
+            lines.append("  test split: " + ", ".join(parts))
     if lineage.get("base_model"):
         lines.append(
             f"  fine-tuned from {lineage['base_model']} on {len(lineage.get('pairs', []))} pair(s)"
