@@ -43,24 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+from busseg.cli import UsageError, probability_arg  # noqa: E402  (shared with `busseg predict`)
+
 CSV_COLUMNS = (
     "image", "label", "height", "width", "dice", "iou", "precision", "recall", "accuracy",
     "hd95", "tp", "fp", "fn", "tn", "pred_area", "true_area", "any_pred", "seconds",
 )
-
-
-class UsageError(Exception):
-    """Printed without a traceback; exit status 2."""
-
-
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output folder (must not exist or be empty)")
     ap.add_argument("--overwrite", action="store_true",
                     help="write into a non-empty --out, replacing files of the same names")
-    ap.add_argument("--threshold", type=_probability, default=None,
+    ap.add_argument("--threshold", type=probability_arg, default=None,
                     help="probability threshold (default: the checkpoint's)")
     tta = ap.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=None,

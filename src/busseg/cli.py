@@ -62,7 +62,8 @@ class Job:
 # --------------------------------------------------------------------------- arguments
 
 
-def _probability(text: str) -> float:
+def probability_arg(text: str) -> float:
+    """Parse a command-line probability in (0, 1) (argparse ``type``); shared by the scripts."""
     try:
         value = float(text)
     except ValueError:
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
     p.add_argument(
-        "--threshold", type=_probability, default=None, metavar="T",
+        "--threshold", type=probability_arg, default=None, metavar="T",
         help="probability threshold in (0, 1) (default: the checkpoint's)",
     )
     tta = p.add_mutually_exclusive_group()
