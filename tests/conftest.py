@@ -14,6 +14,8 @@ Fixtures for other test modules:
   learns in a few dozen steps).
 - ``tiny_checkpoint``: a checkpoint folder of ``build_model({"base_channels": 4, "depth": 2})``
   with preprocessing input size [32, 32] (untrained, seeded).
+- ``busseg_plugin``: napari's plugin manager with napari-busseg registered (discovered when
+  installed, else from ``src/busseg/napari.yaml``).
 
 Every test runs with one torch thread (the tensors are tiny; more threads only add overhead)
 and with ``BUSSEG_HOME`` pointing into a temporary folder so nothing lands in the real home.
@@ -223,3 +225,18 @@ def tiny_checkpoint(tmp_path) -> Path:
     model = build_model({"base_channels": 4, "depth": 2})
     config = {"preprocessing": {"input_size": [32, 32], "grey": True, "normalize": "zscore"}}
     return save_checkpoint(tmp_path / "tiny_checkpoint", model, config)
+
+
+@pytest.fixture
+def busseg_plugin():
+    """Make sure napari knows the plugin (discovered when installed, else from the manifest)."""
+    from npe2 import PluginManager, PluginManifest
+
+    import busseg
+
+    pm = PluginManager.instance()
+    if "napari-busseg" not in pm:
+        pm.discover()
+    if "napari-busseg" not in pm:
+        pm.register(PluginManifest.from_file(Path(busseg.__file__).parent / "napari.yaml"))
+    return pm

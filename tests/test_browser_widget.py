@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -12,18 +10,6 @@ from busseg.data.busi import discover_busi
 from busseg.data.io import read_image, read_mask
 
 pytestmark = pytest.mark.gui
-
-
-def _ensure_plugin():
-    from npe2 import PluginManager, PluginManifest
-
-    import busseg
-
-    pm = PluginManager.instance()
-    if "napari-busseg" not in pm:
-        pm.discover()
-    if "napari-busseg" not in pm:
-        pm.register(PluginManifest.from_file(Path(busseg.__file__).parent / "napari.yaml"))
 
 
 @pytest.fixture
@@ -37,8 +23,7 @@ def notes(monkeypatch):
 
 
 @pytest.fixture
-def browser(make_napari_viewer, notes):
-    _ensure_plugin()
+def browser(make_napari_viewer, notes, busseg_plugin):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "BUSI browser")
     assert isinstance(widget, browser_mod.BusiBrowserWidget)
@@ -129,8 +114,7 @@ def test_predict_on_open_never_replaces_a_prediction(
     assert not [n for n in notes if n[0] == "error"]
 
 
-def test_uses_the_folder_the_reader_opened(make_napari_viewer, notes, fake_busi):
-    _ensure_plugin()
+def test_uses_the_folder_the_reader_opened(make_napari_viewer, notes, fake_busi, busseg_plugin):
     viewer = make_napari_viewer()
     viewer.open(str(fake_busi / "malignant"), plugin="napari-busseg")
     _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "BUSI browser")

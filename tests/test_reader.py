@@ -14,19 +14,6 @@ from busseg._reader import napari_get_reader
 from busseg.data.io import read_image, read_mask
 
 
-def _ensure_plugin():
-    """Make sure napari knows the plugin (discovered when installed, else from the manifest)."""
-    from npe2 import PluginManager, PluginManifest
-
-    import busseg
-
-    pm = PluginManager.instance()
-    if "napari-busseg" not in pm:
-        pm.discover()
-    if "napari-busseg" not in pm:
-        pm.register(PluginManifest.from_file(Path(busseg.__file__).parent / "napari.yaml"))
-
-
 @pytest.fixture
 def notes(monkeypatch):
     """Collect the reader's notifications instead of showing them."""
@@ -268,8 +255,7 @@ def test_full_busi_root_opens_lazily_and_fast(busi_root, notes):
 
 
 @pytest.mark.gui
-def test_viewer_opens_a_folder_through_the_manifest(make_napari_viewer, mixed_tree):
-    _ensure_plugin()
+def test_viewer_opens_a_folder_through_the_manifest(make_napari_viewer, mixed_tree, busseg_plugin):
     viewer = make_napari_viewer()
     viewer.open(str(mixed_tree), plugin="napari-busseg")
     assert [layer.name for layer in viewer.layers] == [

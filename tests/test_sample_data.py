@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -39,17 +37,9 @@ def test_samples_from_another_folder_and_missing_folder(fake_busi, tmp_path):
         make_busi_samples(tmp_path / "nothing here")
 
 
-def test_napari_lists_and_opens_the_sample():
+def test_napari_lists_and_opens_the_sample(busseg_plugin):
     import napari
-    from npe2 import PluginManager, PluginManifest
 
-    import busseg
-
-    pm = PluginManager.instance()
-    if "napari-busseg" not in pm:
-        pm.discover()
-    if "napari-busseg" not in pm:
-        pm.register(PluginManifest.from_file(Path(busseg.__file__).parent / "napari.yaml"))
     viewer = napari.components.ViewerModel()
     viewer.open_sample("napari-busseg", "busi_samples")
     kinds = [type(layer).__name__ for layer in viewer.layers]
