@@ -309,6 +309,9 @@ def test_train_config_validation_and_schedule():
         dict(batch_size=0),
         dict(lr=0.0),
         dict(amp="fast"),
+        dict(select_metric="hd95"),
+        dict(ema_decay=1.0),
+        dict(ema_decay=0.0),
     ):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
@@ -330,3 +333,77 @@ def test_empty_training_set_is_refused():
 
     with pytest.raises(ValueError, match="empty"):
         fit(_model(), Empty(), None, _cfg(), device="cpu")
+
+
+@pytest.mark.parametrize("metric, best_eval", [("dice", 2), ("dice_lesion", 1)])
+def test_select_metric_picks_the_best_checkpoint(four, tmp_path, monkeypatch, metric, best_eval):
+    from busseg import engine
+
+    # scripted validations: the all-image Dice and the lesion Dice disagree on the best one
+    script = iter([(0.5, 0.9), (0.8, 0.6), (0.7, 0.7)])
+
+    def scripted(*args, **kwargs):
+        dice, lesion = next(script)
+        return {"loss": 0.1, "mean_dice": dice, "mean_dice_lesion": lesion,
+                "fp_rate_normal": 0.0, "dice": np.array([dice])}
+
+    monkeypatch.setattr(engine, "evaluate_dataset", scripted)
+    out = tmp_path / metric
+    result = fit(_model(), four, four, _cfg(epochs=3, select_metric=metric), device="cpu",
+                 out_dir=out, checkpoint_config=CKPT_CONFIG)
+    assert result.best_epoch == best_eval and result.best_step == 2 * best_eval
+    assert result.best_val_dice == {"dice": 0.8, "dice_lesion": 0.9}[metric]
+    _, config = load_checkpoint(out / "best")
+    dice, lesion = [(0.5, 0.9), (0.8, 0.6)][best_eval - 1]
+    assert config["metrics"]["val_dice"] == dice and config["metrics"]["val_dice_lesion"] == lesion
+    assert config["metrics"]["selected_on"] == metric
+
+
+def test_ema_weights_are_the_moving_average_of_the_steps(four):
+    model = _model()
+    raw = []
+
+    def snapshot(ev):
+        if ev.kind == "step":
+            raw.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    result = fit(model, four, None, _cfg(max_steps=3, ema_decay=0.25), device="cpu",
+                 callback=snapshot)
+    assert len(raw) == 3
+    # torch's AveragedModel copies the first step, then ema = d * ema + (1 - d) * weights
+    for k, v in result.model.state_dict().items():
+        if not v.is_floating_point():
+            continue
+        expected = 0.25 * (0.25 * raw[0][k] + 0.75 * raw[1][k]) + 0.75 * raw[2][k]
+        torch.testing.assert_close(v, expected, msg=k)
+    assert any(not torch.equal(result.model.state_dict()[k], raw[2][k])
+               for k in raw[2] if raw[2][k].is_floating_point()), "the raw weights were returned"
+
+
+def test_ema_state_is_saved_and_resumed(four, tmp_path):
+    out = tmp_path / "ema"
+    stop = threading.Event()
+
+    def stop_after_epoch_1(ev):
+        if ev.kind == "eval" and ev.epoch == 1:
+            stop.set()
+
+    cfg = _cfg(epochs=3, ema_decay=0.9)
+    first = fit(_model(), four, four, cfg, device="cpu", out_dir=out, stop=stop,
+                checkpoint_config=CKPT_CONFIG, callback=stop_after_epoch_1)
+    assert first.stopped and first.steps == 2
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "last" / "training_state.safetensors"))
+    assert any(k.startswith("ema.") for k in saved)
+    second = fit(_model(seed=1), four, four, cfg, device="cpu", out_dir=out, resume=True,
+                 checkpoint_config=CKPT_CONFIG)
+    assert second.steps == 6
+    _, config = load_checkpoint(out / "best")
+    assert config["training"]["hyperparameters"]["ema_decay"] == 0.9
+    plain = tmp_path / "plain"
+    fit(_model(), four, four, _cfg(epochs=1), device="cpu", out_dir=plain,
+        checkpoint_config=CKPT_CONFIG)
+    with pytest.raises(ValueError, match="ema_decay"):
+        fit(_model(), four, four, _cfg(epochs=2, ema_decay=0.9), device="cpu", out_dir=plain,
+            resume=True, checkpoint_config=CKPT_CONFIG)

@@ -178,7 +178,7 @@ def test_finetune_stopped_before_any_step_writes_no_checkpoint(pairs, tiny_check
     result = finetune(images, masks, tiny_checkpoint, out_dir=tmp_path / "none",
                       cfg=finetune_config(max_steps=5), device="cpu", stop=stop)
     assert result.fit.steps == 0 and result.checkpoint is None
-    assert not (tmp_path / "none" / "best").exists()
+    assert not (tmp_path / "none").exists()  # no empty run folder left behind
 
 
 def test_finetune_iter_is_a_generator_that_does_nothing_until_iterated(

@@ -151,3 +151,21 @@ def test_ddp_two_processes_on_cpu(fake_run, tmp_path):
     config = json.loads((out / "best" / "config.json").read_text())
     assert config["training"]["hardware"]["world_size"] == 2
     load_checkpoint(out / "best")
+
+
+def test_classes_and_selection_options_reach_the_checkpoint(fake_run, tmp_path, train_module):
+    data, split, _ = fake_run
+    out = tmp_path / "lesions"
+    assert train_module.main(["--data", str(data), "--split", str(split), "--out", str(out),
+                              "--epochs", "1", "--batch-size", "2", "--classes", "benign",
+                              "--select-on", "dice_lesion", "--warmup-steps", "3",
+                              "--ema-decay", "0.9",
+                              *TINY_ARGS]) == 0
+    _, config = load_checkpoint(out / "best")
+    training = config["training"]
+    assert set(training["train_counts"]) == {"benign"}  # the other classes were left out
+    assert training["n_val"] == 1  # validation keeps every class
+    assert training["hyperparameters"]["select_metric"] == "dice_lesion"
+    assert training["hyperparameters"]["warmup_steps"] == 3
+    assert training["hyperparameters"]["ema_decay"] == 0.9
+    assert config["metrics"]["selected_on"] == "dice_lesion"

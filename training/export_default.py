@@ -3,9 +3,11 @@
     python training/export_default.py --run runs/default_160 \
         --dest src/busseg/weights/default --eval-out runs/default_160/eval_test
 
-1. On the VALIDATION split only, compare test-time flips off/on and thresholds 0.3-0.7
-   (mean per-image Dice over all validation images, normal ones included, at the original
-   size) and keep the best setting; the test split plays no part in this choice.
+1. On the VALIDATION split only, compare test-time flips off/on and thresholds 0.3-0.7 at
+   the original image size and keep the best setting by the metric the run selected its
+   checkpoint on (``select_metric`` in its config: mean per-image Dice over all validation
+   images, normal ones included, or over the images with a lesion); the test split plays no
+   part in this choice.
 2. Write the checkpoint to ``--dest`` (atomic; never over an existing one without
    ``--overwrite``) with the chosen inference settings.
 3. Run ``training/evaluate.py`` on the TEST split once and write ``model_card.json`` and
@@ -28,8 +30,13 @@ sys.path.insert(0, str(ROOT / "training"))
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-def tune_on_validation(ckpt: Path, data: str, split_file: str) -> tuple[list[dict], dict]:
-    """Mean validation Dice for each (flips, threshold); returns the rows and the best one."""
+def tune_on_validation(ckpt: Path, data: str, split_file: str,
+                       metric: str = "dice") -> tuple[list[dict], dict]:
+    """Validation metrics for each (flips, threshold); returns the rows and the best one.
+
+    ``metric`` is ``"dice"`` (all validation images) or ``"dice_lesion"`` (images with a
+    lesion); ties go to the setting without flips (half the inference time).
+    """
     import numpy as np
 
     from busseg.data.busi import discover_busi
@@ -51,9 +58,12 @@ def tune_on_validation(ckpt: Path, data: str, split_file: str) -> tuple[list[dic
                 scores[(tta, th)].append(dice_score(p >= th, truth))
     lesion = np.array(lesion)
     rows = [{"tta_flips": t, "threshold": th, "val_dice": float(np.mean(v)),
-             "val_dice_lesion": float(np.mean(np.array(v)[lesion]))}
+             "val_dice_lesion": float(np.mean(np.array(v)[lesion])),
+             "val_fp_rate_normal": float(np.mean(np.array(v)[~lesion] < 1.0))
+             if (~lesion).any() else float("nan")}
             for (t, th), v in scores.items()]
-    best = max(rows, key=lambda r: (round(r["val_dice"], 4), not r["tta_flips"]))
+    key = {"dice": "val_dice", "dice_lesion": "val_dice_lesion"}[metric]
+    best = max(rows, key=lambda r: (round(r[key], 4), not r["tta_flips"]))
     return rows, best
 
 
@@ -80,7 +90,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    rows, best = tune_on_validation(run / "best", args.data, args.split_file)
+    _, run_cfg = load_checkpoint(run / "best")
+    metric = run_cfg.get("training", {}).get("hyperparameters", {}).get("select_metric", "dice")
+    rows, best = tune_on_validation(run / "best", args.data, args.split_file, metric)
     print("validation split, mean per-image Dice (all / with a lesion):")
     for r in rows:
         print(f"  flips={'on ' if r['tta_flips'] else 'off'} threshold={r['threshold']:.1f}: "
@@ -90,7 +102,9 @@ def main(argv=None) -> int:
     model, cfg = load_checkpoint(run / "best")
     cfg["inference"] = {"threshold": best["threshold"], "tta_flips": best["tta_flips"]}
     cfg.setdefault("training", {})["inference_tuning"] = {
-        "on": "validation split", "metric": "mean per-image Dice, all validation images",
+        "on": "validation split",
+        "metric": {"dice": "mean per-image Dice, all validation images",
+                   "dice_lesion": "mean per-image Dice, validation images with a lesion"}[metric],
         "grid": rows, "chosen": best,
     }
     dest = save_checkpoint(args.dest, model, cfg, overwrite=args.overwrite)
@@ -182,11 +196,14 @@ def card_markdown(card: dict) -> str:
     tried = card.get("tried") or {}
     if tried.get("grid"):
         lines += ["", "## What was tried (validation split)", "",
-                  "| test-time flips | threshold | val Dice (all) | val Dice (lesion) |",
-                  "|---|---|---|---|"]
+                  f"Chosen by {tried.get('metric')}.", "",
+                  "| test-time flips | threshold | val Dice (all) | val Dice (lesion) | "
+                  "val FP rate (normal) |",
+                  "|---|---|---|---|---|"]
         for r in tried["grid"]:
+            fp = r.get("val_fp_rate_normal")
             lines.append(f"| {'on' if r['tta_flips'] else 'off'} | {r['threshold']} | "
-                         f"{r['val_dice']:.4f} | {r['val_dice_lesion']:.4f} |")
+                         f"{r['val_dice']:.4f} | {r['val_dice_lesion']:.4f} | {_f(fp, 2)} |")
     if card.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in card["notes"]]
     lines += ["", f"Produced by `python training/export_default.py --run {card['run']}`.", ""]

@@ -41,6 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--loss", default="bce_dice", choices=["bce_dice", "dice", "focal_dice"])
+    ap.add_argument("--classes", nargs="+", default=["benign", "malignant", "normal"],
+                    choices=["benign", "malignant", "normal"],
+                    help="classes to train on (validation always uses all classes)")
+    ap.add_argument("--select-on", default="dice", choices=["dice", "dice_lesion"],
+                    help="validation metric that picks the best checkpoint: Dice over all "
+                         "images (normals included) or over images with a lesion only")
+    ap.add_argument("--ema-decay", type=float, default=None,
+                    help="validate and save an exponential moving average of the weights "
+                         "with this decay (e.g. 0.995); off by default")
+    ap.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps")
     ap.add_argument("--early-stopping", type=int, default=25, help="patience in epochs; 0 disables")
     ap.add_argument("--input-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
     ap.add_argument("--base-channels", type=int, default=16)
@@ -95,6 +105,7 @@ def main(argv=None) -> int:
     rows = read_split_csv(args.split)
     train_recs = select_split(index, rows, "train")
     val_recs = select_split(index, rows, "val")
+    train_recs = [r for r in train_recs if r.label in set(args.classes)]
     if args.limit:
         train_recs, val_recs = train_recs[: args.limit], val_recs[: max(2, args.limit // 4)]
     t0 = time.perf_counter()
@@ -121,7 +132,8 @@ def main(argv=None) -> int:
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, loss=args.loss,
         early_stopping=args.early_stopping or None, oversample=args.oversample, amp=args.amp,
-        seed=args.seed,
+        seed=args.seed, select_metric=args.select_on, warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
     )
     from busseg import __version__
 

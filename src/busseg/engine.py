@@ -33,6 +33,8 @@ LOG_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "val_loss", "val_dice", "val_dice_lesion",
     "val_fp_rate_normal", "best_val_dice", "elapsed_s",
 )
+#: Validation metrics :class:`TrainConfig` can select the best checkpoint on.
+SELECT_METRICS: tuple[str, ...] = ("dice", "dice_lesion")
 
 
 @dataclass
@@ -76,6 +78,18 @@ class TrainConfig:
         DataLoader worker processes (0: load in the training process).
     threshold : float
         Probability threshold for the validation Dice, in (0, 1).
+    select_metric : str
+        Validation metric that picks the best checkpoint and drives early stopping:
+        ``"dice"`` (mean per-image Dice over all validation images, normal images included,
+        where an empty prediction on an empty mask counts 1) or ``"dice_lesion"`` (mean Dice
+        over the validation images that hold a lesion; falls back to ``"dice"`` when there
+        are none).
+    ema_decay : float or None
+        With a decay in (0, 1), validate, select and save an exponential moving average of
+        the weights (and batch-norm statistics) instead of the raw weights, updated after each
+        step: ``ema = decay * ema + (1 - decay) * weights`` (Polyak & Juditsky 1992; the
+        weight averaging of Izmailov et al., UAI 2018). About ``1 / (1 - decay)`` steps are
+        averaged. None (default) disables it.
     """
 
     epochs: int = 100
@@ -95,6 +109,8 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     threshold: float = 0.5
+    select_metric: str = "dice"
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
@@ -105,6 +121,11 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.amp not in ("auto", "on", "off"):
             raise ValueError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ValueError(f"select_metric must be one of {SELECT_METRICS}, "
+                             f"got {self.select_metric!r}")
 
     def to_dict(self) -> dict:
         """Return the settings as a JSON-serialisable dict."""
@@ -124,8 +145,10 @@ class ProgressEvent:
         1-based epoch, optimiser steps done, planned steps.
     loss : float or None
         Training loss of the last step (``step``) or mean of the epoch so far.
-    val_dice, best_val_dice : float or None
-        Mean per-image validation Dice (empty/empty counts 1) at this and the best evaluation.
+    val_dice : float or None
+        Mean per-image validation Dice over all validation images (empty/empty counts 1).
+    best_val_dice : float or None
+        Best value so far of the selection metric (``TrainConfig.select_metric``).
     lr : float
         Current learning rate.
     elapsed : float
@@ -158,7 +181,8 @@ class FitResult:
     model : torch.nn.Module
         The trained model with the best validation weights loaded, in eval mode.
     best_val_dice : float or None
-        Best mean validation Dice (None without a validation set).
+        Best value of the selection metric ``TrainConfig.select_metric`` (None without a
+        validation set).
     best_step, best_epoch : int
         When the best weights were seen.
     history : list of dict
@@ -314,7 +338,8 @@ def _write_curves(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_training_state(path: Path, model, optimizer, scheduler, state: dict) -> None:
+def _save_training_state(path: Path, model, optimizer, scheduler, state: dict,
+                         ema=None) -> None:
     """Write resumable state: weights + optimiser tensors in safetensors, scalars in JSON."""
     from safetensors.torch import save_file
 
@@ -331,6 +356,9 @@ def _save_training_state(path: Path, model, optimizer, scheduler, state: dict) -
                 tensors[f"opt.{pid}.{name}"] = val.detach().cpu().contiguous()
             else:
                 scalars["opt_scalars"][f"{pid}.{name}"] = float(val)
+    if ema is not None:
+        for k, v in ema.state_dict().items():
+            tensors[f"ema.{k}"] = v.detach().cpu().contiguous()
     scalars["scheduler"] = scheduler.state_dict()
     scalars["scheduler"].pop("lr_lambdas", None)
     scalars.update(state)
@@ -342,7 +370,7 @@ def _save_training_state(path: Path, model, optimizer, scheduler, state: dict) -
                        overwrite=True)
 
 
-def _load_training_state(path: Path, model, optimizer, scheduler) -> dict:
+def _load_training_state(path: Path, model, optimizer, scheduler, ema=None) -> dict:
     from safetensors.torch import load_file
 
     st_path, js_path = path / "training_state.safetensors", path / "training_state.json"
@@ -354,6 +382,12 @@ def _load_training_state(path: Path, model, optimizer, scheduler) -> dict:
     tensors = load_file(str(st_path))
     scalars = json.loads(js_path.read_text())
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not ema_state:
+            raise ValueError(f"{path} holds no weight average: the run was trained without "
+                             "ema_decay; resume it with the same settings")
+        ema.load_state_dict(ema_state)
     opt_state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("opt."):
@@ -455,6 +489,14 @@ def fit_iter(
         )
     loss_fn = build_loss(cfg.loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = None
+    if cfg.ema_decay is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                            use_buffers=True)
+    # the weights that are validated, selected and saved
+    eval_model = ema.module if ema is not None else model
 
     g = torch.Generator().manual_seed(cfg.seed)
     if distributed:
@@ -482,13 +524,13 @@ def fit_iter(
 
     step, start_epoch, best, best_step, best_epoch, bad = 0, 1, None, 0, 0, 0
     history: list[dict] = []
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
     t0 = time.perf_counter()
     elapsed_before = 0.0
     if resume:
         if out is None:
             raise ValueError("resume needs out_dir, the folder of the run to continue")
-        st = _load_training_state(out / "last", model, optimizer, scheduler)
+        st = _load_training_state(out / "last", model, optimizer, scheduler, ema)
         step, start_epoch = int(st["step"]), int(st["epoch"]) + 1
         best, best_step, best_epoch, bad = st["best"], st["best_step"], st["best_epoch"], st["bad"]
         elapsed_before = float(st.get("elapsed", 0.0))
@@ -531,6 +573,8 @@ def fit_iter(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             losses.append(loss.item())
             yield ProgressEvent("step", epoch, step, total, loss=losses[-1], best_val_dice=best,
@@ -548,20 +592,23 @@ def fit_iter(
                    "val_dice_lesion": float("nan"), "val_fp_rate_normal": float("nan")}
             improved = False
             if val_set is not None and len(val_set):
-                ev = evaluate_dataset(model, val_set, dev, cfg.batch_size, cfg.threshold,
+                ev = evaluate_dataset(eval_model, val_set, dev, cfg.batch_size, cfg.threshold,
                                       loss_fn, cfg.channels_last)
                 row.update(val_loss=ev["loss"], val_dice=ev["mean_dice"],
                            val_dice_lesion=ev["mean_dice_lesion"],
                            val_fp_rate_normal=ev["fp_rate_normal"])
-                if best is None or ev["mean_dice"] > best + 1e-4:
-                    best, best_step, best_epoch = ev["mean_dice"], step, epoch
+                score = ev["mean_dice"]
+                if cfg.select_metric == "dice_lesion" and np.isfinite(ev["mean_dice_lesion"]):
+                    score = ev["mean_dice_lesion"]
+                if best is None or score > best + 1e-4:
+                    best, best_step, best_epoch = score, step, epoch
                     bad, improved = 0, True
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
                 else:
                     bad += 1
             else:
                 best_step, best_epoch = step, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
                 improved = True
             row["best_val_dice"] = best if best is not None else float("nan")
             row["elapsed_s"] = round(elapsed(), 2)
@@ -572,12 +619,13 @@ def fit_iter(
                 if improved:
                     ckpt_path = _save_best(out / "best", model, best_state, cfg, checkpoint_config,
                                            best, best_step, best_epoch, elapsed(), history)
-                _save_training_state(out / "last", model, optimizer, scheduler, {
+                _save_training_state(out / "last", model, optimizer, scheduler, ema=ema, state={
                     "step": step, "epoch": epoch if at_epoch_end else epoch - 1, "best": best,
                     "best_step": best_step, "best_epoch": best_epoch, "bad": bad,
                     "elapsed": elapsed(), "history": history})
             msg = (f"epoch {epoch} step {step}/{total} loss {row['train_loss']:.4f} "
-                   f"val Dice {row['val_dice']:.4f} (best {row['best_val_dice']:.4f})")
+                   f"val Dice {row['val_dice']:.4f}, lesion {row['val_dice_lesion']:.4f} "
+                   f"(best {cfg.select_metric} {row['best_val_dice']:.4f})")
             yield ProgressEvent("eval", epoch, step, total, loss=row["train_loss"],
                                 val_dice=row["val_dice"], best_val_dice=best, lr=lr_now(),
                                 elapsed=elapsed(), metrics=row, message=msg)
@@ -591,7 +639,7 @@ def fit_iter(
     if (val_set is None or not len(val_set)) and step > best_step:
         # stopped between validations without a validation set: the last weights are the result
         best_step, best_epoch = step, epoch
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
         if out is not None and is_main:
             _save_best(out / "best", model, best_state, cfg, checkpoint_config, best, best_step,
                        best_epoch, elapsed(), history)
@@ -633,8 +681,9 @@ def _save_best(path, model, best_state, cfg, checkpoint_config, best, best_step,
     config["training"] = training
     metrics = dict(config.get("metrics", {}))
     last = next((r for r in reversed(history) if r["step"] == best_step), {})
-    metrics.update(val_dice=best, val_dice_lesion=last.get("val_dice_lesion"),
-                   val_fp_rate_normal=last.get("val_fp_rate_normal"))
+    metrics.update(val_dice=last.get("val_dice", best), val_dice_lesion=last.get("val_dice_lesion"),
+                   val_fp_rate_normal=last.get("val_fp_rate_normal"),
+                   selected_on=cfg.select_metric)
     config["metrics"] = metrics
     config["model"] = model_cfg
     return save_checkpoint(path, snapshot, config, overwrite=True)

@@ -265,6 +265,8 @@ def finetune_iter(
         ckpt = save_checkpoint(out / "best", fit.model, ckpt_cfg)
     if ckpt is not None:
         _record_after(ckpt, before, after)
+    elif out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # stopped before the first step: leave no empty run folder behind
     return FinetuneResult(ckpt, fit, before, after, len(tr), len(va))
 
 
