@@ -367,6 +367,7 @@ def test_info(tiny_checkpoint, tmp_path, capsys):
     # the default model ships with the package, with its test-split metrics in the model card
     assert "default model checkpoint:" in out
     assert "test split: " in out and "lesion Dice" in out
+    assert "fine-tuned from" not in out  # the default was trained by train.py, not fine-tuned
     code, out, err = _run(["info", "--checkpoint", tmp_path / "nope"], capsys)
     assert code == 2 and "does not exist" in err
 

@@ -325,3 +325,23 @@ def test_padded_stack_from_the_folder_reader_is_cropped(qtbot, viewer, widget, t
     np.testing.assert_array_equal(pred[0, :30, :36], predict_mask(a, tiny_model))
     assert not pred[0, 30:].any() and not pred[0, :, 36:].any()
     np.testing.assert_array_equal(pred[1], predict_mask(b, tiny_model))
+
+
+def test_model_line_tells_shipped_default_from_a_fine_tune(widget, tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    from busseg.models import default_checkpoint_path
+
+    widget.use_checkpoint(default_checkpoint_path())  # trained by train.py, test metrics in it
+    assert "BUSI test Dice (lesions) 0." in widget._model_info.value
+    assert "fine-tuned" not in widget._model_info.value
+    ft = tmp_path / "ft"
+    shutil.copytree(tiny_checkpoint, ft)
+    cfg = json.loads((ft / "config.json").read_text())
+    cfg["training"] = {"kind": "fine-tune"}
+    cfg["lineage"] = {"base_model": str(tiny_checkpoint), "pairs": ["a", "b", "c"]}
+    cfg["metrics"] = {"heldout_dice_after": 0.5}
+    (ft / "config.json").write_text(json.dumps(cfg))
+    widget.use_checkpoint(ft)
+    assert "fine-tuned on 3 pair(s), held-out Dice 0.500" in widget._model_info.value

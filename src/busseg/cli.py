@@ -480,9 +480,11 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
         if parts:
             lines.append("  test split: " + ", ".join(parts))
     if lineage.get("base_model"):
-        lines.append(
-            f"  fine-tuned from {lineage['base_model']} on {len(lineage.get('pairs', []))} pair(s)"
-        )
+        if tr.get("kind") == "fine-tune":  # written by the Fine-tune widget / busseg.finetune
+            lines.append(f"  fine-tuned from {lineage['base_model']} on "
+                         f"{len(lineage.get('pairs', []))} pair(s)")
+        else:  # train.py --init
+            lines.append(f"  initialised from {lineage['base_model']}")
     return lines
 
 

@@ -494,9 +494,12 @@ class SegmentWidget(Container):
         if size:
             parts.append(f"input {size[0]}×{size[1]}")
         metrics = cfg.get("metrics", {})
-        if cfg.get("lineage", {}).get("base_model"):
-            parts.append(f"fine-tuned on {len(cfg['lineage'].get('pairs', []))} pair(s)")
+        test_lesion = (metrics.get("test") or {}).get("lesion") or {}
+        if cfg.get("training", {}).get("kind") == "fine-tune":  # written by the Fine-tune widget
+            parts.append(f"fine-tuned on {len(cfg.get('lineage', {}).get('pairs', []))} pair(s)")
             dice, what = metrics.get("heldout_dice_after"), "held-out Dice"
+        elif isinstance(test_lesion.get("dice"), (int, float)):  # e.g. the shipped default
+            dice, what = test_lesion["dice"], "BUSI test Dice (lesions)"
         else:
             dice, what = metrics.get("val_dice"), "validation Dice"
         if isinstance(dice, (int, float)):
