@@ -86,13 +86,20 @@ def test_stop_flag_stops_after_the_current_step(four):
     assert [h["step"] for h in result.history] == [2, 3]
 
 
-def test_stop_before_the_first_step_returns_the_initial_weights(four):
+def test_stop_before_the_first_step_returns_the_initial_weights(four, tmp_path):
     stop = threading.Event()
     stop.set()
     model = _model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    result = fit(model, four, four, _cfg(epochs=3), device="cpu", stop=stop)
+    result = fit(model, four, four, _cfg(epochs=3), device="cpu", stop=stop,
+                 out_dir=tmp_path / "run", checkpoint_config=CKPT_CONFIG)
     assert result.stopped and result.steps == 0 and result.history == []
+    assert result.checkpoint is None
+    assert not (tmp_path / "run").exists()  # nothing written: no empty run folder left behind
+    kept = tmp_path / "mine"
+    kept.mkdir()  # a folder the caller made is the caller's: it stays
+    fit(_model(), four, four, _cfg(epochs=3), device="cpu", stop=stop, out_dir=kept)
+    assert kept.is_dir()
     for k, v in result.model.state_dict().items():
         torch.testing.assert_close(v, initial[k])
 

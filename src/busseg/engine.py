@@ -471,6 +471,7 @@ def fit_iter(
     dev = get_device(device) if not isinstance(device, torch.device) else device
     _seed_everything(cfg.seed)
     out = Path(out_dir) if out_dir is not None else None
+    created_out = out is not None and is_main and not out.exists()
     if out is not None and is_main:
         if out.exists() and not resume and any(out.iterdir()):
             raise FileExistsError(
@@ -524,7 +525,7 @@ def fit_iter(
 
     step, start_epoch, best, best_step, best_epoch, bad = 0, 1, None, 0, 0, 0
     history: list[dict] = []
-    best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+    best_state = _snapshot(eval_model)
     t0 = time.perf_counter()
     elapsed_before = 0.0
     if resume:
@@ -603,12 +604,12 @@ def fit_iter(
                 if best is None or score > best + 1e-4:
                     best, best_step, best_epoch = score, step, epoch
                     bad, improved = 0, True
-                    best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+                    best_state = _snapshot(eval_model)
                 else:
                     bad += 1
             else:
                 best_step, best_epoch = step, epoch
-                best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+                best_state = _snapshot(eval_model)
                 improved = True
             row["best_val_dice"] = best if best is not None else float("nan")
             row["elapsed_s"] = round(elapsed(), 2)
@@ -639,7 +640,7 @@ def fit_iter(
     if (val_set is None or not len(val_set)) and step > best_step:
         # stopped between validations without a validation set: the last weights are the result
         best_step, best_epoch = step, epoch
-        best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
+        best_state = _snapshot(eval_model)
         if out is not None and is_main:
             _save_best(out / "best", model, best_state, cfg, checkpoint_config, best, best_step,
                        best_epoch, elapsed(), history)
@@ -647,6 +648,8 @@ def fit_iter(
     model.eval()
     if out is not None and is_main and (out / "best").is_dir():
         ckpt_path = out / "best"
+    if created_out and not any(out.iterdir()):
+        out.rmdir()  # stopped before the first step: leave no empty run folder behind
     result = FitResult(model=model, best_val_dice=best, best_step=best_step, best_epoch=best_epoch,
                        history=history, steps=step, elapsed=elapsed(), stopped=stopped,
                        early_stopped=early, checkpoint=ckpt_path)
@@ -665,6 +668,11 @@ def _append_log(path: Path, row: dict) -> None:
         w.writerow({k: row.get(k) for k in LOG_COLUMNS})
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of a model's state dict (weights and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _save_best(path, model, best_state, cfg, checkpoint_config, best, best_step, best_epoch,

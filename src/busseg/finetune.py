@@ -258,15 +258,9 @@ def finetune_iter(
             break
         yield ev
     after = fit.best_val_dice if val_set is not None else None
-    ckpt = fit.checkpoint
-    if ckpt is None and fit.steps > 0:
-        from busseg.models import save_checkpoint
-
-        ckpt = save_checkpoint(out / "best", fit.model, ckpt_cfg)
+    ckpt = fit.checkpoint  # the engine writes out/best whenever a step was taken
     if ckpt is not None:
         _record_after(ckpt, before, after)
-    elif out.is_dir() and not any(out.iterdir()):
-        out.rmdir()  # stopped before the first step: leave no empty run folder behind
     return FinetuneResult(ckpt, fit, before, after, len(tr), len(va))
 
 
