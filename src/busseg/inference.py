@@ -456,10 +456,7 @@ def predict_proba(
     busseg.models.CheckpointError
         If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
     """
-    model = _resolve_model(model)
-    arr = _check_image(image)
-    _check_device(model, device)
-    cfg = _config(model)
+    model, arr, cfg = _prepare(image, model, device)
     proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg))[0]
     return proba.to("cpu", torch.float32).numpy()
 
@@ -510,10 +507,7 @@ def predict_mask(
     """
     from busseg.postprocess import postprocess_mask
 
-    model = _resolve_model(model)
-    arr = _check_image(image)
-    _check_device(model, device)
-    cfg = _config(model)
+    model, arr, cfg = _prepare(image, model, device)
     t = _resolve_threshold(threshold, cfg)
     _check_postprocess(keep, min_area)
     proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg))[0]
@@ -521,6 +515,14 @@ def predict_mask(
     if fill_holes or keep != "all" or min_area > 0:
         mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
     return mask
+
+
+def _prepare(image: Any, model: ModelLike, device) -> tuple[torch.nn.Module, np.ndarray, dict]:
+    """Validate the inputs of predict_proba / predict_mask once: (model, image array, config)."""
+    model = _resolve_model(model)
+    arr = _check_image(image)
+    _check_device(model, device)
+    return model, arr, _config(model)
 
 
 def _check_postprocess(keep: str, min_area: int) -> None:
