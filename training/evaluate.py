@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from busseg.cli import UsageError, probability_arg  # noqa: E402  (shared with `busseg predict`)
+from busseg.cli import UsageError, add_inference_args  # noqa: E402  (shared with busseg predict)
 
 CSV_COLUMNS = (
     "image", "label", "height", "width", "dice", "iou", "precision", "recall", "accuracy",
@@ -68,19 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output folder (must not exist or be empty)")
     ap.add_argument("--overwrite", action="store_true",
                     help="write into a non-empty --out, replacing files of the same names")
-    ap.add_argument("--threshold", type=probability_arg, default=None,
-                    help="probability threshold (default: the checkpoint's)")
-    tta = ap.add_mutually_exclusive_group()
-    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
-                     help="left-right flip test-time augmentation")
-    tta.add_argument("--no-tta", dest="tta", action="store_false",
-                     help="no flips (default: the checkpoint's setting)")
-    ap.add_argument("--fill-holes", action="store_true", help="post-processing: fill holes")
-    ap.add_argument("--keep", default="all", choices=["all", "largest"],
-                    help="post-processing: keep all components or the largest")
-    ap.add_argument("--min-area", type=int, default=0,
-                    help="post-processing: drop components smaller than this (pixels)")
-    ap.add_argument("--device", default="auto", help="auto, cuda, cuda:N, mps or cpu")
+    add_inference_args(ap)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--limit", type=int, default=None, help="only the first N images (smoke tests)")
     ap.add_argument("--no-overlays", action="store_true", help="skip the overlay PNGs")

@@ -63,7 +63,7 @@ class Job:
 
 
 def probability_arg(text: str) -> float:
-    """Parse a command-line probability in (0, 1) (argparse ``type``); shared by the scripts."""
+    """Parse a command-line probability in (0, 1) (argparse ``type`` of ``--threshold``)."""
     try:
         value = float(text)
     except ValueError:
@@ -71,6 +71,30 @@ def probability_arg(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
+
+
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    """Add the options that reach predict_mask (device, threshold, flips, post-processing).
+
+    Shared by ``busseg predict`` and ``training/evaluate.py``; the values arrive as
+    ``device``, ``threshold`` (None: the checkpoint's), ``tta`` (None: the checkpoint's),
+    ``fill_holes``, ``keep`` and ``min_area``.
+    """
+    p.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
+    p.add_argument(
+        "--threshold", type=probability_arg, default=None, metavar="T",
+        help="probability threshold in (0, 1) (default: the checkpoint's)",
+    )
+    tta = p.add_mutually_exclusive_group()
+    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
+                     help="average with the left-right flipped image (2x slower)")
+    tta.add_argument("--no-tta", dest="tta", action="store_false",
+                     help="no test-time flips (default: the checkpoint's setting)")
+    p.add_argument("--fill-holes", action="store_true", help="fill holes in predicted lesions")
+    p.add_argument("--keep", choices=("all", "largest"), default="all",
+                   help="keep all lesions (default) or only the largest")
+    p.add_argument("--min-area", type=_non_negative_int, default=0, metavar="PX",
+                   help="drop predicted lesions smaller than PX pixels (default 0)")
 
 
 def _non_negative_int(text: str) -> int:
@@ -120,21 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", metavar="CKPT", default=None,
         help="checkpoint directory (default: the shipped default model)",
     )
-    p.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
-    p.add_argument(
-        "--threshold", type=probability_arg, default=None, metavar="T",
-        help="probability threshold in (0, 1) (default: the checkpoint's)",
-    )
-    tta = p.add_mutually_exclusive_group()
-    tta.add_argument("--tta", dest="tta", action="store_true", default=None,
-                     help="average with the left-right flipped image (2x slower)")
-    tta.add_argument("--no-tta", dest="tta", action="store_false",
-                     help="no test-time flips (default: the checkpoint's setting)")
-    p.add_argument("--fill-holes", action="store_true", help="fill holes in predicted lesions")
-    p.add_argument("--keep", choices=("all", "largest"), default="all",
-                   help="keep all lesions (default) or only the largest")
-    p.add_argument("--min-area", type=_non_negative_int, default=0, metavar="PX",
-                   help="drop predicted lesions smaller than PX pixels (default 0)")
+    add_inference_args(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing mask files (default: skip them and exit with 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
