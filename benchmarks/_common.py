@@ -438,3 +438,31 @@ def log(msg: str, quiet: bool = False) -> None:
     """Progress line on stderr (stdout carries the Markdown table)."""
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
+
+
+def plot_reliability(ax, curve: Mapping[str, Any], label: str = "") -> None:
+    """Draw a reliability diagram of :func:`busseg.metrics.reliability_curve` on ``ax``.
+
+    Observed share of positives against the mean predicted probability per bin (dots sized
+    by the bin's count, joined by a line), the diagonal of perfect calibration, and the
+    bin counts as a bar histogram on a twin axis. The legend gives the ECE and N.
+    """
+    pred = np.asarray(curve["predicted"], dtype=float)
+    obs = np.asarray(curve["observed"], dtype=float)
+    count = np.asarray(curve["count"], dtype=float)
+    edges = np.asarray(curve["bin_edges"], dtype=float)
+    filled = count > 0
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    ax.plot(pred[filled], obs[filled], "-o", ms=3,
+            label=f"{label + ': ' if label else ''}ECE {fmt(curve.get('ece'))}, "
+            f"N={curve.get('n', int(count.sum()))}")
+    hist = ax.twinx()
+    hist.bar((edges[:-1] + edges[1:]) / 2, count, width=np.diff(edges) * 0.9, alpha=0.15,
+             color="tab:blue")
+    hist.set_ylabel("images per bin", fontsize=7)
+    hist.tick_params(labelsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("predicted probability (bin mean)")
+    ax.set_ylabel("observed share")
+    ax.legend(fontsize=7, loc="upper left")

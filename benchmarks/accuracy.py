@@ -11,6 +11,16 @@ Dice, IoU, precision, recall and HD95 (pixels) of the per-image values with 95 %
 bootstrap confidence intervals (``busseg.metrics``), and the image-level false-positive rate
 on normal images (share with any predicted pixel). BUS-BRA (other scanners, another
 hospital, never seen in training): the same metrics overall and per scanner (``Device``).
+
+For a model with an image-level class head (normal / benign / malignant), masks come from
+``busseg.inference.predict`` with the shipped default settings, normal-scan gate included;
+the same forward pass also gives the ungated mask, so the FP rate on normal images (BUSI)
+and the lesion Dice (BUSI and BUS-BRA) are reported with the gate on and off, with the
+share of lesion images the gate empties and the median P(normal) on them. The class head
+is scored by the AUC of malignant vs benign (lesion images, score P(malignant) /
+(P(benign) + P(malignant)); BUSI and BUS-BRA) and of lesion vs normal (score
+1 - P(normal); BUSI), with 95 % stratified bootstrap intervals, and by a reliability
+diagram of P(lesion) = 1 - P(normal) with its expected calibration error (10 bins).
 A second table places published U-Net-family figures on BUSI beside ours, with each
 source's protocol. Writes ``accuracy.md``, ``accuracy.json`` (with every per-image row) and
 ``accuracy.png`` into ``--out``.
@@ -161,10 +171,11 @@ def _select_busi(busi_root: Path, split_csv: Path, split: str, limit: int | None
 
 def evaluate(
     items: Sequence[dict],
-    predict: Callable[[np.ndarray], np.ndarray],
+    predict: Callable[[np.ndarray], Any],
     *,
     quiet: bool = False,
     what: str = "",
+    threshold: float | None = None,
 ) -> list[dict]:
     """Per-image metrics of ``predict`` on ``items``.
 
@@ -173,13 +184,19 @@ def evaluate(
     items : sequence of dict
         Each with ``name``, ``image_path``, ``mask_paths`` and any grouping keys (kept).
     predict : callable
-        (H, W) uint8 image -> (H, W) bool mask.
+        (H, W) uint8 image -> (H, W) bool mask, or a :class:`busseg.inference.Prediction`
+        (then its class probabilities and gate are recorded too).
+    threshold : float, optional
+        The probability threshold of ``predict``: with a Prediction, the ungated mask of a
+        gated image is ``proba >= threshold`` (no post-processing in this benchmark).
 
     Returns
     -------
     list of dict
         The item's keys (paths as str) plus :func:`busseg.metrics.segmentation_metrics`
-        and ``seconds`` (prediction time).
+        and ``seconds`` (prediction time); for a Prediction also ``gated``,
+        ``dice_ungated``, ``any_pred_ungated`` and, with a class head, ``p_normal``,
+        ``p_benign``, ``p_malignant``.
     """
     from busseg.data import read_image, read_mask
     from busseg.metrics import segmentation_metrics
@@ -190,8 +207,9 @@ def evaluate(
         image = read_image(item["image_path"])
         truth = read_mask(item["mask_paths"])
         t = time.perf_counter()
-        pred = predict(image)
+        res = predict(image)
         dt = time.perf_counter() - t
+        pred = getattr(res, "mask", res)
         row = {
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in item.items()
@@ -199,6 +217,17 @@ def evaluate(
         }
         row.update(segmentation_metrics(pred, truth))
         row["seconds"] = dt
+        if pred is not res:  # a Prediction: class probabilities and the gate
+            row["gated"] = bool(res.gated)
+            row["dice_ungated"], row["any_pred_ungated"] = row["dice"], row["any_pred"]
+            if res.gated:
+                if threshold is None:
+                    raise ValueError("evaluate() needs the threshold to score ungated masks")
+                um = segmentation_metrics(res.proba >= threshold, truth)
+                row["dice_ungated"], row["any_pred_ungated"] = um["dice"], um["any_pred"]
+            if res.class_proba is not None:
+                for k in ("normal", "benign", "malignant"):
+                    row[f"p_{k}"] = float(res.class_proba.get(k, math.nan))
         rows.append(row)
         if not quiet and ((i + 1) % 20 == 0 or i + 1 == len(items)):
             C.log(f"  {what} {i + 1}/{len(items)} ({time.perf_counter() - t0:.0f} s)")
@@ -294,8 +323,11 @@ def _fp_ci(rows: Sequence[dict], key: str, groups: Sequence[str], n_boot: int) -
     return out
 
 
-def make_figure(busi_rows: list[dict], busbra_rows: list[dict], busi_summary: dict | None):
-    fig, axes = C.new_figure(1, 2, size=(6.5, 4.2))
+def make_figure(busi_rows: list[dict], busbra_rows: list[dict], busi_summary: dict | None,
+                calibration: dict | None = None):
+    """Dice and HD95 box plots; with ``calibration`` ({name: reliability curve}) a third
+    panel with the reliability diagrams of P(lesion) = 1 - P(normal)."""
+    fig, axes = C.new_figure(1, 3 if calibration else 2, size=(6.5, 4.2))
     # per-image Dice, lesion images only (normal images are scored by the FP rate)
     groups, data = [], []
     for lab in ("benign", "malignant"):
@@ -338,8 +370,91 @@ def make_figure(busi_rows: list[dict], busbra_rows: list[dict], busi_summary: di
         ax.set_yscale("log")
     ax.set_ylabel("HD95 (pixels, log scale)")
     ax.set_title("HD95 where both masks are non-empty", fontsize=9)
+    if calibration:
+        ax = axes[0][2]
+        for k, (name, curve) in enumerate(calibration.items()):
+            if k == 0:
+                C.plot_reliability(ax, curve, name)
+            else:  # further curves without a second count histogram
+                filled = np.asarray(curve["count"]) > 0
+                ax.plot(np.asarray(curve["predicted"])[filled],
+                        np.asarray(curve["observed"])[filled], "-s", ms=3,
+                        label=f"{name}: ECE {C.fmt(curve['ece'])}, N={curve['n']}")
+                ax.legend(fontsize=7, loc="upper left")
+        ax.set_title("Reliability of P(lesion) = 1 - P(normal)", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _head_results(rows: list[dict], head: bool, stored_gate, n_boot: int):
+    """(gate summary, class-head summary) of per-image rows, or (None, None) without a head."""
+    if not head:
+        return None, None
+    from busseg.metrics import class_head_summary, gate_summary
+
+    probas = [{k: r[f"p_{k}"] for k in ("normal", "benign", "malignant")} if "p_normal" in r
+              else None for r in rows]
+    return (gate_summary(rows, stored_gate, on=bool(stored_gate)),
+            class_head_summary([r["label"] for r in rows], probas, n_boot=n_boot, seed=0))
+
+
+def _auc_cell(entry: dict | None) -> str:
+    if not entry or not math.isfinite(entry["auc"]):
+        return "–"
+    return (f"{entry['auc']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}] "
+            f"({entry['n_pos']} / {entry['n_neg']})")
+
+
+def head_markdown(busi_gate, busi_head, busbra_gate, busbra_head, stored_gate,
+                  n_boot: int) -> str:
+    """The normal-scan gate and class-head section (gate on / off; AUCs; calibration)."""
+    cols = [("BUSI", busi_gate)] + ([("BUS-BRA", busbra_gate)] if busbra_gate else [])
+    on = bool(stored_gate)
+    lines = [
+        "## Normal-scan gate and class head (research output, not a diagnosis)", "",
+        f"Gate stored in the checkpoint: {stored_gate or 'none (no gate)'}. The tables above "
+        "use the shipped default settings" + (", gate on" if on else "") + ". Gate on and off "
+        "come from the same forward pass.", "",
+        "| | " + " | ".join(f"{n} gate on | {n} gate off" for n, _ in cols) + " |",
+        "|---|" + "---:|---:|" * len(cols),
+    ]
+
+    def cells(fn):
+        return " | ".join(fn(g) for _, g in cols)
+
+    def pair(g, key, digits=3):
+        return f"{C.fmt(g[key], digits) if on else '–'} | {C.fmt(g[key + '_ungated'], digits)}"
+
+    lines.append("| FP rate, images without a lesion | " + cells(
+        lambda g: pair(g, "fp_rate_normal") if g["n_normal"] else "– | –") + " |")
+    lines.append("| mean Dice, images with a lesion | " + cells(
+        lambda g: pair(g, "lesion_dice")) + " |")
+    lines.append("| lesion images the gate empties | " + cells(
+        lambda g: (f"{g['n_lesion_gated']}/{g['n_lesion']} "
+                   f"({C.fmt(100 * g['share_lesion_gated'], 1)} %)" if on else "–") + " | –")
+                 + " |")
+    lines.append("| median P(normal), images with a lesion | " + cells(
+        lambda g: f"{C.fmt(g['median_p_normal_lesion'])} | (same pass)") + " |")
+    lines += [
+        "", f"AUC with a 95 % stratified bootstrap interval ({n_boot} resamples); (positives "
+        "/ negatives).", "",
+        "| AUC | BUSI | BUS-BRA |", "|---|---|---|",
+        "| malignant vs benign (lesion images; P(malignant) / (P(benign) + P(malignant))) | "
+        f"{_auc_cell((busi_head or {}).get('auc_malignant_vs_benign'))} | "
+        f"{_auc_cell((busbra_head or {}).get('auc_malignant_vs_benign'))} |",
+        "| lesion vs normal (1 - P(normal)) | "
+        f"{_auc_cell((busi_head or {}).get('auc_lesion_vs_normal'))} | – (no normal images) |",
+        "",
+    ]
+    for name, h in (("BUSI", busi_head), ("BUS-BRA", busbra_head)):
+        if h:
+            cal = h["calibration"]
+            lines.append(f"- {name}: expected calibration error of P(lesion) = 1 - P(normal) "
+                         f"{C.fmt(cal['ece'])} over {cal['n']} images (10 bins; reliability "
+                         "diagram in accuracy.png)"
+                         + ("; every image has a lesion, so this measures how far P(lesion) "
+                            "falls short of 1" if name == "BUS-BRA" else "") + ".")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- main
@@ -399,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not split_csv.is_file():
         raise SystemExit(f"split file {split_csv} not found; pass --split")
 
-    from busseg.inference import load_model, predict_mask
+    from busseg.inference import has_class_head, load_model
+    from busseg.inference import predict as busseg_predict
     from busseg.metrics import summarize
 
     t_start = time.perf_counter()
@@ -408,8 +524,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tta = None if args.tta == "auto" else args.tta == "on"
     n_params = sum(p.numel() for p in model.parameters())
 
-    def predict(image):
-        return predict_mask(image, model, tta=tta)
+    head = has_class_head(model)
+    threshold = float(model.busseg_config.get("inference", {}).get("threshold", 0.5))
+    stored_gate = model.busseg_config.get("inference", {}).get("normal_gate") if head else None
+
+    def predict(image):  # the shipped default settings, the normal-scan gate included
+        return busseg_predict(image, model, tta=tta)
 
     ck = C.checkpoint_summary(ckpt)
     hw = C.hardware_info(device)
@@ -427,14 +547,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for r in records
     ]
     C.log(f"BUSI {args.split_name}: {len(items)} images", args.quiet)
-    busi_rows = evaluate(items, predict, quiet=args.quiet, what="BUSI")
+    busi_rows = evaluate(items, predict, quiet=args.quiet, what="BUSI", threshold=threshold)
     busi_summary = summarize(
         busi_rows, by="label", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
     )
     busi_fp_ci = _fp_ci(busi_rows, "label", ["normal", "all"], args.n_boot)
+    busi_gate, busi_head = _head_results(busi_rows, head, stored_gate, args.n_boot)
 
     busbra_rows: list[dict] = []
-    busbra_summary = busbra_path = None
+    busbra_summary = busbra_path = busbra_gate = busbra_head = None
     devices: list[str] = []
     if not args.no_busbra:
         busbra_path = C.require_dir(args.busbra, "BUS-BRA", "--busbra (or give --no-busbra)")
@@ -454,7 +575,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for r in recs
         ]
         C.log(f"BUS-BRA: {len(items)} images", args.quiet)
-        busbra_rows = evaluate(items, predict, quiet=args.quiet, what="BUS-BRA")
+        busbra_rows = evaluate(items, predict, quiet=args.quiet, what="BUS-BRA",
+                               threshold=threshold)
+        busbra_gate, busbra_head = _head_results(busbra_rows, head, stored_gate, args.n_boot)
         busbra_summary = summarize(
             busbra_rows, by="device", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
         )
@@ -470,9 +593,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     lesion = busi_summary.get("lesion")
     ours = None
     if lesion is not None:
+        enc = ck["model"].get("encoder", "plain")
         ours = {
-            "arch": f"U-Net base {ck['model'].get('base_channels')}, depth "
-            f"{ck['model'].get('depth')}, {ck['input_size'][0]}x{ck['input_size'][1]}",
+            "arch": (f"U-Net base {ck['model'].get('base_channels')}, depth "
+                     f"{ck['model'].get('depth')}" if enc == "plain" else f"U-Net, {enc} encoder")
+            + f", {ck['input_size'][0]}x{ck['input_size'][1]}",
             "params_m": n_params / 1e6,
             "dice": lesion["metrics"]["dice"]["mean"],
             "dice_ci": (lesion["metrics"]["dice"]["ci_low"], lesion["metrics"]["dice"]["ci_high"]),
@@ -525,6 +650,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ),
             "",
         ]
+    if head:
+        md += [head_markdown(busi_gate, busi_head, busbra_gate, busbra_head, stored_gate,
+                             args.n_boot), ""]
     md += [
         "## Published U-Net-family results on BUSI",
         "",
@@ -556,16 +684,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "split": args.split_name,
             "summary": busi_summary,
             "fp_rate_ci": busi_fp_ci,
+            "gate": busi_gate,
+            "class_head": busi_head,
         },
         "busbra": (
-            {"root": str(busbra_path), "summary": busbra_summary}
+            {"root": str(busbra_path), "summary": busbra_summary, "gate": busbra_gate,
+             "class_head": busbra_head}
             if busbra_summary is not None
             else None
         ),
+        "class_head": head,
+        "normal_gate": stored_gate,
         "published": {"rows": PUBLISHED, "sources": PUBLISHED_SOURCES, "note": LEAK_NOTE},
         "per_image": busi_rows + busbra_rows,
     }
-    fig = make_figure(busi_rows, busbra_rows, busi_summary)
+    curves = {name: h["calibration"] for name, h in (("BUSI", busi_head),
+                                                     ("BUS-BRA", busbra_head)) if h}
+    fig = make_figure(busi_rows, busbra_rows, busi_summary, curves)
     paths = C.write_results(args.out, NAME, markdown, payload, fig)
     print(markdown)
     C.log(f"wrote {', '.join(str(p) for p in paths.values())}", args.quiet)

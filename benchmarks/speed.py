@@ -4,6 +4,24 @@ Usage (from the repository root)::
 
     python benchmarks/speed.py                          # shipped default model, full run
     python benchmarks/speed.py --checkpoint runs/x/best --quick
+    git show HEAD:src/busseg/weights/default/config.json ...   # extract the old default, then
+    python benchmarks/speed.py --old-checkpoint /tmp/old_default
+
+Models: ``ours`` (the checkpoint: the new default, e.g. the EfficientNet-Lite0 U-Net with
+prompt-guidance channels, fed all-zero guidance as in automatic mode), ``old`` (the previous
+default, ``--old-checkpoint``), ``unet16`` (a plain base-16, depth-4 U-Net,
+``build_model({})``, random weights: the reference of the issue's speed target) and MONAI
+peers at the widths of the plain U-Net (the checkpoint's own when it is a plain U-Net, else
+the base-16 reference).
+
+Issue targets, each measured in one run:
+
+- the whole ``busseg.predict_mask`` with the checkpoint's default settings (flips, gate) on
+  real BUSI images, per image, over a plain base-16 U-Net forward at 256x256 (batch 1):
+  <= 0.8; the two are timed alternately, image after image, so load swings hit both;
+- fine-tuning (``busseg.finetune.finetune``, the widget's settings) on 10 corrected images
+  (BUSI test images with their masks), 100 steps, 2 torch threads: <= 30 s wall time,
+  checkpoint writing included.
 
 Measured in one run, on the same inputs and thread count:
 
@@ -49,9 +67,19 @@ import _common as C  # noqa: E402
 
 NAME = "speed"
 OURS = "ours"
+OLD = "old"
+REF = "unet16"
 PEERS = ("monai_basicunet", "monai_unet_r0", "monai_unet_r2")
+#: The plain U-Net of the issue's speed target (build_model's defaults).
+REF_CONFIG = {"base_channels": 16, "depth": 4}
+#: predict_mask / plain base-16 U-Net forward at 256x256 must stay at or below this.
+TARGET_PREDICT_RATIO = 0.8
+#: Fine-tuning on 10 images, 100 steps, 2 threads must take at most this many seconds.
+TARGET_FINETUNE_S = 30.0
 _LABELS = {
-    OURS: "busseg U-Net",
+    OURS: "busseg (checkpoint)",
+    OLD: "busseg old default",
+    REF: "plain U-Net base 16 (reference)",
     "monai_basicunet": "MONAI BasicUNet",
     "monai_unet_r0": "MONAI UNet (res units 0)",
     "monai_unet_r2": "MONAI UNet (res units 2)",
@@ -70,15 +98,40 @@ def monai_version() -> str | None:
     return str(monai.__version__)
 
 
-def model_definitions(model_cfg: dict) -> dict[str, str]:
+def peer_config(model_cfg: dict) -> dict:
+    """The plain U-Net whose widths the MONAI peers match: the checkpoint's if it is a plain
+    U-Net, else the base-16 reference (an encoder U-Net has no comparable widths)."""
+    if model_cfg.get("encoder", "plain") == "plain":
+        return dict(model_cfg)
+    from busseg.models import normalize_model_config
+
+    return normalize_model_config(REF_CONFIG)
+
+
+def _describe(model_cfg: dict) -> str:
+    enc = model_cfg.get("encoder", "plain")
+    extra = (f", in_channels: {model_cfg['in_channels']}" if model_cfg.get("in_channels", 1) > 1
+             else "") + (f", num_classes: {model_cfg['num_classes']}"
+                         if model_cfg.get("num_classes") else "")
+    if enc != "plain":
+        return f"build_model({{encoder: {enc}{extra}}})"
+    return (f"build_model({{base_channels: {model_cfg.get('base_channels', 16)}, depth: "
+            f"{model_cfg.get('depth', 4)}, norm: {model_cfg.get('norm', 'batch')}, upsample: "
+            f"{model_cfg.get('upsample', 'transpose')}{extra}}})")
+
+
+def model_definitions(model_cfg: dict, old_cfg: dict | None = None) -> dict[str, str]:
     """A one-line definition of every model this run can build (for the table)."""
-    b, d = int(model_cfg.get("base_channels", 16)), int(model_cfg.get("depth", 4))
+    from busseg.models import normalize_model_config
+
+    peer = peer_config(model_cfg)
+    b, d = int(peer.get("base_channels", 16)), int(peer.get("depth", 4))
     widths = tuple(b * 2**i for i in range(d + 1))
-    norm = model_cfg.get("norm", "batch")
-    defs = {
-        OURS: f"build_model({{base_channels: {b}, depth: {d}, norm: {norm}, "
-        f"upsample: {model_cfg.get('upsample', 'transpose')}}})"
-    }
+    norm = peer.get("norm", "batch")
+    defs = {OURS: _describe(model_cfg)}
+    if old_cfg is not None:
+        defs[OLD] = _describe(old_cfg)
+    defs[REF] = _describe(normalize_model_config(REF_CONFIG)) + " (random weights)"
     if monai_version() is not None:
         if d == 4:
             defs["monai_basicunet"] = f"BasicUNet(features={widths + (b,)}, norm={norm})"
@@ -90,18 +143,24 @@ def model_definitions(model_cfg: dict) -> dict[str, str]:
 
 
 def build(name: str, checkpoint: Path) -> Any:
-    """Build model ``name`` (``"ours"`` loads the checkpoint; peers get matched widths).
+    """Build model ``name`` (``"ours"`` / ``"old"`` load ``checkpoint``; ``"unet16"`` is the
+    plain base-16 reference; peers get the widths of :func:`peer_config`).
 
     Returns
     -------
     torch.nn.Module
         In eval mode, on the CPU.
     """
-    from busseg.models import load_checkpoint, read_checkpoint_config
+    from busseg.models import build_model, load_checkpoint, read_checkpoint_config
 
-    if name == OURS:
+    if name in (OURS, OLD):
         return load_checkpoint(checkpoint, device="cpu")[0].eval()
-    mcfg = read_checkpoint_config(checkpoint)["model"]
+    if name == REF:
+        import torch
+
+        torch.manual_seed(0)
+        return build_model(REF_CONFIG).eval()
+    mcfg = peer_config(read_checkpoint_config(checkpoint)["model"])
     b, d = int(mcfg.get("base_channels", 16)), int(mcfg.get("depth", 4))
     widths = tuple(b * 2**i for i in range(d + 1))
     norm = {"batch": "batch", "instance": "instance", "none": None}.get(mcfg.get("norm", "batch"))
@@ -134,6 +193,22 @@ def build(name: str, checkpoint: Path) -> Any:
 
 def n_params(model) -> int:
     return int(sum(p.numel() for p in model.parameters()))
+
+
+def in_channels(model) -> int:
+    """Input channels of a model: image + prompt guidance for ours, 1 for the peers."""
+    return int(getattr(model, "in_channels", 1))
+
+
+def _input(model, x):
+    """``x`` (N, 1, h, w) with all-zero guidance channels appended where ``model`` takes
+    prompts (automatic mode, as :func:`busseg.inference.predict_logits_batch` does)."""
+    import torch
+
+    c = in_channels(model)
+    if c == 1:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], c - 1, *x.shape[-2:]))], dim=1)
 
 
 # --------------------------------------------------------------------------- timing
@@ -171,13 +246,14 @@ def latency_rounds(
         (s, bt): torch.randn(bt, 1, *s, generator=gen).to(device) for s in sizes for bt in batches
     }
     configs = [(m, s, bt) for m in models for s in sizes for bt in batches]
+    model_inputs = {(m, s, bt): _input(models[m], inputs[(s, bt)]) for m, s, bt in configs}
     out: dict = {c: [] for c in configs}
     t0 = time.perf_counter()
     with torch.inference_mode():
         for r in range(warmup + rounds):
             for i in rng.permutation(len(configs)):
                 m, s, bt = configs[i]
-                x = inputs[(s, bt)]
+                x = model_inputs[(m, s, bt)]
                 _sync(device)
                 t = time.perf_counter()
                 models[m](x)
@@ -228,7 +304,7 @@ def train_rounds(
             _sync(device)
             t = time.perf_counter()
             opts[m].zero_grad(set_to_none=True)
-            loss = loss_fn(nets[m](x), y)
+            loss = loss_fn(nets[m](_input(nets[m], x)), y)
             loss.backward()
             opts[m].step()
             _sync(device)
@@ -293,7 +369,7 @@ def memory_probe(
 
     if threads:
         torch.set_num_threads(threads)
-    if name != OURS:
+    if name in PEERS:
         from monai.networks import nets  # noqa: F401  (imported before the baseline)
 
     from busseg.losses import build_loss
@@ -305,6 +381,7 @@ def memory_probe(
     method = _reset_peak()
     base = _peak_mib(method)
     net = build(name, checkpoint)
+    x = _input(net, x)
     if mode == "infer":
         with torch.inference_mode():
             net(x)
@@ -338,8 +415,14 @@ def measure_memory(
     device,
     quiet: bool,
     modes: Sequence[str] = ("infer", "train"),
+    checkpoints: dict | None = None,
 ) -> list[dict]:
-    """Peak memory per model and mode (subprocesses on CPU, CUDA counters on a GPU)."""
+    """Peak memory per model and mode (subprocesses on CPU, CUDA counters on a GPU).
+
+    ``checkpoints`` maps a model name to its checkpoint where it is not ``checkpoint``
+    (``{"old": path}``).
+    """
+    checkpoints = dict(checkpoints or {})
     rows = []
     plan = [(m, b) for m, b in (("infer", 1), ("train", train_batch)) if m in modes]
     if str(device).startswith("cuda"):
@@ -349,8 +432,8 @@ def measure_memory(
 
         for name in names:
             for mode, batch in plan:
-                net = build(name, checkpoint).to(device)
-                x = torch.randn(batch, 1, *size, device=device)
+                net = build(name, checkpoints.get(name, checkpoint)).to(device)
+                x = _input(net, torch.randn(batch, 1, *size, device=device))
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
@@ -359,7 +442,7 @@ def measure_memory(
                         net(x)
                 else:
                     net.train()
-                    y = (torch.rand_like(x) > 0.7).float()
+                    y = (torch.rand_like(x[:, :1]) > 0.7).float()
                     build_loss("bce_dice")(net(x), y).backward()
                 torch.cuda.synchronize()
                 peak = torch.cuda.max_memory_allocated(device)
@@ -391,7 +474,7 @@ def measure_memory(
                 "--probe-batch",
                 str(batch),
                 "--checkpoint",
-                str(checkpoint),
+                str(checkpoints.get(name, checkpoint)),
                 "--threads",
                 str(threads),
             ]
@@ -447,6 +530,120 @@ def e2e_predict(checkpoint: Path, paths: Sequence[Path], rounds: int, device, qu
         "median_width": float(np.median(ws)),
         "images": [str(p) for p in paths],
     }
+
+
+def target_predict_ratio(checkpoint: Path, paths: Sequence[Path], rounds: int, device,
+                         quiet: bool, seed: int = 0) -> dict:
+    """The issue's speed target: ``predict_mask`` (default settings) over a plain U-Net forward.
+
+    For each real image (decoded once), ``predict_mask(image, model)`` with the checkpoint's
+    defaults (flips, normal-scan gate; preprocessing, model, resize back) and one forward of
+    the plain base-16, depth-4 U-Net (:data:`REF_CONFIG`) on a (1, 1, 256, 256) tensor are
+    timed one right after the other, in random order, ``rounds`` times.
+
+    Returns
+    -------
+    dict
+        ``predict_s`` and ``reference_s`` (seconds per call, lists), ``ratio`` (median of
+        predict_s / median of reference_s), ``pair_ratio_median`` (median of the per-pair
+        ratios), ``target`` (0.8), ``passed`` (bool).
+    """
+    import torch
+
+    from busseg.data import read_image
+    from busseg.inference import load_model, predict_mask
+
+    model = load_model(checkpoint, device=device)
+    ref = build(REF, checkpoint).to(device)
+    if torch.device(device).type in ("cpu", "cuda"):
+        ref = ref.to(memory_format=torch.channels_last)  # as load_model does for ours
+    x = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(seed)).to(device)
+    if torch.device(device).type in ("cpu", "cuda"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    images = [read_image(p) for p in paths]
+    rng = np.random.default_rng(seed)
+
+    def run_ref():
+        with torch.inference_mode():
+            ref(x)
+        _sync(device)
+
+    predict_mask(images[0], model)  # warm-up
+    run_ref()
+    pred_s, ref_s = [], []
+    for _ in range(rounds):
+        for image in images:
+            order = rng.permutation(2)
+            times = [0.0, 0.0]
+            for k in order:
+                t = time.perf_counter()
+                if k == 0:
+                    predict_mask(image, model)
+                    _sync(device)
+                else:
+                    run_ref()
+                times[k] = time.perf_counter() - t
+            pred_s.append(times[0])
+            ref_s.append(times[1])
+    ratio = float(np.median(pred_s) / np.median(ref_s))
+    C.log(f"  predict_mask / plain U-Net 256x256: {ratio:.2f} (target <= "
+          f"{TARGET_PREDICT_RATIO})", quiet)
+    return {"predict_s": pred_s, "reference_s": ref_s, "ratio": ratio,
+            "pair_ratio_median": float(np.median(np.asarray(pred_s) / np.asarray(ref_s))),
+            "n_images": len(images), "rounds": rounds, "target": TARGET_PREDICT_RATIO,
+            "passed": bool(ratio <= TARGET_PREDICT_RATIO)}
+
+
+def _finetune_pairs(args, n: int) -> tuple[list, list, list[str]]:
+    """``n`` corrected pairs: BUSI test-split lesion images with their ground-truth masks."""
+    from busseg.data import discover_busi, read_image, read_mask
+    from busseg.data.splits import read_split_csv, select_split
+
+    recs = select_split(discover_busi(Path(args.busi)), read_split_csv(args.split), "test")
+    recs = [r for r in recs if r.label != "normal"][:n]
+    return ([read_image(r.image_path) for r in recs], [read_mask(r.mask_paths) for r in recs],
+            [r.rel_path for r in recs])
+
+
+def finetune_time(checkpoint: Path, images, masks, names, steps: int, threads: int,
+                  device, quiet: bool) -> dict:
+    """Wall time of :func:`busseg.finetune.finetune` (the widget's settings, ``steps`` steps).
+
+    Runs with ``threads`` torch threads (restored afterwards) and writes the new checkpoint
+    into a temporary folder, deleted afterwards; the time includes building the datasets,
+    the held-out Dice before and after, and writing the checkpoint, as a user waits for it.
+
+    Returns
+    -------
+    dict
+        ``seconds``, ``steps`` (taken), ``n_images``, ``n_train``, ``n_val``, ``threads``,
+        ``target`` (30 s; meaningful for 10 images, 100 steps, 2 threads) and ``passed``.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+
+    from busseg.finetune import finetune, finetune_config
+
+    before = torch.get_num_threads()
+    tmp = Path(tempfile.mkdtemp(prefix="busseg_speed_ft_"))
+    try:
+        torch.set_num_threads(threads)
+        t = time.perf_counter()
+        res = finetune(images, masks, checkpoint, cfg=finetune_config(max_steps=steps),
+                       out_dir=tmp / "run", names=names, device=str(device))
+        seconds = time.perf_counter() - t
+    finally:
+        torch.set_num_threads(before)
+        shutil.rmtree(tmp, ignore_errors=True)
+    steps_taken = getattr(res.fit, "steps", None)
+    C.log(f"  fine-tune {len(images)} images, {steps} steps, {threads} threads: "
+          f"{seconds:.1f} s (target <= {TARGET_FINETUNE_S:.0f} s)", quiet)
+    return {"seconds": seconds, "steps": steps_taken if steps_taken is not None else steps,
+            "steps_asked": steps, "n_images": len(images), "n_train": res.n_train,
+            "n_val": res.n_val, "threads": threads, "target": TARGET_FINETUNE_S,
+            "passed": bool(seconds <= TARGET_FINETUNE_S)}
 
 
 def _find_run_button(widget):
@@ -597,6 +794,32 @@ def _ratio(peer: float, ours: float) -> str:
     return f"{peer / ours:.2f}"
 
 
+def target_markdown(target: dict | None, ft: dict | None) -> list[str]:
+    """The issue's two targets as Markdown lines (empty when neither was measured)."""
+    if target is None and ft is None:
+        return []
+    md = ["", "## Issue targets (measured in this run)", "",
+          "| Target | Measured | Limit | Met |", "|---|---:|---:|---|"]
+    if target is not None:
+        q50 = C.median_iqr(target["predict_s"])[0]
+        r50 = C.median_iqr(target["reference_s"])[0]
+        md.append(
+            f"| whole `predict_mask` (default settings; {target['n_images']} BUSI images x "
+            f"{target['rounds']}) / plain base-16 U-Net forward at 256x256, batch 1 "
+            f"({_ms(q50)} ms / {_ms(r50)} ms; per-pair median "
+            f"{target['pair_ratio_median']:.2f}) | {target['ratio']:.2f} | "
+            f"<= {target['target']} | {'yes' if target['passed'] else '**no**'} |")
+    if ft is not None:
+        md.append(
+            f"| fine-tune (`busseg.finetune`, widget settings) on {ft['n_images']} corrected "
+            f"images ({ft['n_train']} train / {ft['n_val']} held out), {ft['steps_asked']} "
+            f"steps, {ft['threads']} threads, checkpoint written | {ft['seconds']:.1f} s | "
+            f"<= {ft['target']:.0f} s | {'yes' if ft['passed'] else '**no**'}"
+            + ("" if (ft["n_images"], ft["steps_asked"], ft["threads"]) == (10, 100, 2)
+               else " (not the target's setting)") + " |")
+    return md
+
+
 def render(result: dict) -> str:
     hw = result["hardware"]
     md = [
@@ -695,6 +918,7 @@ def render(result: dict) -> str:
         ):
             q50, q25, q75 = C.median_iqr(e2e[key])
             md.append(f"| {label} | {_ms(q50)} | {_ms(q25)}–{_ms(q75)} |")
+    md += target_markdown(result.get("target"), result.get("finetune"))
     w = result.get("widget")
     md += ["", "## Segment lesions widget: click Run -> Labels layer appears", ""]
     if w is None:
@@ -819,7 +1043,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="BUSI test images for the predict_mask timing (default 20; 0 skips)",
     )
     p.add_argument("--e2e-rounds", type=int, default=3, help="passes over those images")
-    p.add_argument("--no-monai", action="store_true", help="only our model")
+    p.add_argument("--no-monai", action="store_true", help="no MONAI peers")
+    p.add_argument("--old-checkpoint", default=None, metavar="DIR",
+                   help="the previous default model, measured beside the checkpoint (e.g. "
+                   "extracted from git at HEAD:src/busseg/weights/default)")
+    p.add_argument("--target-rounds", type=int, default=3,
+                   help="passes over the images for the predict_mask / plain U-Net target "
+                   "(default 3; 0 skips)")
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune timing")
+    p.add_argument("--finetune-images", type=int, default=10,
+                   help="corrected images to fine-tune on (default 10, the issue's target)")
+    p.add_argument("--finetune-steps", type=int, default=100, help="fine-tune steps (100)")
+    p.add_argument("--finetune-threads", type=int, default=2, help="torch threads (2)")
     p.add_argument("--no-train", action="store_true", help="skip training throughput")
     p.add_argument("--no-memory", action="store_true", help="skip peak memory")
     p.add_argument(
@@ -862,6 +1097,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.batches, args.train_batch = [1, 2], 2
         args.e2e_images, args.e2e_rounds = min(args.e2e_images, 2), 1
         args.widget_repeats = min(args.widget_repeats, 2)
+        args.target_rounds = min(args.target_rounds, 1)
+        args.finetune_images, args.finetune_steps = min(args.finetune_images, 2), 2
     return args
 
 
@@ -920,13 +1157,16 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     )
     t_start = time.perf_counter()
 
-    definitions = model_definitions(cfg["model"])
+    old = C.resolve_checkpoint(args.old_checkpoint) if args.old_checkpoint else None
+    ckpts = {OLD: old} if old is not None else {}
+    old_cfg = read_checkpoint_config(old)["model"] if old is not None else None
+    definitions = model_definitions(cfg["model"], old_cfg)
     if args.no_monai:
-        definitions = {OURS: definitions[OURS]}
+        definitions = {k: v for k, v in definitions.items() if k not in PEERS}
     mv = monai_version()
     if mv is None and not args.no_monai:
-        C.log("MONAI is not installed (pip install monai): only our model is measured", args.quiet)
-    models = {m: build(m, ckpt).to(device) for m in definitions}
+        C.log("MONAI is not installed (pip install monai): MONAI rows skipped", args.quiet)
+    models = {m: build(m, ckpts.get(m, ckpt)).to(device) for m in definitions}
     params = {m: n_params(net) for m, net in models.items()}
     C.log(f"threads {threads}; device {device}; models {list(models)}; sizes {sizes}", args.quiet)
 
@@ -989,7 +1229,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     if not args.no_memory:
         names = [m for m in models if args.memory_models is None or m in args.memory_models]
         memory = measure_memory(
-            names, ckpt, in_size, args.train_batch, threads, device, args.quiet, args.memory_modes
+            names, ckpt, in_size, args.train_batch, threads, device, args.quiet, args.memory_modes,
+            checkpoints=ckpts,
         )
 
     e2e = None
@@ -998,6 +1239,18 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         e2e = e2e_predict(ckpt, paths, args.e2e_rounds, device, args.quiet)
     elif args.e2e_images > 0:
         C.log("BUSI not found: predict_mask timing skipped (pass --busi)", args.quiet)
+
+    target = None
+    if paths and args.target_rounds > 0:
+        target = target_predict_ratio(ckpt, paths, args.target_rounds, device, args.quiet)
+    finetune_row = None
+    if not args.no_finetune:
+        if Path(args.busi).is_dir() and Path(args.split).is_file():
+            images, masks, names = _finetune_pairs(args, args.finetune_images)
+            finetune_row = finetune_time(ckpt, images, masks, names, args.finetune_steps,
+                                         args.finetune_threads, device, args.quiet)
+        else:
+            C.log("BUSI not found: fine-tune timing skipped (pass --busi)", args.quiet)
 
     widget = None
     if args.widget:
@@ -1028,6 +1281,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         "training": training,
         "memory": memory,
         "e2e": e2e,
+        "target": target,
+        "finetune": finetune_row,
+        "old_checkpoint": C.checkpoint_summary(old) if old is not None else None,
         "widget": widget,
     }
     markdown = render(result)

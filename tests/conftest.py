@@ -240,3 +240,61 @@ def busseg_plugin():
     if "napari-busseg" not in pm:
         pm.register(PluginManifest.from_file(Path(busseg.__file__).parent / "napari.yaml"))
     return pm
+
+
+@pytest.fixture
+def make_head_checkpoint(tmp_path):
+    """Factory ``(normal_gate={"p_normal": 0.5, "lesion_confidence": 0.9}, name="head_ck")``.
+
+    Writes an untrained (seeded) EfficientNet-Lite0 U-Net checkpoint with the class head
+    (normal / benign / malignant) and 4 prompt-guidance channels, input 64x64, threshold 0.5,
+    float16 weights, and the given ``inference.normal_gate`` (None: the default above;
+    ``{}``: no gate stored); extra keyword arguments go into ``inference``. Returns its
+    folder. The untrained head gives P(normal) = 1/3 for every image and the lesion
+    probabilities stay near 0.5, so a gate at ``p_normal`` 0.3 with ``lesion_confidence``
+    0.9 empties every non-empty mask.
+    """
+    import torch
+
+    from busseg.models import build_model, save_checkpoint
+
+    def make(normal_gate=None, name: str = "head_ck", **inference):
+        if normal_gate is None:
+            normal_gate = {"p_normal": 0.5, "lesion_confidence": 0.9}
+        torch.manual_seed(0)
+        model = build_model({"encoder": "efficientnet_lite0", "in_channels": 5, "num_classes": 3})
+        inf = {"threshold": 0.5, **inference}
+        if normal_gate:
+            inf["normal_gate"] = dict(normal_gate)
+        config = {"preprocessing": {"input_size": [64, 64]}, "inference": inf,
+                  "weights_dtype": "float16"}
+        return save_checkpoint(tmp_path / name, model, config)
+
+    return make
+
+
+@pytest.fixture
+def head_checkpoint(make_head_checkpoint) -> Path:
+    """``make_head_checkpoint()``: a class-head, prompt-taking checkpoint with a stored gate."""
+    return make_head_checkpoint()
+
+
+# --------------------------------------------------------------------------- prompt model
+
+
+@pytest.fixture(scope="session")
+def tiny_prompt_checkpoint(tmp_path_factory) -> Path:
+    """An untrained prompt checkpoint: EfficientNet-Lite0 U-Net, 4 guidance channels, class
+    head (normal / benign / malignant), input 64x64, click radius 3 (seeded)."""
+    import torch
+
+    from busseg.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model({"encoder": "efficientnet_lite0", "in_channels": 5, "num_classes": 3})
+    with torch.no_grad():  # guidance weights start at zero; make prompts change the output
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.in_channels == 5:
+                m.weight[:, 1:] = 3 * torch.randn_like(m.weight[:, 1:]) * m.weight[:, :1].std()
+    config = {"preprocessing": {"input_size": [64, 64]}, "prompts": {"click_radius": 3}}
+    return save_checkpoint(tmp_path_factory.mktemp("prompt") / "ck", model, config)

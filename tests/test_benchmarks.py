@@ -201,6 +201,56 @@ def test_accuracy_quick(tmp_path, fake_busi, fake_split, fake_busbra, tiny_check
     md = (out / "accuracy.md").read_text()
     assert "Tang et al. 2024" in md and "Not directly comparable" in md
     assert payload["n_params"] > 0
+    # a model without a class head: no gate or class-head section
+    assert saved["busi"]["gate"] is None and saved["busi"]["class_head"] is None
+    assert "Normal-scan gate" not in md
+
+
+def test_accuracy_class_head_and_gate(
+    tmp_path, fake_busi, fake_split, fake_busbra, make_head_checkpoint
+):
+    acc = _load("accuracy")
+    # untrained head: P(normal) = 1/3 everywhere and no pixel reaches 0.9, so this gate
+    # empties every non-empty mask
+    ckpt = make_head_checkpoint({"p_normal": 0.3, "lesion_confidence": 0.9})
+    out = tmp_path / "out"
+    acc.main(["--checkpoint", str(ckpt), "--busi", str(fake_busi), "--split", str(fake_split),
+              "--busbra", str(fake_busbra), "--out", str(out), "--quick", "--n-boot", "50",
+              "--quiet"])
+    saved = _outputs(out, "accuracy")
+    assert saved["class_head"] is True
+    assert saved["normal_gate"] == {"p_normal": 0.3, "lesion_confidence": 0.9}
+    rows = saved["per_image"]
+    for r in rows:
+        assert r["p_normal"] == pytest.approx(1 / 3, abs=1e-4)
+        assert not r["any_pred"]  # gated or empty
+        assert r["gated"] == r["any_pred_ungated"]
+        if not r["gated"]:
+            assert r["dice_ungated"] == r["dice"]
+    busi = [r for r in rows if r["dataset"] == "BUSI"]
+    bb = [r for r in rows if r["dataset"] == "BUS-BRA"]
+    g = saved["busi"]["gate"]
+    normal = next(r for r in busi if r["label"] == "normal")
+    assert g["fp_rate_normal"] == 0.0
+    assert g["fp_rate_normal_ungated"] == float(normal["any_pred_ungated"])
+    assert g["n_lesion"] == 5 and g["n_lesion_gated"] == sum(
+        r["gated"] for r in busi if r["label"] != "normal")
+    gb = saved["busbra"]["gate"]
+    assert gb["n_lesion"] == 3 and gb["n_normal"] == 0
+    assert gb["lesion_dice"] == pytest.approx(np.mean([r["dice"] for r in bb]))
+    assert gb["lesion_dice_ungated"] == pytest.approx(np.mean([r["dice_ungated"] for r in bb]))
+    assert gb["share_lesion_gated"] == pytest.approx(sum(r["gated"] for r in bb) / 3)
+    assert gb["median_p_normal_lesion"] == pytest.approx(1 / 3, abs=1e-4)
+    head = saved["busi"]["class_head"]
+    assert head["auc_lesion_vs_normal"]["auc"] == 0.5  # all scores tie
+    assert (head["auc_lesion_vs_normal"]["n_pos"], head["auc_lesion_vs_normal"]["n_neg"]) == (5, 1)
+    assert saved["busbra"]["class_head"]["auc_lesion_vs_normal"]["auc"] is None  # no normal
+    assert saved["busbra"]["class_head"]["calibration"]["n"] == 3
+    md = (out / "accuracy.md").read_text()
+    assert "## Normal-scan gate and class head (research output, not a diagnosis)" in md
+    assert "| BUSI gate on | BUSI gate off | BUS-BRA gate on | BUS-BRA gate off |" in md
+    assert "| FP rate, images without a lesion | 0.000 |" in md
+    assert "U-Net, efficientnet_lite0 encoder, 64x64" in md
 
 
 def test_speed_quick(tmp_path, fake_busi, fake_split, tiny_checkpoint):
@@ -242,6 +292,40 @@ def test_speed_quick(tmp_path, fake_busi, fake_split, tiny_checkpoint):
     assert saved["e2e"]["n_images"] == 2 and len(saved["e2e"]["total_s"]) == 2
     assert saved["widget"] is None
     assert res["definitions"]["ours"].startswith("build_model")
+
+
+def test_speed_new_model_old_default_and_targets(
+    tmp_path, fake_busi, fake_split, tiny_checkpoint, make_head_checkpoint
+):
+    speed = _load("speed")
+    head = make_head_checkpoint()  # 5 input channels (4 of prompt guidance), class head
+    out = tmp_path / "out"
+    speed.main(["--checkpoint", str(head), "--old-checkpoint", str(tiny_checkpoint),
+                "--busi", str(fake_busi), "--split", str(fake_split), "--out", str(out),
+                "--quick", "--sizes", "64", "--no-monai", "--memory-models", "old",
+                "--memory-modes", "infer", "--quiet"])
+    saved = _outputs(out, "speed")
+    assert set(saved["params"]) == {"ours", "old", "unet16"}
+    assert saved["params"]["old"] < saved["params"]["unet16"]  # base 4 vs base 16
+    assert saved["definitions"]["ours"].startswith("build_model({encoder: efficientnet_lite0")
+    rows = saved["latency"]["rows"]
+    assert {r["model"] for r in rows} == {"ours", "old", "unet16"}
+    assert all(r["median"] > 0 for r in rows)
+    assert {r["model"] for r in saved["training"]["rows"]} == {"ours", "old", "unet16"}
+    mem = saved["memory"]  # the subprocess probe loads the old checkpoint, not ours
+    assert [(r["model"], r["mode"]) for r in mem] == [("old", "infer")]
+    target = saved["target"]
+    assert len(target["predict_s"]) == len(target["reference_s"]) == 2  # 2 images x 1 round
+    assert target["ratio"] == pytest.approx(
+        np.median(target["predict_s"]) / np.median(target["reference_s"]))
+    assert target["passed"] == (target["ratio"] <= 0.8)
+    ft = saved["finetune"]
+    assert (ft["n_images"], ft["steps_asked"], ft["threads"]) == (2, 2, 2)
+    assert ft["steps"] == 2 and 0 < ft["seconds"] < 120 and ft["n_train"] + ft["n_val"] == 2
+    md = (out / "speed.md").read_text()
+    assert "## Issue targets (measured in this run)" in md
+    assert "| busseg old default |" in md and "plain U-Net base 16 (reference)" in md
+    assert "(not the target's setting)" in md
 
 
 @pytest.mark.gui
@@ -302,3 +386,63 @@ def test_annotation_loop_quick(tmp_path, fake_busi, fake_split, fake_busbra, tin
     assert [s["k"] for s in saved["summary"]] == [0, 2]
     assert saved["settings"]["finetune"]["max_steps"] == 2
     assert res["estimate_s"] > 0
+
+
+def test_active_learning_quick(tmp_path, fake_busbra, tiny_checkpoint):
+    al = _load("active_learning")
+    loop = _load("annotation_loop")
+    out = tmp_path / "out"
+    res = al.main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--busbra",
+            str(fake_busbra),
+            "--out",
+            str(out),
+            "--ks",
+            "1",
+            "2",
+            "--draws",
+            "2",
+            "--eval-limit",
+            "3",
+            "--max-steps",
+            "2",
+            "--quiet",
+        ]
+    )
+    saved = _outputs(out, "active_learning")
+    _check_hardware(saved)
+    runs = saved["runs"]
+    assert [(r["strategy"], r["draw"], r["k"]) for r in runs] == [
+        ("uncertainty", None, 1), ("uncertainty", None, 2),
+        ("random", 0, 1), ("random", 0, 2), ("random", 1, 1), ("random", 1, 2),
+    ]
+    case = {rid: c for rid, c, _, _ in FAKE_BUSBRA}
+    eval_cases = {case[i] for i in saved["eval_ids"]}
+    for r in runs:
+        assert len(r["ids"]) == r["k"] and set(r["ids"]) <= set(saved["pool_ids"])
+        assert not {case[i] for i in r["ids"]} & eval_cases  # other patients
+        assert r["steps"] == 2 and 0.0 <= r["eval"]["mean_dice"] <= 1.0
+    # the uncertainty arm takes the pool images ranked most uncertain, nested over k
+    unc = saved["pool_uncertainty"]
+    top = sorted(unc, key=lambda i: -unc[i]["score"])
+    assert runs[1]["ids"] == top[:2] and runs[0]["ids"] == top[:1]
+    # the random arm uses annotation_loop.py's orders: same split, same draws
+    split = loop.C.patient_split(loop.C.read_busbra(fake_busbra), 0.5, 0)[0]
+    order = np.random.default_rng([0, 1]).permutation(len(split))
+    assert runs[5]["ids"] == [split[i].id for i in order[:2]]
+    # effort spent = the base model's effort on exactly the chosen images
+    eff = saved["pool_effort_before"]
+    assert runs[1]["pool_effort_before"] == pytest.approx(np.mean([eff[i] for i in top[:2]]))
+    rows = {s["k"]: s for s in saved["summary"]}
+    assert rows[2]["uncertainty_dice"] == runs[1]["eval"]["mean_dice"]
+    lo, hi = rows[2]["random_dice_range"]
+    assert lo == min(runs[3]["eval"]["mean_dice"], runs[5]["eval"]["mean_dice"]) and lo <= hi
+    md = (out / "active_learning.md").read_text()
+    assert "**Outcome:**" in md and res["outcome"] in md
+    assert al.verdict(0.5, [0.6, 0.7]).startswith("random better")
+    assert al.verdict(0.8, [0.6, 0.7]).startswith("uncertainty better")
+    assert al.verdict(0.65, [0.6, 0.7]).startswith("within")
+    assert "did not beat" in al.outcome([{"k": 5, "verdict": al.verdict(0.5, [0.6])}])

@@ -124,3 +124,141 @@ def test_uses_the_folder_the_reader_opened(make_napari_viewer, notes, fake_busi,
     widget.set_root(fake_busi.parent.parent)  # not BUSI-like: said in the widget, no traceback
     assert widget.records == [] and widget.root is None
     assert "Not a BUSI-layout folder" in widget._status.value
+
+
+# --------------------------------------------------------------------------- uncertainty ranking
+
+
+def _other_checkpoint(path, seed=1):
+    import torch
+
+    from busseg.models import build_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model({"base_channels": 4, "depth": 2})
+    config = {"preprocessing": {"input_size": [32, 32], "grey": True, "normalize": "zscore"}}
+    return save_checkpoint(path, model, config)
+
+
+def _expected_scores(records, checkpoint):
+    from busseg.uncertainty import rank
+
+    ranking = rank([r.image_path for r in records], checkpoint, cache=False)
+    return {str(e.path): e.score for e in ranking.entries}
+
+
+def _ranked(widget, n):
+    return not widget.ranking_running and sum(
+        widget.score_of(r) is not None for r in widget._all
+    ) == n
+
+
+def test_sort_by_uncertainty_scores_and_next_suggested(
+    browser, notes, fake_busi, tiny_checkpoint, tmp_path, qtbot
+):
+    from busseg.uncertainty import default_cache
+
+    default_cache().clear()
+    viewer, widget = browser
+    widget.set_root(fake_busi)
+    widget._model_edit.value = tiny_checkpoint  # no Segment lesions widget: the browser's model
+    assert widget.score_of(widget.records[0]) is None
+    widget.set_sort("uncertainty")  # without scores, sorting by uncertainty ranks first
+    qtbot.waitUntil(lambda: _ranked(widget, 6), timeout=60_000)
+
+    expected = _expected_scores(widget._all, tiny_checkpoint)
+    assert {str(r.image_path): widget.score_of(r) for r in widget._all} == pytest.approx(expected)
+    order = [r.name for r in widget.records]
+    by_score = sorted(widget._all, key=lambda r: -expected[str(r.image_path)])
+    assert order == [r.name for r in by_score]
+    texts = [widget._cases.native.item(i).text() for i in range(6)]
+    for rec, text in zip(widget.records, texts, strict=True):
+        assert text == f"{rec.name}  u={expected[str(rec.image_path)]:.2f}"
+    assert "Ranked 6 cases" in widget._status.value
+
+    widget.set_sort("name")
+    assert [r.name for r in widget.records][:3] == ["benign (1)", "benign (2)", "benign (3)"]
+    widget.set_sort("uncertainty")
+
+    # correct the most uncertain case; Next suggested then opens the second one
+    top, second, third = by_score[:3]
+    widget.set_corrections(tmp_path / "corrections")
+    widget.select(0)
+    widget.open_current()
+    viewer.add_labels(np.zeros(viewer.layers[top.name].data.shape, np.uint8),
+                      name=f"{top.name} prediction")
+    assert widget.save_correction() is not None
+    assert "[corrected]" in widget._cases.native.item(0).text()
+    assert widget.next_suggested() == second
+    assert widget.current_record() == second
+    assert viewer.layers[second.name].visible and not viewer.layers[top.name].visible
+    assert widget.next_suggested() == third  # the selected case is skipped: moves on
+    # the class filter applies: only malignant cases are suggested then
+    widget.set_class_filter("malignant")
+    rec = widget.next_suggested()
+    assert rec.label == "malignant"
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_reranks_when_segment_widget_switches_checkpoint(
+    make_napari_viewer, notes, busseg_plugin, fake_busi, tiny_checkpoint, tmp_path, qtbot
+):
+    from busseg.uncertainty import default_cache
+
+    default_cache().clear()
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "BUSI browser")
+    seg.use_checkpoint(tiny_checkpoint)
+    widget._model_edit.value = tmp_path  # ignored: the Segment lesions widget's checkpoint wins
+    widget.set_root(fake_busi)
+    assert widget.ranking_checkpoint() == tiny_checkpoint
+    assert widget.rank()
+    qtbot.waitUntil(lambda: _ranked(widget, 6), timeout=60_000)
+    first_key = widget._ranked_key
+    first = {str(r.image_path): widget.score_of(r) for r in widget._all}
+
+    other = _other_checkpoint(tmp_path / "other")
+    seg.use_checkpoint(other)  # no click in the browser: it notices and ranks again
+    qtbot.waitUntil(lambda: widget._ranked_key not in (None, first_key) and _ranked(widget, 6),
+                    timeout=60_000)
+    second = {str(r.image_path): widget.score_of(r) for r in widget._all}
+    assert second == pytest.approx(_expected_scores(widget._all, other))
+    assert second != first
+    assert "(0 from the cache)" in widget._status.value
+
+    seg.use_checkpoint(tiny_checkpoint)  # back: every score comes from the cache
+    qtbot.waitUntil(lambda: widget._ranked_key == first_key and _ranked(widget, 6),
+                    timeout=60_000)
+    qtbot.waitUntil(lambda: "(6 from the cache)" in widget._status.value, timeout=10_000)
+    assert {str(r.image_path): widget.score_of(r) for r in widget._all} == first
+
+
+def test_cancel_keeps_the_scores_so_far(browser, notes, fake_busi, tiny_checkpoint, qtbot,
+                                        monkeypatch):
+    import time
+
+    from busseg.uncertainty import default_cache
+
+    default_cache().clear()
+    real = browser_mod.rank_job
+
+    def slow_job(*args, **kwargs):
+        for event in real(*args, **kwargs):
+            time.sleep(0.3)
+            yield event
+
+    monkeypatch.setattr(browser_mod, "rank_job", slow_job)
+    viewer, widget = browser
+    widget.set_root(fake_busi)
+    widget._model_edit.value = tiny_checkpoint
+    widget.rank()
+    assert widget.ranking_running and widget._rank_cancel_btn.enabled
+    qtbot.waitUntil(lambda: any(widget.score_of(r) is not None for r in widget._all),
+                    timeout=60_000)
+    widget.cancel_ranking()
+    qtbot.waitUntil(lambda: not widget.ranking_running, timeout=60_000)
+    n = sum(widget.score_of(r) is not None for r in widget._all)
+    assert 0 < n < 6
+    assert "cancelled" in widget._status.value and widget._rank_btn.enabled
+    assert sum("u=" in widget._cases.native.item(i).text() for i in range(6)) == n

@@ -372,6 +372,95 @@ def test_info(tiny_checkpoint, tmp_path, capsys):
     assert code == 2 and "does not exist" in err
 
 
+def _classes_csv(path):
+    with open(path, newline="") as fh:
+        return {r["path"]: r for r in csv.DictReader(fh)}
+
+
+def test_predict_class_head_writes_classes_csv_and_gates(
+    fake_busi, make_head_checkpoint, tiny_checkpoint, tmp_path, capsys
+):
+    # the untrained head says P(normal) = 1/3 and no pixel reaches 0.9: a gate at 0.3 empties
+    ckpt = make_head_checkpoint({"p_normal": 0.3, "lesion_confidence": 0.9})
+    images = sorted(str(p) for p in fake_busi.rglob("*.png") if "_mask" not in p.name)
+    off, on = tmp_path / "off", tmp_path / "on"
+    code, out, err = _run(["predict", fake_busi, "--out", off, "--checkpoint", ckpt,
+                           "--no-gate", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "normal-scan gate off (--no-gate)" in out
+    assert out.count("(research output, not a diagnosis)") == 6
+    rows = _classes_csv(off / "classes.csv")
+    assert sorted(rows) == images
+    for r in rows.values():
+        p = [float(r[k]) for k in ("p_normal", "p_benign", "p_malignant")]
+        assert all(0 <= v <= 1 for v in p) and sum(p) == pytest.approx(1, abs=1e-3)
+        assert r["gated"] == "False"
+    ungated = {p.relative_to(off).as_posix(): _mask_png(p).any() for p in off.rglob("*.png")}
+    assert any(ungated.values())  # the untrained model predicts something somewhere
+
+    code, out, err = _run(["predict", fake_busi, "--out", on, "--checkpoint", ckpt,
+                           "--no-progress"], capsys)
+    assert code == 0, err
+    assert "normal-scan gate on (mask emptied when P(normal) >= 0.3 and no pixel" in out
+    assert "gate: mask emptied" in out
+    rows = _classes_csv(on / "classes.csv")
+    for rel, had_lesion in ungated.items():
+        assert not _mask_png(on / rel).any()  # gated, or empty already
+        image = str(fake_busi / rel.replace("_mask.png", ".png"))
+        assert rows[image]["gated"] == str(had_lesion)
+
+    # a rerun without --overwrite segments only the missing mask and keeps the other rows
+    (on / "benign" / "benign (1)_mask.png").unlink()
+    (on / "classes.csv").write_text((on / "classes.csv").read_text().replace("True", "stale"))
+    code, out, err = _run(["predict", fake_busi, "--out", on, "--checkpoint", ckpt,
+                           "--no-gate", "--no-progress"], capsys)
+    assert code == 1 and "skipped 5 image(s)" in err
+    rows = _classes_csv(on / "classes.csv")
+    assert sorted(rows) == images
+    assert rows[str(fake_busi / "benign" / "benign (1).png")]["gated"] == "False"  # rewritten
+    assert sum(r["gated"] == "stale" for r in rows.values()) == sum(ungated.values()) - (
+        ungated["benign/benign (1)_mask.png"])
+
+    # a model without a class head writes no classes.csv and prints no probabilities
+    plain = tmp_path / "plain"
+    code, out, err = _run(["predict", fake_busi, "--out", plain, "--checkpoint",
+                           tiny_checkpoint, "--no-progress"], capsys)
+    assert code == 0 and not (plain / "classes.csv").exists()
+    assert "P(normal)" not in out and "normal-scan gate" not in out
+
+
+def test_info_class_head_gate_and_card_figures(make_head_checkpoint, tiny_checkpoint, capsys):
+    import json
+
+    code, out, _ = _run(["info", "--checkpoint", tiny_checkpoint], capsys)
+    assert code == 0 and "class head: none" in out and "prompts: none" in out
+    assert "normal-scan gate" not in out and "test figures" not in out
+
+    ckpt = make_head_checkpoint()
+    code, out, _ = _run(["info", "--checkpoint", ckpt], capsys)
+    assert code == 0
+    assert "class head: normal / benign / malignant (research output, not a diagnosis)" in out
+    assert "prompts: boxes, clicks and previous mask (4 guidance channels)" in out
+    assert ("normal-scan gate on (mask emptied when P(normal) >= 0.5 and no pixel reaches "
+            "lesion probability 0.9)") in out
+    assert "test figures" not in out  # no model card figures yet
+
+    cfg_path = ckpt / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metrics"] = {
+        "test": {"lesion": {"n": 96, "dice": 0.7012},
+                 "normal": {"n": 21, "dice": 0.7, "fp_rate": 0.2857, "fp_rate_ungated": 0.5714}},
+        "test_class_head": {"auc_malignant_vs_benign": {"auc": 0.851, "ci95": [0.78, 0.912]},
+                            "auc_lesion_vs_normal": {"auc": 0.9, "ci95": [None, None]}},
+    }
+    cfg_path.write_text(json.dumps(cfg))
+    code, out, _ = _run(["info", "--checkpoint", ckpt], capsys)
+    assert ("test figures: lesion Dice 0.701, FP rate on normal images 0.29 with the gate "
+            "(0.57 without)") in out
+    assert ("class head AUC (test split, 95 % CI): malignant vs benign 0.851 [0.780, 0.912], "
+            "lesion vs normal 0.900") in out
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "predict" in capsys.readouterr().out

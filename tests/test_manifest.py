@@ -45,15 +45,11 @@ def test_contributions(manifest):
     }
     (reader,) = manifest.contributions.readers
     assert reader.accepts_directories
-    assert set(reader.filename_patterns) == {
-        "*.png",
-        "*.jpg",
-        "*.jpeg",
-        "*.tif",
-        "*.tiff",
-        "*.bmp",
-        "*",
-    }
+    # exactly the image types the reader reads: no catch-all '*' (folders go by
+    # accepts_directories), so napari does not offer the plugin for CSVs and the like
+    from busseg.data.io import IMAGE_SUFFIXES
+
+    assert set(reader.filename_patterns) == {f"*{s}" for s in IMAGE_SUFFIXES}
     (writer,) = manifest.contributions.writers
     assert set(writer.filename_extensions) == {".png", ".tif", ".tiff"}
     assert [str(t) for t in writer.layer_types] == ["labels"]
@@ -93,3 +89,18 @@ def test_installed_plugin_is_discovered():
     pm = PluginManager()
     pm.discover()
     assert "napari-busseg" in pm
+
+
+def test_reader_is_offered_for_images_and_folders_only(busseg_plugin, tmp_path):
+    def offered(path):
+        return "napari-busseg" in {
+            r.plugin_name for r in busseg_plugin.iter_compatible_readers([str(path)])
+        }
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("a.png", "B.PNG", "c d é.jpeg", "x.tif", "y.TIFF", "z.bmp", "w.jpg"):
+        assert offered(folder / name), name
+    assert offered(folder)
+    for name in ("table.csv", "notes.txt", "volume.nii.gz", "model.safetensors", "noext"):
+        assert not offered(folder / name), name

@@ -376,3 +376,76 @@ def test_summary_markdown_table():
     lesion_only = summarize([r for r in make_rows() if r["label"] != "normal"])
     assert "FP rate" not in summary_markdown(lesion_only, hd95_unit="mm")
     assert "HD95 (mm)" in summary_markdown(lesion_only, hd95_unit="mm")
+
+
+# --------------------------------------------------------------------------- class head
+
+
+def test_roc_auc_ci_matches_roc_auc_and_brackets_it():
+    from busseg.metrics import roc_auc, roc_auc_ci
+
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.3
+    s = rng.normal(size=300) + 1.0 * y
+    r = roc_auc_ci(y, s, n_boot=500, seed=1)
+    assert r["auc"] == pytest.approx(roc_auc(y, s), abs=1e-12)
+    assert r["n_pos"] == int(y.sum()) and r["n_neg"] == int((~y).sum())
+    assert r["ci_low"] < r["auc"] < r["ci_high"] and r["ci_high"] - r["ci_low"] < 0.25
+    assert roc_auc_ci(y, s, n_boot=500, seed=1) == r
+    # perfect separation: every stratified resample is perfect too
+    perfect = roc_auc_ci([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], n_boot=50)
+    assert (perfect["auc"], perfect["ci_low"], perfect["ci_high"]) == (1.0, 1.0, 1.0)
+    # ties count one half
+    assert roc_auc_ci([0, 1], [0.5, 0.5], n_boot=10)["auc"] == 0.5
+    missing = roc_auc_ci([1, 1], [0.2, 0.3], n_boot=10)
+    assert all(math.isnan(missing[k]) for k in ("auc", "ci_low", "ci_high"))
+    with pytest.raises(ValueError, match="differ in length"):
+        roc_auc_ci([0, 1], [0.5])
+    with pytest.raises(ValueError, match="n_boot"):
+        roc_auc_ci([0, 1], [0.1, 0.9], n_boot=0)
+
+
+def test_reliability_curve_by_hand():
+    from busseg.metrics import reliability_curve
+
+    r = reliability_curve([0, 1, 1, 1, 1], [0.05, 0.05, 0.95, 0.95, 1.0], n_bins=10)
+    assert r["count"] == [2, 0, 0, 0, 0, 0, 0, 0, 0, 3]  # 1.0 falls into the last bin
+    assert r["predicted"][0] == pytest.approx(0.05) and r["observed"][0] == 0.5
+    assert math.isnan(r["predicted"][1]) and math.isnan(r["observed"][1])
+    assert r["predicted"][9] == pytest.approx((0.95 + 0.95 + 1.0) / 3) and r["observed"][9] == 1
+    # ECE = 2/5 * |0.5 - 0.05| + 3/5 * |1 - 0.9667|
+    assert r["ece"] == pytest.approx(0.4 * 0.45 + 0.6 * (1 - 2.9 / 3))
+    assert r["n"] == 5 and len(r["bin_edges"]) == 11
+    assert reliability_curve([1, 0], [1.0, 0.0])["ece"] == 0.0  # perfectly calibrated
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        reliability_curve([1], [1.5])
+    with pytest.raises(ValueError, match="n_bins"):
+        reliability_curve([1], [0.5], n_bins=0)
+
+
+def test_class_head_summary():
+    from busseg.metrics import class_head_summary
+
+    def cp(n, b, m):
+        return {"normal": n, "benign": b, "malignant": m}
+
+    labels = ["normal", "normal", "benign", "benign", "malignant", "malignant"]
+    probs = [cp(0.9, 0.05, 0.05), cp(0.6, 0.3, 0.1), cp(0.2, 0.7, 0.1), cp(0.1, 0.6, 0.3),
+             cp(0.3, 0.1, 0.6), cp(0.05, 0.15, 0.8)]
+    s = class_head_summary(labels, probs, n_boot=100)
+    assert s["n"] == 6
+    # malignancy given a lesion: benign 0.125, 1/3; malignant 6/7, 0.842: perfectly ranked
+    assert s["auc_malignant_vs_benign"]["auc"] == 1.0
+    assert (s["auc_malignant_vs_benign"]["n_pos"], s["auc_malignant_vs_benign"]["n_neg"]) == (2, 2)
+    # P(lesion) = 1 - P(normal): normal 0.1, 0.4; lesion 0.8, 0.9, 0.7, 0.95: all above
+    assert s["auc_lesion_vs_normal"]["auc"] == 1.0
+    assert s["calibration"]["n"] == 6 and 0.0 <= s["calibration"]["ece"] <= 1.0
+    assert s["p_normal"]["normal"]["median"] == pytest.approx(0.75)
+    assert list(s["p_normal"]) == ["benign", "malignant", "normal"]
+    # a lesion-only set (BUS-BRA): lesion vs normal is undefined, malignancy is not
+    s2 = class_head_summary(labels[2:], probs[2:], n_boot=50)
+    assert math.isnan(s2["auc_lesion_vs_normal"]["auc"])
+    assert s2["auc_malignant_vs_benign"]["auc"] == 1.0
+    assert class_head_summary(labels, [None] * 6) is None  # a model without a class head
+    with pytest.raises(ValueError, match="lack the class"):
+        class_head_summary(["benign"], [{"normal": 0.5, "benign": 0.5}])

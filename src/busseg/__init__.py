@@ -6,6 +6,8 @@ The public API is small and imports nothing heavy until it is used::
     model = busseg.load_model()                 # the shipped default model
     prob = busseg.predict_proba(image, model)   # (H, W) float32 in [0, 1]
     mask = busseg.predict_mask(image, model)    # (H, W) bool
+    mask = busseg.predict_mask(image, model, boxes=[(r0, c0, r1, c1)])  # box prompt
+    probs = busseg.classify(image, model)       # {"normal": p, "benign": p, "malignant": p}
 
 ``import busseg`` imports neither torch, Qt nor napari; they load on first use.
 """
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "predict_mask", "predict_proba"]
+__all__ = ["__version__", "classify", "load_model", "predict", "predict_mask", "predict_proba"]
 
 _LAZY = {
+    "classify": "busseg.inference",
+    "predict": "busseg.inference",
     "load_model": "busseg.inference",
     "predict_mask": "busseg.inference",
     "predict_proba": "busseg.inference",

@@ -110,6 +110,13 @@ def _is_multipage_tiff(p: Path) -> bool:
     try:
         with Image.open(p) as im:
             return getattr(im, "n_frames", 1) > 1
+    except Exception:  # noqa: BLE001 - Pillow cannot open it (float64, int64 ...): ask tifffile
+        pass
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as tif:
+            return len(tif.pages) > 1
     except Exception:  # noqa: BLE001 - unreadable: the reader function reports it
         return False
 
@@ -520,26 +527,28 @@ def read_folder(path: str | os.PathLike) -> list[LayerData]:
 
     folder = Path(path[0] if isinstance(path, (list, tuple)) else path)
     try:
-        index = discover_busi(folder, check_sizes=True)
-        records, root = index.records, index.root
-        name = folder.name
-        if index.problems:
-            _notify(
-                "warning",
-                f"{len(index.problems)} problem(s) in {folder.name}, e.g. {index.problems[0]}; "
-                "see the layer's metadata['busseg']['problems']",
+        try:
+            index = discover_busi(folder, check_sizes=True)
+        except ValueError:
+            # not BUSI-like (no masks): stack the plain images of the folder
+            files = sorted(
+                (p for p in folder.iterdir() if p.is_file() and _is_image_file(p)),
+                key=lambda p: [
+                    int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)
+                ],
             )
-    except ValueError:
-        # not BUSI-like (no masks): stack the plain images of the folder
-        files = sorted(
-            (p for p in folder.iterdir() if p.is_file() and _is_image_file(p)),
-            key=lambda p: [
-                int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)
-            ],
-        )
-        records = [_record_for_file(p, folder, with_size=True) for p in files]
-        root, name = folder, folder.name
-    except OSError as exc:
+            records = [_record_for_file(p, folder, with_size=True) for p in files]
+            root, name = folder, folder.name
+        else:
+            records, root = index.records, index.root
+            name = folder.name
+            if index.problems:
+                _notify(
+                    "warning",
+                    f"{len(index.problems)} problem(s) in {folder.name}, e.g. "
+                    f"{index.problems[0]}; see the layer's metadata['busseg']['problems']",
+                )
+    except OSError as exc:  # vanished or unreadable folder (also while listing plain images)
         _notify("error", f"cannot open {folder}: {exc}")
         return [(None,)]
     if not records:

@@ -60,9 +60,12 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
     Raises
     ------
     FileExistsError
-        For a PNG stack when a per-slice file already exists.
+        For a PNG stack when a per-slice file already exists, or its folder name is a file.
+    IsADirectoryError
+        When ``path`` is a folder.
     ValueError
-        For data that is not 2D or 3D.
+        For data that is not 2D or 3D, has no pixels, or is not numeric; for a PNG stack
+        whose slice names (from the layer metadata) are not plain file names.
     """
     p = Path(path)
     suffix = p.suffix.lower()
@@ -72,6 +75,14 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
             f"can only save 2D (H, W) or 3D (N, H, W) Labels, got {ndim} dimensions; "
             "save one slice or use napari's built-in TIFF writer"
         )
+    shape = tuple(int(n) for n in np.shape(data))
+    if 0 in shape:
+        raise ValueError(f"the Labels layer has no pixels (shape {shape}); nothing to save")
+    dtype = getattr(data, "dtype", None)
+    dtype = np.dtype(dtype if dtype is not None else np.asarray(data).dtype)
+    if dtype != np.bool_ and (not np.issubdtype(dtype, np.number)
+                              or np.issubdtype(dtype, np.complexfloating)):
+        raise ValueError(f"Labels must hold integers or bools, got dtype {dtype}")
     if suffix in PNG_SUFFIXES:
         if ndim == 2:
             # napari's dialog has confirmed any replacement of this very file.
@@ -105,9 +116,21 @@ def write_png_stack(folder: str | os.PathLike, data: Any, meta: dict | None = No
     Raises
     ------
     FileExistsError
-        If any destination file exists (checked before anything is written).
+        If any destination file exists, or ``folder`` is a file (checked before anything is
+        written).
+    ValueError
+        If a slice's ``name`` or ``label`` in the metadata is not a plain file name (a path
+        separator, ``..``, control characters ...): files are never written outside
+        ``folder``.
     """
+    from busseg.corrections import _check_part
+
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(
+            f"{folder} exists and is a file; a PNG stack is saved as a folder of that name, "
+            "so choose another name"
+        )
     n = int(np.shape(data)[0])
     slices = ((meta or {}).get("metadata") or {}).get(META_KEY, {}).get("slices")
     if not (isinstance(slices, list) and len(slices) == n):
@@ -116,10 +139,9 @@ def write_png_stack(folder: str | os.PathLike, data: Any, meta: dict | None = No
     for i in range(n):
         if slices is not None:
             info = slices[i]
-            label = str(info.get("label") or "unknown")
-            targets.append(
-                (folder / label / f"{info['name']}_mask.png", info.get("original_shape"))
-            )
+            label = _check_part(str(info.get("label") or "unknown"), f"slice {i}'s class")
+            name = _check_part(str(info.get("name")), f"slice {i}'s name")
+            targets.append((folder / label / f"{name}_mask.png", info.get("original_shape")))
         else:
             targets.append((folder / f"{folder.name}_{i:04d}.png", None))
     existing = [t for t, _ in targets if t.exists()]

@@ -8,10 +8,15 @@ Examples
     busseg predict scans/ one.png --out preds/ --tta   # folders (BUSI or plain) and files
     busseg predict Dataset_BUSI_with_GT --out preds/ --checkpoint runs/x/best
     busseg info
+    busseg rank Dataset_BUSI_with_GT --out ranking.csv  # most uncertain images first
 
 ``busseg predict`` writes one ``<stem>_mask.png`` (0 = background, 255 = lesion, the image's
-own size) per image. The layout under each PATH folder is mirrored in OUT (a BUSI folder
-gives ``OUT/benign/benign (1)_mask.png`` ...); single files go straight into OUT. Masks
+own size) per image. With a model that has an image-level class head (normal / benign /
+malignant) it also writes ``OUT/classes.csv`` (columns path, p_normal, p_benign, p_malignant,
+gated; research output, not a diagnosis) and applies the checkpoint's normal-scan gate
+(``--no-gate`` switches it off; see :func:`busseg.inference.predict`). The layout under
+each PATH folder is mirrored in OUT (a BUSI folder gives ``OUT/benign/benign (1)_mask.png``
+...); single files go straight into OUT. Masks
 named ``*_mask*.png`` are never taken as input; when an image has such ground-truth masks
 beside it (BUSI naming), its Dice is printed, and the mean at the end.
 
@@ -39,6 +44,7 @@ _EPILOG = """examples:
   busseg predict scans/ one.png --out preds/ --tta   # folders (BUSI or plain) and files
   busseg predict Dataset_BUSI_with_GT --out preds/ --checkpoint runs/x/best
   busseg info
+  busseg rank Dataset_BUSI_with_GT --out ranking.csv  # most uncertain images first
 
 exit status: 0 all masks written; 1 finished, but some images were skipped (output exists
 without --overwrite, or unreadable); 2 usage error, nothing done; 130 interrupted.
@@ -74,11 +80,11 @@ def probability_arg(text: str) -> float:
 
 
 def add_inference_args(p: argparse.ArgumentParser) -> None:
-    """Add the options that reach predict_mask (device, threshold, flips, post-processing).
+    """Add the options that reach predict_mask (device, threshold, flips, post-processing, gate).
 
     Shared by ``busseg predict`` and ``training/evaluate.py``; the values arrive as
     ``device``, ``threshold`` (None: the checkpoint's), ``tta`` (None: the checkpoint's),
-    ``fill_holes``, ``keep`` and ``min_area``.
+    ``fill_holes``, ``keep``, ``min_area`` and ``no_gate`` (True: ``normal_gate=None``).
     """
     p.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
     p.add_argument(
@@ -95,6 +101,10 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="keep all lesions (default) or only the largest")
     p.add_argument("--min-area", type=_non_negative_int, default=0, metavar="PX",
                    help="drop predicted lesions smaller than PX pixels (default 0)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="switch the normal-scan gate off (models with a class head: by default "
+                   "a mask is emptied when P(normal) and the lesion probabilities say normal, "
+                   "as stored in the checkpoint)")
 
 
 def _non_negative_int(text: str) -> int:
@@ -113,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     Returns
     -------
     argparse.ArgumentParser
-        With the sub-commands ``predict`` and ``info``.
+        With the sub-commands ``predict``, ``rank`` and ``info``.
     """
     from busseg import __version__
 
@@ -130,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="segment images and write <stem>_mask.png files",
         description="Segment image files (PNG/JPEG/TIFF/BMP; grey, RGB or RGBA) and write one "
-        "<stem>_mask.png (0/255) per image into --out. Exit status: 0 all written, 1 some "
+        "<stem>_mask.png (0/255) per image into --out; for a model with a class head also "
+        "--out/classes.csv (P(normal), P(benign), P(malignant) per image: research output, "
+        "not a diagnosis). Exit status: 0 all written, 1 some "
         "skipped (output exists, or unreadable image), 2 usage error.",
     )
     p.add_argument(
@@ -148,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing mask files (default: skip them and exit with 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    _add_rank_parser(sub)
 
     i = sub.add_parser("info", help="print the version, devices and the model card summary")
     i.add_argument("--checkpoint", metavar="CKPT", default=None,
@@ -318,19 +332,26 @@ def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from busseg.data.io import ImageReadError, read_image, read_mask, write_mask_png
-    from busseg.inference import predict_mask
+    from busseg.inference import has_class_head, predict
     from busseg.metrics import dice_score
 
     cfg = model.busseg_config
     threshold = args.threshold if args.threshold is not None else cfg["inference"]["threshold"]
     tta = args.tta if args.tta is not None else cfg["inference"].get("tta_flips", False)
+    head = has_class_head(model)
     print(
         f"model {getattr(model, 'busseg_checkpoint_path', args.checkpoint)}: input "
         f"{cfg['preprocessing'].get('input_size')}, threshold {threshold}, "
-        f"TTA {'on' if tta else 'off'}; {len(todo)} image(s) to segment"
+        f"TTA {'on' if tta else 'off'}"
+        + (f", normal-scan gate {_gate_text(cfg, args.no_gate)}" if head else "")
+        + f"; {len(todo)} image(s) to segment"
     )
+    if head:
+        print("class probabilities P(normal) / P(benign) / P(malignant) are research output, "
+              f"not a diagnosis; written to {out / CLASSES_CSV}")
     failed: list[str] = []
     dice: list[tuple[str, float, bool]] = []
+    classes: dict[str, dict] = {}
     written = 0
     bar = tqdm(todo, unit="image", disable=args.no_progress or not todo, dynamic_ncols=True)
     for job in bar:
@@ -340,16 +361,30 @@ def _predict(args: argparse.Namespace) -> int:
             failed.append(f"{job.display}: {exc}")
             tqdm.write(f"cannot read {job.image}: {exc}", file=sys.stderr)
             continue
-        mask = predict_mask(
+        pred = predict(
             image, model, threshold=args.threshold, tta=args.tta,
             fill_holes=args.fill_holes, keep=args.keep, min_area=args.min_area,
+            normal_gate=None if args.no_gate else "auto",
         )
+        mask = pred.mask
         try:
             write_mask_png(job.out, mask, overwrite=args.overwrite)
             written += 1
         except FileExistsError:  # appeared while we were running
             existing.append(job)
             continue
+        if pred.class_proba is not None:
+            cp = pred.class_proba
+            classes[str(job.image)] = {"path": str(job.image), **{
+                f"p_{k}": f"{cp.get(k, float('nan')):.4f}" for k in ("normal", "benign",
+                                                                       "malignant")},
+                "gated": pred.gated}
+            tqdm.write(
+                f"{job.display}: P(normal) {cp.get('normal', float('nan')):.3f}, P(benign) "
+                f"{cp.get('benign', float('nan')):.3f}, P(malignant) "
+                f"{cp.get('malignant', float('nan')):.3f} (research output, not a diagnosis)"
+                + ("; gate: mask emptied, the scan looks normal" if pred.gated else "")
+            )
         if job.masks:
             try:
                 truth = read_mask(job.masks)
@@ -368,6 +403,9 @@ def _predict(args: argparse.Namespace) -> int:
     bar.close()
 
     print(f"wrote {written} mask(s) to {out}")
+    if classes:
+        path = write_classes_csv(out / CLASSES_CSV, classes)
+        print(f"wrote {path} ({len(classes)} row(s) from this run)")
     if dice:
         values = np.array([d for _, d, _ in dice])
         lesion = np.array([d for _, d, has in dice if has])
@@ -385,6 +423,184 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"  {f}", file=sys.stderr)
         status = EXIT_PARTIAL
     return status
+
+
+#: File name of the class probabilities ``busseg predict`` writes into ``--out``.
+CLASSES_CSV = "classes.csv"
+CLASSES_COLUMNS = ("path", "p_normal", "p_benign", "p_malignant", "gated")
+
+
+def _gate_text(cfg: dict, off: bool) -> str:
+    gate = cfg.get("inference", {}).get("normal_gate")
+    if off:
+        return "off (--no-gate)"
+    if not gate:
+        return "none stored in the checkpoint"
+    conf = float(gate.get("lesion_confidence", 1.0))
+    return (f"on (mask emptied when P(normal) >= {_fmt_value(gate.get('p_normal'))}"
+            + (f" and no pixel reaches lesion probability {_fmt_value(conf)})" if conf < 1.0
+               else ")"))
+
+
+def write_classes_csv(path: Path, rows: dict[str, dict]) -> Path:
+    """Write (or update) ``classes.csv`` atomically: one row per image path.
+
+    Rows of an existing file whose ``path`` is not in ``rows`` are kept (images skipped in
+    this run because their mask existed), so the file always describes the masks in the
+    folder; rows of ``rows`` replace those of the same path.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The CSV to write.
+    rows : dict
+        ``{image path: {"path", "p_normal", "p_benign", "p_malignant", "gated"}}``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    import csv
+    import io
+
+    from busseg.data.io import atomic_write_bytes
+
+    merged: dict[str, dict] = {}
+    if path.is_file():
+        try:
+            with open(path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                if set(CLASSES_COLUMNS) <= set(reader.fieldnames or ()):
+                    merged = {r["path"]: r for r in reader}
+        except (OSError, UnicodeDecodeError, csv.Error):
+            merged = {}  # unreadable: replaced by this run's rows
+    merged.update(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CLASSES_COLUMNS, lineterminator="\n",
+                       extrasaction="ignore")
+    w.writeheader()
+    for r in merged.values():
+        w.writerow(r)
+    return atomic_write_bytes(path, buf.getvalue().encode(), overwrite=True)
+
+
+# --------------------------------------------------------------------------- rank
+
+
+def _add_rank_parser(sub) -> None:
+    r = sub.add_parser(
+        "rank",
+        help="rank images by the model's uncertainty (most uncertain first) into a CSV",
+        description="Score each image's prediction uncertainty with a checkpoint (see "
+        "busseg.uncertainty) and write a CSV, most uncertain first: the images whose "
+        "correction should teach the model most. Columns: rank, path, score, entropy, "
+        "flip_disagreement, class_entropy, entropy_region, cached, error, and class for "
+        "images of a BUSI folder. Scores are cached per (checkpoint, image), so ranking again "
+        "with the same checkpoint is immediate. Exit status: 0 all scored, 1 some images "
+        "unreadable, 2 usage error (including an existing CSV without --overwrite).",
+    )
+    r.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files or folders (BUSI or plain; *_mask*.png files are skipped)")
+    r.add_argument("--out", "-o", required=True, metavar="CSV", help="the ranking CSV to write")
+    r.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="checkpoint directory (default: the shipped default model)")
+    r.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
+    r.add_argument("--cache", metavar="FILE", default=None,
+                   help="JSON file of cached scores (default: $BUSSEG_HOME/cache/"
+                   "uncertainty.json, BUSSEG_HOME defaulting to ~/.busseg)")
+    r.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing CSV")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _rank_inputs(paths: list[str]) -> tuple[list[Path], dict[int, str]]:
+    """Expand files and folders into image paths (deduplicated) and BUSI classes by index."""
+    from busseg.data.busi import discover_busi
+
+    found: list[tuple[Path, str | None]] = []
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            try:
+                found += [(r.image_path, r.label)
+                          for r in discover_busi(path, check_sizes=False).records]
+            except ValueError:  # not BUSI-like: a plain folder of images
+                found += [(j.image, None) for j in _folder_jobs(path, path)]
+        elif path.is_file():
+            found.append((_file_job(path, path.parent).image, None))
+        else:
+            raise UsageError(f"no such file or folder: {path}")
+    images: list[Path] = []
+    labels: dict[int, str] = {}
+    seen: set[Path] = set()
+    for image, label in found:
+        key = image.resolve()
+        if key in seen:
+            continue
+        seen.add(key)
+        if label is not None:
+            labels[len(images)] = label
+        images.append(image)
+    return images, labels
+
+
+def _rank(args: argparse.Namespace) -> int:
+    from busseg.uncertainty import UncertaintyCache, rank_iter, write_ranking_csv
+
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as ranking.csv")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    images, labels = _rank_inputs(args.paths)
+
+    from busseg.inference import load_model
+    from busseg.models import CheckpointError
+
+    try:
+        model = load_model(args.checkpoint, device=args.device)
+    except (CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    cache = None
+    if not args.no_cache:
+        home = Path(os.environ.get("BUSSEG_HOME", Path.home() / ".busseg"))
+        cache = UncertaintyCache(args.cache or home / "cache" / "uncertainty.json")
+
+    from tqdm import tqdm
+
+    print(f"model {model.busseg_checkpoint_path}; ranking {len(images)} image(s)")
+    bar = tqdm(total=len(images), unit="image", disable=args.no_progress, dynamic_ncols=True)
+    gen = rank_iter(images, model, cache=cache if cache is not None else False)
+    try:
+        while True:
+            event = next(gen)
+            if event[0] == "progress" and event[3] is not None:
+                bar.update(1)
+    except StopIteration as done:
+        ranking = done.value
+    finally:
+        bar.close()
+        if cache is not None:
+            try:
+                cache.save()
+            except OSError as exc:
+                _err(f"could not save the score cache {cache.path}: {exc}")
+    try:
+        write_ranking_csv(ranking, out, labels=labels or None, overwrite=args.overwrite)
+    except FileExistsError:
+        raise UsageError(f"{out} appeared while ranking; pass --overwrite to replace it") from None
+    failed = [e for e in ranking.entries if e.error]
+    print(f"wrote {out}: {len(ranking.entries) - len(failed)} image(s) ranked "
+          f"({ranking.n_cached} from the cache); most uncertain first:")
+    for e in ranking.entries[: min(5, len(ranking.entries) - len(failed))]:
+        print(f"  {e.score:.3f}  {e.name}")
+    if failed:
+        print(f"could not score {len(failed)} image(s):", file=sys.stderr)
+        for e in failed[:10]:
+            print(f"  {e.name}: {e.error}", file=sys.stderr)
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def _report_existing(existing: list[Job]) -> None:
@@ -433,8 +649,11 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
     Returns
     -------
     list of str
-        Path, architecture, parameter count, preprocessing, inference settings, training data
-        and metrics.
+        Path, architecture, parameter count, preprocessing, inference settings (with the
+        normal-scan gate), whether the model has a class head and takes prompts, training
+        data and metrics, and the model card's test-split figures where it has them (lesion
+        Dice, false-positive rate on normal images with the gate on and off, class-head AUCs
+        with 95 % CIs).
 
     Raises
     ------
@@ -461,7 +680,12 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
         f"  input: {'native size' if size is None else f'{size[0]} x {size[1]} (h x w)'}, grey, "
         f"{prep.get('normalize', 'zscore')}",
         f"  inference: threshold {inf.get('threshold')}, TTA flips "
-        f"{'on' if inf.get('tta_flips') else 'off'}",
+        f"{'on' if inf.get('tta_flips') else 'off'}"
+        + (f", normal-scan gate {_gate_text(cfg, False)}" if m.get("num_classes") else ""),
+        "  class head: " + ("normal / benign / malignant (research output, not a diagnosis)"
+                            if m.get("num_classes") else "none"),
+        "  prompts: " + (f"boxes, clicks and previous mask ({int(m['in_channels']) - 1} "
+                         "guidance channels)" if int(m.get("in_channels", 1)) > 1 else "none"),
     ]
     if tr:
         data = tr.get("data", "?")
@@ -489,12 +713,46 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
                  if isinstance(row, dict) and isinstance(row.get("dice"), (int, float))]
         if parts:
             lines.append("  test split: " + ", ".join(parts))
+        lines += _test_figures(test, metrics.get("test_class_head"))
     if lineage.get("base_model"):
         if tr.get("kind") == "fine-tune":  # written by the Fine-tune widget / busseg.finetune
             lines.append(f"  fine-tuned from {lineage['base_model']} on "
                          f"{len(lineage.get('pairs', []))} pair(s)")
         else:  # train.py --init
             lines.append(f"  initialised from {lineage['base_model']}")
+    return lines
+
+
+def _ci_text(entry) -> str | None:
+    """'0.85 [0.78, 0.91]' from {"auc": x, "ci95": [lo, hi]} (None if absent)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("auc"), (int, float)):
+        return None
+    ci = entry.get("ci95") or [None, None]
+    if all(isinstance(v, (int, float)) for v in ci):
+        return f"{entry['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{entry['auc']:.3f}"
+
+
+def _test_figures(test: dict, head) -> list[str]:
+    """Format the card's headline test figures: lesion Dice, FP rate (gate on/off), AUCs."""
+    parts = []
+    lesion = test.get("lesion") if isinstance(test.get("lesion"), dict) else {}
+    if isinstance(lesion.get("dice"), (int, float)):
+        parts.append(f"lesion Dice {lesion['dice']:.3f}")
+    normal = test.get("normal") if isinstance(test.get("normal"), dict) else {}
+    if isinstance(normal.get("fp_rate"), (int, float)):
+        text = f"FP rate on normal images {normal['fp_rate']:.2f}"
+        if isinstance(normal.get("fp_rate_ungated"), (int, float)):
+            text += f" with the gate ({normal['fp_rate_ungated']:.2f} without)"
+        parts.append(text)
+    lines = ["  test figures: " + ", ".join(parts)] if parts else []
+    if isinstance(head, dict):
+        aucs = [(name, _ci_text(head.get(key))) for name, key in (
+            ("malignant vs benign", "auc_malignant_vs_benign"),
+            ("lesion vs normal", "auc_lesion_vs_normal"))]
+        aucs = [f"{name} {text}" for name, text in aucs if text]
+        if aucs:
+            lines.append("  class head AUC (test split, 95 % CI): " + ", ".join(aucs))
     return lines
 
 
@@ -545,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _predict(args)
+        if args.command == "rank":
+            return _rank(args)
         return _info(args)
     except UsageError as exc:
         _err(str(exc))

@@ -14,8 +14,11 @@ replace an expert mask.
 
 from __future__ import annotations
 
+import dataclasses
 import io as _io
 import os
+import sys
+import unicodedata
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,6 +32,10 @@ from busseg.data.io import (
     to_grey,
     write_mask_png,
 )
+
+#: Class folders a correction may go to: BUSI's classes, and "unknown" for images of no class
+#: (what the reader labels images outside a class folder).
+LABELS = ("benign", "malignant", "normal", "unknown")
 
 #: Case status values, in order of precedence.
 CORRECTED = "corrected"
@@ -60,6 +67,11 @@ def _is_within(path: Path, other: Path) -> bool:
     return True
 
 
+#: Longest case name or class, in bytes (file systems allow 255 per name, and the mask file
+#: adds ``_mask.png``; :func:`busseg.data.io.atomic_output` adds a short temporary prefix).
+MAX_NAME_BYTES = 200
+
+
 def _check_part(value: str, what: str) -> str:
     value = str(value)
     if (
@@ -73,6 +85,28 @@ def _check_part(value: str, what: str) -> str:
         raise ValueError(
             f"{what} {value!r} cannot be used as a file or folder name; use a plain name such "
             f"as 'benign (4)' (no slashes, no leading or trailing spaces)"
+        )
+    if value.startswith("."):
+        raise ValueError(
+            f"{what} {value!r} starts with '.', which makes a hidden file that dataset readers "
+            "skip; use a plain name such as 'benign (4)'"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        raise ValueError(
+            f"{what} {value!r} contains control characters (newline, tab, NUL ...); use a "
+            "plain name such as 'benign (4)'"
+        )
+    try:
+        size = len(value.encode(sys.getfilesystemencoding(), "surrogateescape"))
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} {value!r} cannot be written as a file name on this system (encoding "
+            f"{sys.getfilesystemencoding()}); use a plain name such as 'benign (4)'"
+        ) from None
+    if size > MAX_NAME_BYTES:
+        raise ValueError(
+            f"{what} is {size} bytes long; file names are limited, keep it under "
+            f"{MAX_NAME_BYTES} bytes"
         )
     return value
 
@@ -91,15 +125,19 @@ class CorrectionStore:
     Raises
     ------
     ValueError
-        If ``root`` and ``dataset_root`` overlap, or ``root`` is an existing file.
+        If ``root`` and ``dataset_root`` overlap, ``root`` is an existing file, empty, or
+        holds a NUL character.
     """
 
     def __init__(
         self, root: str | os.PathLike, dataset_root: str | os.PathLike | None = None
     ) -> None:
-        self.root = Path(root).expanduser()
         if str(root).strip() in ("", "."):
             raise ValueError("choose a corrections folder (an empty path is not allowed)")
+        for p in (root, dataset_root):
+            if p is not None and "\x00" in str(p):
+                raise ValueError(f"the path {str(p)!r} contains a NUL character; choose a folder")
+        self.root = Path(root).expanduser()
         if self.root.is_file():
             raise ValueError(f"{self.root} is a file; choose a folder for the corrections")
         self.dataset_root = Path(dataset_root).expanduser() if dataset_root else None
@@ -132,7 +170,12 @@ class CorrectionStore:
                 f"no class given for {name!r}; pass label='benign', 'malignant', 'normal' or "
                 "'unknown'"
             )
-        return _check_part(name, "case name"), _check_part(label, "class")
+        if str(label) not in LABELS:
+            raise ValueError(
+                f"class {str(label)!r} is not one of {', '.join(map(repr, LABELS))}; "
+                "corrections in other class folders would be invisible to fine-tuning"
+            )
+        return _check_part(name, "case name"), str(label)
 
     def path_for(self, record_or_name: Any, label: str | None = None) -> CorrectionPaths:
         """Paths of a case's corrected image and mask.
@@ -153,7 +196,9 @@ class CorrectionStore:
         Raises
         ------
         ValueError
-            If the name or class is empty or contains a path separator.
+            If the class is not one of :data:`LABELS`, or the name is empty, contains a path
+            separator or control characters, starts with '.', has leading or trailing spaces,
+            or is longer than :data:`MAX_NAME_BYTES`.
         """
         name, label = self._name_label(record_or_name, label)
         folder = self.root / label
@@ -222,13 +267,21 @@ class CorrectionStore:
             If the case is already corrected (or a different image has its name) and
             ``overwrite`` is False.
         ValueError
-            If the mask is not 2D or its size differs from the image's.
+            If the name is not usable (see :meth:`path_for`), the image is not a 2D grey /
+            colour image of real numbers, or the mask is not 2D, not numeric or not the
+            image's size.
+        IsADirectoryError
+            If a folder has the name of one of the two files.
         """
         paths = self.path_for(record_or_name, label)
         grey = to_grey(np.asarray(image))
         mask = np.asarray(mask)
         if mask.ndim != 2:
             raise ValueError(f"a mask must be 2D (H, W), got shape {mask.shape}")
+        if mask.dtype != np.bool_ and (
+            not np.issubdtype(mask.dtype, np.number) or np.iscomplexobj(mask)
+        ):
+            raise ValueError(f"a mask must hold numbers or bools, got dtype {mask.dtype}")
         if mask.shape != grey.shape:
             raise ValueError(
                 f"the mask is {mask.shape[1]}x{mask.shape[0]} (W x H) but the image is "
@@ -273,6 +326,8 @@ class CorrectionStore:
         ------
         FileNotFoundError
             If the case has no stored correction.
+        busseg.data.io.ImageReadError
+            If a stored file is corrupt (a ``ValueError`` naming the file).
         """
         paths = self.path_for(record_or_name, label)
         return read_image(paths.image), read_mask(paths.mask)
@@ -290,11 +345,17 @@ class CorrectionStore:
 
         if not self.root.is_dir():
             return []
-        try:
-            index = discover_busi(self.root, check_sizes=True)
-        except ValueError:  # no class folder or no image yet
-            return []
-        return index.usable
+        out = []
+        for label in LABELS:  # one class folder at a time: "unknown" is no BUSI class folder
+            folder = self.root / label
+            if not folder.is_dir():
+                continue
+            try:
+                index = discover_busi(folder, check_sizes=True)
+            except ValueError:  # no image with a mask yet
+                continue
+            out += [dataclasses.replace(r, label=label) for r in index.usable]
+        return out
 
     def load_pairs(self) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
         """All stored corrections as training pairs (for fine-tuning).
@@ -308,6 +369,12 @@ class CorrectionStore:
         names : list of str
             ``"<class>/<stem>.png"`` (the record's ``rel_path``), unique within the folder.
             All three lists are empty when nothing is stored yet.
+
+        Raises
+        ------
+        busseg.data.io.ImageReadError
+            If a stored file has a valid header but cannot be decoded (files whose header is
+            unreadable are left out by :meth:`records`).
         """
         images, masks, names = [], [], []
         for rec in self.records():

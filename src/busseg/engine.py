@@ -31,8 +31,10 @@ from busseg.losses import build_loss
 
 LOG_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "val_loss", "val_dice", "val_dice_lesion",
-    "val_fp_rate_normal", "best_val_dice", "elapsed_s",
+    "val_fp_rate_normal", "val_dice_box", "val_auc_normal", "best_val_dice", "elapsed_s",
 )
+#: Least seconds between two redraws of a run's ``curves.png`` (it is always drawn at the end).
+CURVES_EVERY_S = 60.0
 #: Validation metrics :class:`TrainConfig` can select the best checkpoint on.
 SELECT_METRICS: tuple[str, ...] = ("dice", "dice_lesion")
 
@@ -84,6 +86,20 @@ class TrainConfig:
         where an empty prediction on an empty mask counts 1) or ``"dice_lesion"`` (mean Dice
         over the validation images that hold a lesion; falls back to ``"dice"`` when there
         are none).
+    class_loss_weight : float
+        Weight of the class head's cross-entropy (normal / benign / malignant, weighted by
+        inverse class frequency in the training set: class-balanced) added to the
+        segmentation loss, for models with a class head. Pairs of unknown class and pairs
+        that got prompt guidance do not count.
+    freeze_encoder : bool
+        Train only the decoder and heads: the encoder's weights stay fixed and its
+        batch-norm layers stay in eval mode (for models with ``encoder_modules()``, i.e. the
+        pretrained EfficientNet-Lite0 U-Net; ignored for others). Fine-tuning on a few
+        corrected images uses it: about half the step time, and the ImageNet/BUSI features
+        are not overwritten by a handful of images.
+    prompts : dict or None
+        Settings of :class:`busseg.prompts.PromptSimulator` for models with guidance input
+        channels (``in_channels`` > 1); None uses its defaults. Ignored for other models.
     ema_decay : float or None
         With a decay in (0, 1), validate, select and save an exponential moving average of
         the weights (and batch-norm statistics) instead of the raw weights, updated after each
@@ -111,6 +127,9 @@ class TrainConfig:
     threshold: float = 0.5
     select_metric: str = "dice"
     ema_decay: float | None = None
+    class_loss_weight: float = 0.5
+    freeze_encoder: bool = False
+    prompts: dict | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
@@ -123,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.class_loss_weight < 0:
+            raise ValueError(f"class_loss_weight must be >= 0, got {self.class_loss_weight}")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"select_metric must be one of {SELECT_METRICS}, "
                              f"got {self.select_metric!r}")
@@ -258,33 +279,66 @@ def evaluate_dataset(
         ``dice`` (N,) float64 per image (1.0 when prediction and truth are both empty),
         ``mean_dice``, ``mean_dice_lesion`` (images with a lesion), ``fp_rate_normal`` (share
         of lesion-free images with any predicted pixel; NaN without such images) and ``loss``.
+        Models with guidance channels (``in_channels`` > 1) are scored in automatic mode
+        (zero guidance), and also with tight boxes from the truth on the lesion images:
+        ``mean_dice_box`` (NaN for other models). Models with a class head add
+        ``auc_normal``: the ROC AUC of 1 - P(normal) for lesion vs lesion-free images (NaN
+        without both kinds or without a head).
     """
+    from busseg.metrics import roc_auc
+
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    dices, losses, nonempty_truth, any_pred = [], [], [], []
+    guided = int(getattr(model, "in_channels", 1)) > 1
+    with_class = bool(getattr(model, "num_classes", 0))
+    dices, losses, nonempty_truth, any_pred, box_dices, p_lesion = [], [], [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x).float()
-        if loss_fn is not None:
-            losses.append(float(loss_fn(logits, y)) * x.shape[0])
+
+    def dice_of(logits, y):
         pred = torch.sigmoid(logits) >= threshold
         truth = y >= 0.5
         inter = (pred & truth).flatten(1).sum(1).double()
         total = pred.flatten(1).sum(1).double() + truth.flatten(1).sum(1).double()
         dice = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
-        dices.append(dice.cpu())
+        return dice.cpu(), pred
+
+    for x, y, *_ in loader:
+        x, y = x.to(device), y.to(device)
+        img = x
+        if guided:
+            x = with_guidance(img, None, model)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if with_class:
+            logits, cls = model(x, with_class=True)
+            p_lesion.append(1.0 - torch.softmax(cls.float(), 1)[:, 0].cpu())
+        else:
+            logits = model(x)
+        logits = logits.float()
+        if loss_fn is not None:
+            losses.append(float(loss_fn(logits, y)) * x.shape[0])
+        dice, pred = dice_of(logits, y)
+        dices.append(dice)
+        truth = y >= 0.5
         nonempty_truth.append(truth.flatten(1).any(1).cpu())
         any_pred.append(pred.flatten(1).any(1).cpu())
+        if guided:
+            keep = truth.flatten(1).any(1)
+            if keep.any():
+                xb = with_guidance(img[keep], _tight_box_guidance(y[keep]), model)
+                if channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                box_dices.append(dice_of(model(xb).float(), y[keep])[0])
     if was_training:
         model.train()
     dice = torch.cat(dices).numpy()
     has_lesion = torch.cat(nonempty_truth).numpy()
     predicted = torch.cat(any_pred).numpy()
     n = len(dice)
+    auc = float("nan")
+    if p_lesion and has_lesion.any() and (~has_lesion).any():
+        auc = roc_auc(has_lesion, torch.cat(p_lesion).numpy())
     return {
         "dice": dice,
         "mean_dice": float(dice.mean()) if n else float("nan"),
@@ -292,8 +346,74 @@ def evaluate_dataset(
         "fp_rate_normal": (
             float(predicted[~has_lesion].mean()) if (~has_lesion).any() else float("nan")
         ),
+        "mean_dice_box": float(torch.cat(box_dices).mean()) if box_dices else float("nan"),
+        "auc_normal": auc,
         "loss": float(sum(losses) / n) if losses and n else float("nan"),
     }
+
+
+def with_guidance(images: torch.Tensor, guidance: torch.Tensor | None, model) -> torch.Tensor:
+    """Append guidance channels (zeros for automatic mode) to a batch of images.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (N, 1, h, w) float.
+    guidance : torch.Tensor or None
+        (N, C - 1, h, w) float, or None for all-zero guidance.
+    model : torch.nn.Module
+        The network; ``model.in_channels`` is C.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, C, h, w); ``images`` itself when the model takes one channel.
+    """
+    c = int(getattr(model, "in_channels", 1))
+    if c == 1:
+        return images
+    if guidance is None:
+        guidance = images.new_zeros((images.shape[0], c - 1, *images.shape[-2:]))
+    return torch.cat([images, guidance.to(images)], dim=1)
+
+
+def _tight_box_guidance(masks: torch.Tensor) -> torch.Tensor:
+    """(N, 1, h, w) masks -> (N, 4, h, w) guidance with one tight box per lesion."""
+    from busseg.prompts import Prompts, mask_to_boxes, render_guidance
+
+    out = []
+    for m in masks[:, 0].cpu().numpy() >= 0.5:
+        pr = Prompts(mask_to_boxes(m), np.zeros((0, 2)), np.zeros(0, np.int8), None)
+        out.append(render_guidance(pr, m.shape, m.shape))
+    return torch.stack(out).to(masks.device)
+
+
+class _WithClass(Dataset):
+    """Adds the class index (``busseg.models.CLASS_NAMES``; -1 if unknown) to each pair."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        from busseg.models import CLASS_NAMES
+
+        self.dataset = dataset
+        labels = getattr(dataset, "labels", None) or ["unknown"] * len(dataset)
+        self.targets = torch.tensor(
+            [CLASS_NAMES.index(lab) if lab in CLASS_NAMES else -1 for lab in labels])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i][:2]
+        return x, y, self.targets[i]
+
+    def class_weights(self, k: int) -> torch.Tensor | None:
+        """Inverse-frequency weights (K,), normalised to mean 1 over present classes."""
+        t = self.targets[self.targets >= 0]
+        if not len(t):
+            return None
+        counts = torch.bincount(t, minlength=k).double()
+        w = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+        return (w / w[counts > 0].mean()).float()
 
 
 def _lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -483,12 +603,30 @@ def fit_iter(
     model.to(dev)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    frozen = list(model.encoder_modules()) if (
+        cfg.freeze_encoder and hasattr(model, "encoder_modules")) else []
+    frozen_params = [p for m in frozen for p in m.parameters() if p.requires_grad]
+    for p in frozen_params:
+        p.requires_grad_(False)
     train_model: torch.nn.Module = model
     if distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None
         )
     loss_fn = build_loss(cfg.loss)
+    num_classes = int(getattr(model, "num_classes", 0))
+    class_weights = None
+    if num_classes:
+        train_set = _WithClass(train_set)
+        class_weights = train_set.class_weights(num_classes)
+        if class_weights is not None:
+            class_weights = class_weights.to(dev)
+    simulator = None
+    if int(getattr(model, "in_channels", 1)) > 1:
+        from busseg.prompts import PromptSimulator
+
+        simulator = PromptSimulator(**(cfg.prompts or {}))
+    prompt_rng = np.random.default_rng(cfg.seed + 7919 * rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = None
     if cfg.ema_decay is not None:
@@ -551,6 +689,7 @@ def fit_iter(
     yield ProgressEvent("start", start_epoch, step, total, lr=lr_now(),
                         message=f"training on {dev.type}: {len(train_set)} images, {total} steps")
     stopped = early = False
+    curves_at = -math.inf
     eval_every = cfg.eval_every_steps
     epoch = start_epoch - 1
     ckpt_path = None
@@ -559,15 +698,30 @@ def fit_iter(
             sampler.set_epoch(epoch)
         train_model.train()
         losses: list[float] = []
-        for x, y in loader:
+        for x, y, *extra in loader:
             if step >= total or (stop is not None and stop.is_set()):
                 break
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            prompted = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
+            if simulator is not None:
+                guidance, prompted = simulator(model, x, y, prompt_rng)
+                x, prompted = with_guidance(x, guidance, model), prompted.to(dev)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            for m in frozen:  # (the prompt simulator toggles train/eval on the whole model)
+                m.eval()
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                logits = train_model(x)
+                if num_classes:
+                    logits, class_logits = train_model(x, with_class=True)
+                else:
+                    logits = train_model(x)
             loss = loss_fn(logits.float(), y)
+            if num_classes and class_weights is not None and cfg.class_loss_weight > 0:
+                target = extra[0].to(dev)
+                target = torch.where(prompted, torch.full_like(target, -1), target)
+                if (target >= 0).any():
+                    loss = loss + cfg.class_loss_weight * torch.nn.functional.cross_entropy(
+                        class_logits.float(), target, weight=class_weights, ignore_index=-1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -590,14 +744,17 @@ def fit_iter(
             row = {"epoch": epoch, "step": step, "lr": lr_now(),
                    "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_loss": float("nan"), "val_dice": float("nan"),
-                   "val_dice_lesion": float("nan"), "val_fp_rate_normal": float("nan")}
+                   "val_dice_lesion": float("nan"), "val_fp_rate_normal": float("nan"),
+                   "val_dice_box": float("nan"), "val_auc_normal": float("nan")}
             improved = False
             if val_set is not None and len(val_set):
                 ev = evaluate_dataset(eval_model, val_set, dev, cfg.batch_size, cfg.threshold,
                                       loss_fn, cfg.channels_last)
                 row.update(val_loss=ev["loss"], val_dice=ev["mean_dice"],
                            val_dice_lesion=ev["mean_dice_lesion"],
-                           val_fp_rate_normal=ev["fp_rate_normal"])
+                           val_fp_rate_normal=ev["fp_rate_normal"],
+                           val_dice_box=ev.get("mean_dice_box", float("nan")),
+                           val_auc_normal=ev.get("auc_normal", float("nan")))
                 score = ev["mean_dice"]
                 if cfg.select_metric == "dice_lesion" and np.isfinite(ev["mean_dice_lesion"]):
                     score = ev["mean_dice_lesion"]
@@ -616,7 +773,10 @@ def fit_iter(
             history.append(row)
             if out is not None and is_main:
                 _append_log(out / "log.csv", row)
-                _write_curves(history, out / "curves.png")
+                # a plot costs ~1-2 s of CPU: at most once a minute, and at the end
+                if time.perf_counter() - curves_at >= CURVES_EVERY_S:
+                    _write_curves(history, out / "curves.png")
+                    curves_at = time.perf_counter()
                 if improved:
                     ckpt_path = _save_best(out / "best", model, best_state, cfg, checkpoint_config,
                                            best, best_step, best_epoch, elapsed(), history)
@@ -627,6 +787,12 @@ def fit_iter(
             msg = (f"epoch {epoch} step {step}/{total} loss {row['train_loss']:.4f} "
                    f"val Dice {row['val_dice']:.4f}, lesion {row['val_dice_lesion']:.4f} "
                    f"(best {cfg.select_metric} {row['best_val_dice']:.4f})")
+            if np.isfinite(row["val_dice_box"]):
+                msg += f", box {row['val_dice_box']:.4f}"
+            if np.isfinite(row["val_auc_normal"]):
+                msg += f", AUC lesion/normal {row['val_auc_normal']:.3f}"
+            if np.isfinite(row["val_fp_rate_normal"]):
+                msg += f", FP normal {row['val_fp_rate_normal']:.2f}"
             yield ProgressEvent("eval", epoch, step, total, loss=row["train_loss"],
                                 val_dice=row["val_dice"], best_val_dice=best, lr=lr_now(),
                                 elapsed=elapsed(), metrics=row, message=msg)
@@ -644,8 +810,12 @@ def fit_iter(
         if out is not None and is_main:
             _save_best(out / "best", model, best_state, cfg, checkpoint_config, best, best_step,
                        best_epoch, elapsed(), history)
+    if out is not None and is_main and history:
+        _write_curves(history, out / "curves.png")
     model.load_state_dict(best_state)
     model.eval()
+    for p in frozen_params:
+        p.requires_grad_(True)
     if out is not None and is_main and (out / "best").is_dir():
         ckpt_path = out / "best"
     if created_out and not any(out.iterdir()):
@@ -691,6 +861,8 @@ def _save_best(path, model, best_state, cfg, checkpoint_config, best, best_step,
     last = next((r for r in reversed(history) if r["step"] == best_step), {})
     metrics.update(val_dice=last.get("val_dice", best), val_dice_lesion=last.get("val_dice_lesion"),
                    val_fp_rate_normal=last.get("val_fp_rate_normal"),
+                   val_dice_box=last.get("val_dice_box"),
+                   val_auc_normal=last.get("val_auc_normal"),
                    selected_on=cfg.select_metric)
     config["metrics"] = metrics
     config["model"] = model_cfg

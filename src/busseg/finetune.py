@@ -32,6 +32,9 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "val_fraction": 0.2,
     "augment": True,
     "seed": 0,
+    "freeze_encoder": True,
+    # box and first-click prompts only: correction rounds cost extra forward passes
+    "prompts": {"max_rounds": 0, "from_auto": 0.0},
 }
 
 

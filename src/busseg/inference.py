@@ -22,6 +22,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "Prediction",
+    "accepts_prompts",
+    "classify",
     "clear_model_cache",
+    "has_class_head",
     "load_model",
     "model_device",
+    "predict",
     "predict_logits_batch",
     "predict_mask",
     "predict_proba",
@@ -339,7 +345,9 @@ def predict_logits_batch(batch: torch.Tensor, model: nn.Module, *, tta: bool = F
     ----------
     batch : torch.Tensor
         (N, 1, h, w) float32 as from :func:`preprocess` (concatenated), on any device; it is
-        moved to the model's device.
+        moved to the model's device. For a model with prompt-guidance channels
+        (:func:`accepts_prompts`) it may also be (N, C, h, w) with the guidance after the
+        image channel; a one-channel batch gets all-zero guidance (automatic mode).
     model : torch.nn.Module
         A model from :func:`load_model` (eval mode); h and w must be multiples of its
         ``2 ** depth``.
@@ -355,26 +363,75 @@ def predict_logits_batch(batch: torch.Tensor, model: nn.Module, *, tta: bool = F
     Raises
     ------
     ValueError
-        If ``batch`` is not (N, 1, h, w), or the model does not return (N, 1, h, w) logits.
+        If ``batch`` is not (N, 1, h, w) (or (N, C, h, w) for a prompt model), or the model
+        does not return (N, 1, h, w) logits.
     """
+    return _forward(batch, model, tta=tta, with_class=False)[0]
+
+
+def _forward(batch: torch.Tensor, model: nn.Module, *, tta: bool, with_class: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (N, V, h, w) and, with ``with_class``, class probabilities (N, K) (view mean)."""
     device = model_device(model)
     x = batch.to(device, non_blocking=True)
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise ValueError(f"batch must be (N, 1, h, w), got {tuple(x.shape)}")
+    channels = int(getattr(model, "in_channels", 1))
+    if x.ndim != 4 or x.shape[1] not in {1, channels}:
+        raise ValueError(f"batch must be (N, 1, h, w) or (N, {channels}, h, w), "
+                         f"got {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        x = torch.cat([x, x.new_zeros((x.shape[0], channels - 1, *x.shape[-2:]))], dim=1)
     n = x.shape[0]
     if tta:
         x = torch.cat([x, x.flip(-1)], dim=0)
     if device.type in ("cpu", "cuda"):
         x = x.contiguous(memory_format=torch.channels_last)
+    class_proba = None
     with torch.inference_mode(), _eval_mode(model):
-        logits = model(x).float()
+        if with_class:
+            logits, class_logits = model(x, with_class=True)
+            class_proba = torch.softmax(class_logits.float(), dim=1)
+            if tta:
+                class_proba = 0.5 * (class_proba[:n] + class_proba[n:])
+        else:
+            logits = model(x)
+        logits = logits.float()
     if logits.ndim != 4 or logits.shape[1] != 1:
         raise ValueError(
             f"the model returned logits of shape {tuple(logits.shape)}; expected (N, 1, h, w)"
         )
     if tta:
-        return torch.cat([logits[:n], logits[n:].flip(-1)], dim=1)
-    return logits
+        logits = torch.cat([logits[:n], logits[n:].flip(-1)], dim=1)
+    return logits, class_proba
+
+
+def has_class_head(model: nn.Module) -> bool:
+    """Tell whether ``model`` has an image-level normal / benign / malignant head.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model from :func:`load_model`.
+
+    Returns
+    -------
+    bool
+    """
+    return bool(getattr(model, "num_classes", 0))
+
+
+def accepts_prompts(model: nn.Module) -> bool:
+    """Tell whether ``model`` takes box / click / previous-mask guidance channels.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model from :func:`load_model`.
+
+    Returns
+    -------
+    bool
+    """
+    return int(getattr(model, "in_channels", 1)) > 1
 
 
 def _logits_to_proba(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -391,27 +448,51 @@ def _logits_to_proba(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
 
 
 def _predict_tensor(
-    images: Sequence[np.ndarray], model: nn.Module, tta: bool
-) -> list[torch.Tensor]:
-    """Map validated arrays to (H, W) probability tensors on the model's device."""
+    images: Sequence[np.ndarray], model: nn.Module, tta: bool, prompts: Sequence | None = None,
+    with_class: bool = False,
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Map validated arrays (and optional prompts) to probabilities on the model's device.
+
+    Returns one ((H, W) probabilities, (K,) class probabilities or None) per image.
+    """
+    from busseg.prompts import DEFAULT_CLICK_RADIUS, render_guidance
+
     cfg = _config(model)
     prep = cfg.get("preprocessing", {})
     multiple = _multiple(model, cfg)
     xs = [preprocess(im, prep, multiple=multiple) for im in images]
     sizes = [tuple(np.shape(im)[:2]) for im in images]
-    out: list[torch.Tensor] = []
+    if prompts is not None and any(p is not None and not p.empty for p in prompts):
+        radius = float(cfg.get("prompts", {}).get("click_radius", DEFAULT_CLICK_RADIUS))
+        guided = []
+        for x, size, pr in zip(xs, sizes, prompts, strict=True):
+            if pr is None or pr.empty:
+                guided.append(x)
+                continue
+            size_in = size if prep.get("input_size") is None else tuple(x.shape[-2:])
+            g = render_guidance(pr, size, size_in, click_radius=radius)[None]
+            ph, pw = x.shape[-2] - g.shape[-2], x.shape[-1] - g.shape[-1]
+            if ph or pw:
+                g = F.pad(g, (0, pw, 0, ph))
+            guided.append(torch.cat([x, g], dim=1))
+        channels = max(g.shape[1] for g in guided)
+        xs = [g if g.shape[1] == channels else
+              torch.cat([g, g.new_zeros((1, channels - 1, *g.shape[-2:]))], 1) for g in guided]
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     if len({tuple(x.shape) for x in xs}) == 1:
-        logits = predict_logits_batch(torch.cat(xs), model, tta=tta)
-        groups = [(logits, list(range(len(xs))))]
+        groups = [(_forward(torch.cat(xs), model, tta=tta, with_class=with_class),
+                   list(range(len(xs))))]
     else:
-        groups = [(predict_logits_batch(x, model, tta=tta), [i]) for i, x in enumerate(xs)]
-    for logits, idx in groups:
+        groups = [(_forward(x, model, tta=tta, with_class=with_class), [i])
+                  for i, x in enumerate(xs)]
+    for (logits, class_proba), idx in groups:
         for j, i in enumerate(idx):
             H, W = sizes[i]
             lg = logits[j : j + 1]
             if prep.get("input_size") is None:
                 lg = lg[..., :H, :W]  # drop the padding
-            out.append(_logits_to_proba(lg, (H, W))[0])
+            out.append((_logits_to_proba(lg, (H, W))[0],
+                        None if class_proba is None else class_proba[j]))
     return out
 
 
@@ -421,6 +502,10 @@ def predict_proba(
     *,
     device: str | torch.device | None = None,
     tta: bool | None = None,
+    boxes: Any = None,
+    points: Any = None,
+    point_labels: Any = None,
+    previous_mask: Any = None,
 ) -> np.ndarray:
     """Lesion probability per pixel at the image's original size.
 
@@ -441,6 +526,13 @@ def predict_proba(
         Test-time augmentation: average the probabilities of the image and of its left-right
         mirror image (twice the network cost). ``None`` uses the checkpoint's
         ``inference.tta_flips``.
+    boxes, points, point_labels, previous_mask : optional
+        Prompts for a prompt model (:func:`accepts_prompts`), in pixels of ``image``,
+        napari's (row, col) order: ``boxes`` (B, 4) ``(row_min, col_min, row_max, col_max)``
+        inclusive, one per lesion; ``points`` (P, 2) clicks with ``point_labels`` (P,)
+        1 = lesion, 0 = background (default all 1); ``previous_mask`` (H, W) bool, the mask
+        the clicks correct. See :func:`busseg.prompts.validate_prompts`. The probabilities
+        are those of the whole image (:func:`predict_mask` restricts the mask to the boxes).
 
     Returns
     -------
@@ -452,13 +544,99 @@ def predict_proba(
     ------
     ValueError
         If the image is not 2D grey / RGB / RGBA, is empty or holds NaN / infinity; if the
-        model has no checkpoint config; if ``device`` is not the model's device.
+        model has no checkpoint config; if ``device`` is not the model's device; if prompts
+        are malformed (outside the image, an empty box, lengths that differ) or given to a
+        model that does not take them.
     busseg.models.CheckpointError
         If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
     """
     model, arr, cfg = _prepare(image, model, device)
-    proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg))[0]
+    pr = _prompts(model, arr, boxes, points, point_labels, previous_mask)
+    proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg), [pr])[0][0]
     return proba.to("cpu", torch.float32).numpy()
+
+
+def _prompts(model, arr, boxes, points, point_labels, previous_mask):
+    """Validate the prompts: :class:`busseg.prompts.Prompts`, or None without any."""
+    if boxes is None and points is None and previous_mask is None:
+        if point_labels is not None and len(np.atleast_1d(point_labels)):
+            raise ValueError("point_labels were given without points")
+        return None
+    from busseg.prompts import validate_prompts
+
+    pr = validate_prompts(arr.shape[:2], boxes, points, point_labels, previous_mask)
+    if not pr.empty and not accepts_prompts(model):
+        raise ValueError(
+            "this checkpoint takes no box or click prompts (it was trained without guidance "
+            "channels); use the shipped default model or one trained with "
+            "`train.py --prompts`")
+    return pr
+
+
+@dataclass
+class Prediction:
+    """Everything one forward pass gives for one image (:func:`predict`).
+
+    Attributes
+    ----------
+    mask : numpy.ndarray
+        (H, W) bool, True = lesion, after the normal-scan gate, the box restriction and
+        post-processing.
+    proba : numpy.ndarray
+        (H, W) float32 lesion probabilities in [0, 1] (before the gate).
+    class_proba : dict or None
+        ``{"normal": p, "benign": p, "malignant": p}`` (summing to 1) from the class head;
+        None for a model without one. Research output, not a diagnosis.
+    gated : bool
+        True when the normal-scan gate emptied a non-empty mask.
+    """
+
+    mask: np.ndarray
+    proba: np.ndarray
+    class_proba: dict | None
+    gated: bool = False
+
+
+def _class_dict(model: nn.Module, probs: torch.Tensor) -> dict:
+    from busseg.models import CLASS_NAMES
+
+    names = list(_config(model).get("classes", CLASS_NAMES))
+    values = probs.to("cpu", torch.float64).tolist()
+    return {name: float(v) for name, v in zip(names, values, strict=True)}
+
+
+def _resolve_gate(normal_gate: Any, cfg: Mapping[str, Any]) -> dict | None:
+    """Return the gate {"p_normal": t, "lesion_confidence": c} to apply, or None."""
+    stored = cfg.get("inference", {}).get("normal_gate")
+    if normal_gate is None or normal_gate is False:
+        return None
+    if isinstance(normal_gate, str):
+        if normal_gate != "auto":
+            raise ValueError(f"normal_gate must be 'auto', None or a probability in (0, 1], "
+                             f"got {normal_gate!r}")
+        return dict(stored) if stored else None
+    try:
+        t = float(normal_gate)
+    except (TypeError, ValueError):
+        raise ValueError(f"normal_gate must be 'auto', None or a probability in (0, 1], got "
+                         f"{normal_gate!r}") from None
+    if not 0.0 < t <= 1.0:
+        raise ValueError(f"normal_gate must be in (0, 1], got {normal_gate!r}")
+    conf = (stored or {}).get("lesion_confidence", 1.0 + 1e-9)
+    return {"p_normal": t, "lesion_confidence": conf}
+
+
+def _apply_gate(mask: np.ndarray, proba: torch.Tensor, class_proba: dict | None,
+                gate: dict | None) -> tuple[np.ndarray, bool]:
+    """Empty the mask when the head says normal and no predicted pixel is confident."""
+    if gate is None or class_proba is None or not mask.any():
+        return mask, False
+    if class_proba.get("normal", 0.0) < float(gate["p_normal"]):
+        return mask, False
+    if float(proba.max()) >= float(gate.get("lesion_confidence", 1.0 + 1e-9)):
+        return mask, False
+    return np.zeros_like(mask), True
+
 
 
 def predict_mask(
@@ -471,8 +649,99 @@ def predict_mask(
     keep: str = "all",
     min_area: int = 0,
     device: str | torch.device | None = None,
+    boxes: Any = None,
+    points: Any = None,
+    point_labels: Any = None,
+    previous_mask: Any = None,
+    normal_gate: Any = "auto",
+    box_margin: float = 0.1,
 ) -> np.ndarray:
-    """Binary lesion mask at the image's original size.
+    """Binary lesion mask at the image's original size (see :func:`predict` for all outputs).
+
+    Parameters
+    ----------
+    image, model, threshold, tta, fill_holes, keep, min_area, device, boxes, points,
+    point_labels, previous_mask, normal_gate, box_margin
+        As in :func:`predict`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) bool, True = lesion.
+
+    Raises
+    ------
+    ValueError, busseg.models.CheckpointError
+        As :func:`predict`.
+    """
+    return predict(image, model, threshold=threshold, tta=tta, fill_holes=fill_holes,
+                   keep=keep, min_area=min_area, device=device, boxes=boxes, points=points,
+                   point_labels=point_labels, previous_mask=previous_mask,
+                   normal_gate=normal_gate, box_margin=box_margin).mask
+
+
+def classify(
+    image: Any,
+    model: ModelLike = None,
+    *,
+    tta: bool | None = None,
+    device: str | torch.device | None = None,
+) -> dict:
+    """Image-level class probabilities from the model's class head.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        As for :func:`predict_mask`.
+    model : torch.nn.Module or str or os.PathLike or None, optional
+        A model with a class head (:func:`has_class_head`), a checkpoint path, or ``None``
+        (the default model).
+    tta : bool or None, optional
+        Average over the image and its mirror image; ``None`` uses the checkpoint setting.
+    device : str or torch.device or None, optional
+        See :func:`predict_proba`.
+
+    Returns
+    -------
+    dict
+        ``{"normal": p, "benign": p, "malignant": p}``, floats in [0, 1] summing to 1.
+        Research output, not a diagnosis.
+
+    Raises
+    ------
+    ValueError
+        If the model has no class head (the message names one that does), or as
+        :func:`predict_proba` for a bad image.
+    busseg.models.CheckpointError
+        If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
+    """
+    model, arr, cfg = _prepare(image, model, device)
+    if not has_class_head(model):
+        raise ValueError(
+            "this checkpoint has no lesion class head; use the shipped default model "
+            "(busseg.load_model()) or one trained with `train.py --class-head`")
+    _, class_proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg), with_class=True)[0]
+    return _class_dict(model, class_proba)
+
+
+def predict(
+    image: Any,
+    model: ModelLike = None,
+    *,
+    threshold: float | None = None,
+    tta: bool | None = None,
+    fill_holes: bool = False,
+    keep: str = "all",
+    min_area: int = 0,
+    device: str | torch.device | None = None,
+    boxes: Any = None,
+    points: Any = None,
+    point_labels: Any = None,
+    previous_mask: Any = None,
+    normal_gate: Any = "auto",
+    box_margin: float = 0.1,
+) -> Prediction:
+    """Mask, probabilities and class probabilities of one image from one forward pass.
 
     Parameters
     ----------
@@ -491,30 +760,58 @@ def predict_mask(
         hole filling, ``keep="all"``, ``min_area=0``) return the thresholded mask as is.
     device : str or torch.device or None, optional
         See :func:`predict_proba`.
+    boxes, points, point_labels, previous_mask : optional
+        Prompts, as in :func:`predict_proba`. With boxes, the mask is restricted to the boxes
+        (each grown by ``box_margin``).
+    normal_gate : "auto" or None or float, optional
+        The normal-scan gate of a model with a class head: in automatic mode (no prompts),
+        the mask is emptied when P(normal) >= the gate's ``p_normal`` *and* no pixel's
+        lesion probability reaches its ``lesion_confidence``, so the class head alone
+        cannot silence a confident lesion. ``"auto"`` (default) uses the gate chosen on the
+        validation split and stored in the checkpoint's ``inference.normal_gate`` (none
+        stored: no gate); ``None`` switches it off; a float in (0, 1] sets ``p_normal``
+        (keeping the stored ``lesion_confidence``). Ignored for models without a head.
+    box_margin : float, optional
+        Share of a box's side by which the mask may extend past it (>= 0), for boxes drawn
+        a little too tight.
 
     Returns
     -------
-    numpy.ndarray
-        (H, W) bool, True = lesion.
+    Prediction
+        ``mask`` (H, W) bool, ``proba`` (H, W) float32, ``class_proba`` dict or None,
+        ``gated`` bool.
 
     Raises
     ------
     ValueError
-        As :func:`predict_proba`; also for a threshold outside (0, 1) or invalid
-        post-processing options.
+        As :func:`predict_proba`; also for a threshold outside (0, 1), invalid
+        post-processing options, a bad ``normal_gate`` or a negative ``box_margin``.
     busseg.models.CheckpointError
         If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
     """
     from busseg.postprocess import postprocess_mask
+    from busseg.prompts import box_mask
 
     model, arr, cfg = _prepare(image, model, device)
     t = _resolve_threshold(threshold, cfg)
     _check_postprocess(keep, min_area)
-    proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg))[0]
+    gate = _resolve_gate(normal_gate, cfg)
+    if not (isinstance(box_margin, (int, float)) and box_margin >= 0):
+        raise ValueError(f"box_margin must be a number >= 0, got {box_margin!r}")
+    pr = _prompts(model, arr, boxes, points, point_labels, previous_mask)
+    with_class = has_class_head(model)
+    proba, class_proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg), [pr],
+                                         with_class=with_class)[0]
     mask = (proba >= t).cpu().numpy()
+    if pr is not None and len(pr.boxes):
+        mask &= box_mask(pr.boxes, mask.shape, box_margin)
     if fill_holes or keep != "all" or min_area > 0:
         mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
-    return mask
+    classes = _class_dict(model, class_proba) if class_proba is not None else None
+    gated = False
+    if pr is None or pr.empty:
+        mask, gated = _apply_gate(mask, proba, classes, gate)
+    return Prediction(mask, proba.to("cpu", torch.float32).numpy(), classes, gated)
 
 
 def _prepare(image: Any, model: ModelLike, device) -> tuple[torch.nn.Module, np.ndarray, dict]:
@@ -545,7 +842,9 @@ def predict_stack_iter(
     min_area: int = 0,
     batch_size: int = 4,
     device: str | torch.device | None = None,
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    normal_gate: Any = "auto",
+    with_class: bool = False,
+) -> Iterator[tuple]:
     """Predict slice after slice, yielding each result as soon as it is ready.
 
     A generator, so a GUI can show progress and stop between slices (napari's
@@ -564,6 +863,11 @@ def predict_stack_iter(
         As in :func:`predict_mask`.
     batch_size : int, optional
         Slices per forward pass (>= 1); results are still yielded one slice at a time.
+    normal_gate : "auto" or None or float, optional
+        The normal-scan gate, as in :func:`predict`.
+    with_class : bool, optional
+        Also yield the class probabilities (a dict, or None without a class head) as a
+        fourth item.
 
     Yields
     ------
@@ -573,6 +877,8 @@ def predict_stack_iter(
         (H, W) bool.
     proba : numpy.ndarray
         (H, W) float32 in [0, 1].
+    class_proba : dict or None
+        Only with ``with_class``: as :attr:`Prediction.class_proba`.
 
     Raises
     ------
@@ -609,14 +915,19 @@ def predict_stack_iter(
                 f"a stack must be (N, H, W) or (N, H, W, 3|4), got shape {images.shape}"
             )
     post = fill_holes or keep != "all" or min_area > 0
+    gate = _resolve_gate(normal_gate, cfg)
+    head = has_class_head(model)
 
     def emit(chunk: list[tuple[int, np.ndarray]]):
-        probas = _predict_tensor([a for _, a in chunk], model, use_tta)
-        for (i, _), p in zip(chunk, probas, strict=True):
+        results = _predict_tensor([a for _, a in chunk], model, use_tta, with_class=head)
+        for (i, _), (p, cp) in zip(chunk, results, strict=True):
             mask = (p >= t).cpu().numpy()
             if post:
                 mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
-            yield i, mask, p.to("cpu", torch.float32).numpy()
+            classes = _class_dict(model, cp) if cp is not None else None
+            mask, _ = _apply_gate(mask, p, classes, gate)
+            out = (i, mask, p.to("cpu", torch.float32).numpy())
+            yield (*out, classes) if with_class else out
 
     chunk: list[tuple[int, np.ndarray]] = []
     for i, im in enumerate(images):

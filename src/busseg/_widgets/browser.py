@@ -12,6 +12,15 @@ Layers it manages for a case ``<stem>`` (e.g. ``benign (4)``):
   "Segment lesions" widget (which names its output ``"<image layer name> prediction"``). An
   existing prediction layer is never replaced, since the user may have corrected it.
 
+Ranking (active learning): "Rank by uncertainty" scores every case of the dataset with the
+checkpoint of the "Segment lesions" widget (or, without one, the browser's own "Model") through
+:func:`busseg.uncertainty.rank_iter` in a ``thread_worker`` (progress bar, Cancel). Each case
+shows its score beside its status; "Sort" orders the list by name or by uncertainty (highest
+first); "Next suggested" opens the most uncertain case of the list that has no saved
+correction yet. Scores are cached per (checkpoint, image), and the list is re-ranked by itself
+when the "Segment lesions" widget switches checkpoint (the widget is polled, since it has no
+signal for that; the check is two ``stat`` calls).
+
 "Save correction" writes the prediction layer of the selected case as
 ``<corrections>/<class>/<stem>_mask.png`` (0/255) and the image as
 ``<corrections>/<class>/<stem>.png``, so the corrections folder is itself a BUSI-layout
@@ -21,6 +30,8 @@ that overlaps the dataset and asks before replacing an existing correction.
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +42,7 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     Label,
+    ProgressBar,
     PushButton,
     Select,
 )
@@ -39,6 +51,7 @@ from busseg._widgets._common import (
     ask_yes_no,
     busseg_metadata,
     find_layer,
+    guarded,
     notify_error,
     notify_info,
     notify_warning,
@@ -49,6 +62,9 @@ from busseg.data.busi import CLASSES, BusiRecord
 
 ALL = "all"
 _STATUS_MARK = {NOT_SEGMENTED: "", PREDICTED: "  [predicted]", CORRECTED: "  [corrected]"}
+#: Choices of the "Sort" box.
+SORT_NAME = "name"
+SORT_UNCERTAINTY = "uncertainty (highest first)"
 
 
 def _path_or_none(value: Any) -> Path | None:
@@ -67,6 +83,34 @@ def _predict(image: np.ndarray, model_path: Path | None) -> np.ndarray:
 
     model = load_model(model_path)
     return predict_mask(image, model)
+
+
+def rank_job(paths: list[Path], checkpoint: Path | None, cache: Any = True):
+    """Rank images by uncertainty in a worker thread (see :func:`busseg.uncertainty.rank_iter`).
+
+    Parameters
+    ----------
+    paths : list of pathlib.Path
+        Image files.
+    checkpoint : pathlib.Path or None
+        Checkpoint folder; None for the shipped default model.
+    cache : UncertaintyCache or bool
+        As in :func:`busseg.uncertainty.rank_iter` (True: the process-wide cache).
+
+    Yields
+    ------
+    tuple
+        ``("checkpoint", key)`` first (:func:`busseg.uncertainty.checkpoint_key`), then the
+        events of :func:`busseg.uncertainty.rank_iter`.
+
+    Returns
+    -------
+    busseg.uncertainty.Ranking
+    """
+    from busseg.uncertainty import checkpoint_key, rank_iter
+
+    yield ("checkpoint", checkpoint_key(checkpoint))
+    return (yield from rank_iter(paths, checkpoint, cache=cache))
 
 
 class _CaseList(Select):
@@ -93,8 +137,13 @@ class BusiBrowserWidget(Container):
     -----
     Public methods mirror the buttons, for scripts and tests: :meth:`set_root`,
     :meth:`set_class_filter`, :meth:`select`, :meth:`open_current`, :meth:`next_case`,
-    :meth:`previous_case`, :meth:`save_correction`; :attr:`records` lists the cases shown.
+    :meth:`previous_case`, :meth:`save_correction`, :meth:`rank`, :meth:`cancel_ranking`,
+    :meth:`set_sort`, :meth:`next_suggested`; :attr:`records` lists the cases shown and
+    :meth:`score_of` a case's uncertainty.
     """
+
+    #: How often (ms) the Segment lesions widget's checkpoint is compared with the ranked one.
+    CHECKPOINT_POLL_MS = 500
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
@@ -105,11 +154,23 @@ class BusiBrowserWidget(Container):
         self._refreshing = False
         self._pending: set[str] = set()
         self._workers: list[Any] = []
+        self._scores: dict[str, float] = {}
+        self._ranked_key: tuple | None = None
+        self._ranked_checkpoint: Path | None = None
+        self._rank_worker: Any = None
+        self._suggest_after_rank = False
+        self._last_list_refresh = 0.0
 
         self._root_edit = FileEdit(mode="d", label="Dataset", nullable=True)
         self._from_layer_btn = PushButton(text="Use folder of the opened layer")
         self._class_combo = ComboBox(label="Class", choices=[ALL, *CLASSES], value=ALL)
         self._cases = _CaseList(label="Cases")
+        self._sort_combo = ComboBox(label="Sort", choices=[SORT_NAME, SORT_UNCERTAINTY],
+                                    value=SORT_NAME)
+        self._rank_btn = PushButton(text="Rank by uncertainty")
+        self._rank_cancel_btn = PushButton(text="Cancel", enabled=False)
+        self._rank_progress = ProgressBar(label="Ranking", min=0, max=1, value=0)
+        self._suggest_btn = PushButton(text="Next suggested")
         self._predict_check = CheckBox(text="Predict on open", value=False)
         self._model_edit = FileEdit(
             mode="d", label="Model", nullable=True, tooltip="checkpoint folder; empty: default"
@@ -127,12 +188,21 @@ class BusiBrowserWidget(Container):
             widgets=[self._prev_btn, self._open_btn, self._next_btn],
         )
         nav.margins = (0, 0, 0, 0)
+        ranking = Container(
+            layout="horizontal",
+            labels=False,
+            widgets=[self._rank_btn, self._rank_cancel_btn, self._suggest_btn],
+        )
+        ranking.margins = (0, 0, 0, 0)
         self.extend(
             [
                 self._root_edit,
                 self._from_layer_btn,
                 self._class_combo,
+                self._sort_combo,
                 self._cases,
+                ranking,
+                self._rank_progress,
                 self._predict_check,
                 self._model_edit,
                 nav,
@@ -147,7 +217,16 @@ class BusiBrowserWidget(Container):
         self._cases.native.setMinimumHeight(200)
         self._cases.tooltip = (
             "[predicted]: a '<case> prediction' Labels layer is open; [corrected]: a mask is "
-            "saved in the corrections folder; no mark: not segmented. Double-click to open."
+            "saved in the corrections folder; no mark: not segmented. u: uncertainty of the "
+            "model's prediction (0 sure, 1 unsure; 'Rank by uncertainty'). Double-click to open."
+        )
+        self._rank_btn.tooltip = (
+            "Score every case with the 'Segment lesions' checkpoint (or 'Model' below when that "
+            "widget is not open): entropy of the lesion probabilities around the predicted "
+            "lesion and disagreement with the flipped image. Cached per checkpoint and image."
+        )
+        self._suggest_btn.tooltip = (
+            "Open the most uncertain case of the list that has no saved correction yet"
         )
         self._status.native.setWordWrap(True)
         self._cases.native.itemDoubleClicked.connect(lambda *_: self.open_current())
@@ -160,6 +239,15 @@ class BusiBrowserWidget(Container):
         self._next_btn.changed.connect(self.next_case)
         self._corr_edit.changed.connect(self._on_corrections_changed)
         self._save_btn.changed.connect(self.save_correction)
+        self._sort_combo.changed.connect(self._on_sort_changed)
+        self._rank_btn.changed.connect(self.rank)
+        self._rank_cancel_btn.changed.connect(self.cancel_ranking)
+        self._suggest_btn.changed.connect(self.next_suggested)
+        from qtpy.QtCore import QTimer
+
+        self._poll = QTimer(self.native)
+        self._poll.setInterval(self.CHECKPOINT_POLL_MS)
+        self._poll.timeout.connect(self._on_checkpoint_poll)
         self._viewer.layers.events.inserted.connect(self._on_layers_changed)
         self._viewer.layers.events.removed.connect(self._on_layers_changed)
 
@@ -302,6 +390,197 @@ class BusiBrowserWidget(Container):
         self._refresh_list()
         return paths.mask
 
+    # ---------------------------------------------------------------- ranking
+
+    @property
+    def ranking_running(self) -> bool:
+        """Whether an uncertainty ranking is running."""
+        return self._rank_worker is not None
+
+    def score_of(self, record: BusiRecord) -> float | None:
+        """Uncertainty score in [0, 1] of a case under the ranked checkpoint, or None."""
+        return self._scores.get(str(record.image_path))
+
+    def set_sort(self, by: str) -> None:
+        """Order the list by ``"name"`` or by ``"uncertainty"`` (highest first)."""
+        self._sort_combo.value = SORT_UNCERTAINTY if by.startswith("uncertainty") else SORT_NAME
+
+    def ranking_checkpoint(self) -> Path | None:
+        """Return the checkpoint to rank with: Segment lesions' checkpoint, else "Model".
+
+        Returns
+        -------
+        pathlib.Path or None
+            A checkpoint folder, or None for the shipped default model.
+        """
+        from busseg._widgets.segment import find_segment_widget
+
+        seg = find_segment_widget(self._viewer)
+        if seg is not None:
+            return seg.current_checkpoint()
+        return _path_or_none(self._model_edit.value)
+
+    def rank(self) -> bool:
+        """Score every case of the dataset by uncertainty in a worker thread.
+
+        Returns
+        -------
+        bool
+            True when a ranking was started (False: no dataset, or one is running).
+        """
+        if self._rank_worker is not None:
+            return False
+        if not self._all:
+            notify_warning("Choose a dataset folder first; then rank its cases.")
+            return False
+        from napari.qt.threading import create_worker
+
+        checkpoint = self.ranking_checkpoint()
+        self._ranked_checkpoint = checkpoint
+        paths = [r.image_path for r in self._all]
+        worker = create_worker(guarded, rank_job(paths, checkpoint), _start_thread=False,
+                               _ignore_errors=True)
+        worker.yielded.connect(self._on_rank_yielded)
+        worker.returned.connect(self._on_rank_returned)
+        worker.errored.connect(self._on_rank_errored)
+        worker.aborted.connect(self._on_rank_aborted)
+        worker.finished.connect(self._on_rank_finished)
+        self._rank_worker = worker
+        self._rank_btn.enabled = False
+        self._rank_cancel_btn.enabled = True
+        self._rank_progress.max = 0  # busy while the model loads
+        where = "the shipped default model" if checkpoint is None else checkpoint.name
+        self._status.value = f"Ranking {len(paths)} cases with {where} …"
+        worker.start()
+        return True
+
+    def cancel_ranking(self) -> None:
+        """Stop the ranking after the current image; the scores so far are kept."""
+        if self._rank_worker is not None:
+            self._rank_worker.quit()
+            self._suggest_after_rank = False
+            self._status.value = "Cancelling the ranking after the current image …"
+
+    def next_suggested(self) -> BusiRecord | None:
+        """Open the most uncertain listed case that has no saved correction.
+
+        Ranks first when there is no ranking yet or the checkpoint changed since (the case
+        opens when the ranking finishes). The selected case is skipped while another one is
+        left, so pressing the button again moves on.
+
+        Returns
+        -------
+        BusiRecord or None
+            The case opened now, or None (ranking first, or nothing left to suggest).
+        """
+        if self._rank_worker is not None:
+            self._suggest_after_rank = True
+            notify_info("Ranking is running; the suggested case opens when it finishes.")
+            return None
+        if self._ranked_key is None or self._checkpoint_changed():
+            self._suggest_after_rank = self.rank()
+            return None
+        rec = self._suggestion()
+        if rec is None:
+            notify_info("No case left to suggest: every ranked case of the list is corrected.")
+            return None
+        self.select(self._shown.index(self._all.index(rec)))
+        self.open_current()
+        return rec
+
+    def _suggestion(self) -> BusiRecord | None:
+        store = self._store(quiet=True)
+        current = self.current_record()
+        best: list[tuple[float, int, BusiRecord]] = []
+        for i in self._shown:
+            rec = self._all[i]
+            score = self.score_of(rec)
+            if score is None or not math.isfinite(score):
+                continue
+            if store is not None and store.is_corrected(rec):
+                continue
+            best.append((-score, i, rec))
+        best.sort(key=lambda t: t[:2])
+        others = [b for b in best if b[2] is not current]
+        pick = others or best
+        return pick[0][2] if pick else None
+
+    def _checkpoint_changed(self) -> bool:
+        """Whether the ranking checkpoint (its folder or its files) differs from the ranked one."""
+        from busseg.models import CheckpointError
+        from busseg.uncertainty import checkpoint_key
+
+        try:
+            return checkpoint_key(self.ranking_checkpoint()) != self._ranked_key
+        except (CheckpointError, OSError):
+            return False  # an incomplete checkpoint folder: keep the scores we have
+
+    def _on_checkpoint_poll(self) -> None:
+        if self._rank_worker is None and self._ranked_key is not None and self._all:
+            if self._checkpoint_changed():
+                self.rank()
+
+    def _on_rank_yielded(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "checkpoint":
+            if event[1] != self._ranked_key:  # another model: its old scores do not apply
+                self._scores.clear()
+                self._ranked_key = event[1]
+                self._refresh_list()
+        elif kind == "status":
+            self._status.value = event[1]
+        elif kind == "progress":
+            done, total, entry = event[1], event[2], event[3]
+            self._rank_progress.max = max(total, 1)
+            self._rank_progress.value = done
+            if entry is not None and entry.path is not None:
+                self._scores[str(entry.path)] = entry.score
+            now = time.monotonic()
+            if now - self._last_list_refresh > 0.5:  # keep the GUI responsive
+                self._last_list_refresh = now
+                self._refresh_list()
+
+    def _on_rank_returned(self, ranking: Any) -> None:
+        for e in ranking.entries:
+            if e.path is not None:
+                self._scores[str(e.path)] = e.score
+        failed = [e for e in ranking.entries if e.error]
+        self._refresh_list()
+        where = ("the shipped default model" if self._ranked_checkpoint is None
+                 else self._ranked_checkpoint.name)
+        text = (f"Ranked {len(ranking.entries) - len(failed)} cases with {where} "
+                f"({ranking.n_cached} from the cache).")
+        if failed:
+            text += f" {len(failed)} could not be read, e.g. {failed[0].error}"
+        self._status.value = text
+        self._poll.start()
+
+    def _on_rank_errored(self, exc: BaseException) -> None:
+        self._suggest_after_rank = False
+        self._status.value = f"Ranking failed: {exc}"
+        notify_error(f"Ranking failed: {exc}")
+
+    def _on_rank_aborted(self) -> None:
+        self._suggest_after_rank = False
+        self._refresh_list()
+        self._status.value = f"Ranking cancelled; {len(self._scores)} cases have a score."
+        self._poll.start()
+
+    def _on_rank_finished(self) -> None:
+        self._rank_worker = None
+        self._rank_btn.enabled = True
+        self._rank_cancel_btn.enabled = False
+        if self._rank_progress.max == 0:
+            self._rank_progress.max = 1
+        if self._suggest_after_rank:
+            self._suggest_after_rank = False
+            self.next_suggested()
+
+    def _on_sort_changed(self, *_: Any) -> None:
+        self._refresh_list()
+        if self._sort_combo.value == SORT_UNCERTAINTY and not self._scores and self._all:
+            self.rank()
+
     # ---------------------------------------------------------------- internals
 
     def _confirm_overwrite(self, path: Path) -> bool:
@@ -347,6 +626,7 @@ class BusiBrowserWidget(Container):
 
         path = _path_or_none(value)
         self._all, self._root = [], None
+        self._scores.clear()  # keyed by path; a ranking of another folder does not apply
         if path is None or not path.is_dir():
             self._status.value = "Choose a dataset folder."
             self._refresh_list()
@@ -387,6 +667,8 @@ class BusiBrowserWidget(Container):
             current = self._cases.value
             label = self._class_combo.value
             self._shown = [i for i, r in enumerate(self._all) if label == ALL or r.label == label]
+            if self._sort_combo.value == SORT_UNCERTAINTY:
+                self._shown.sort(key=self._uncertainty_order)
             store = self._store(quiet=True)
             predicted = {
                 layer.name for layer in self._viewer.layers if layer.name.endswith(" prediction")
@@ -399,7 +681,11 @@ class BusiBrowserWidget(Container):
                     status = store.status(rec, predicted=is_pred)
                 else:
                     status = PREDICTED if is_pred else NOT_SEGMENTED
-                choices.append((f"{rec.name}{_STATUS_MARK[status]}", i))
+                score = self.score_of(rec)
+                shown = "" if score is None else (
+                    "  u=?" if not math.isfinite(score) else f"  u={score:.2f}"
+                )
+                choices.append((f"{rec.name}{_STATUS_MARK[status]}{shown}", i))
             self._cases.choices = []  # clear first: keeps the order when marks change
             self._cases.choices = choices
             keep = [i for i in current if i in self._shown]
@@ -407,6 +693,13 @@ class BusiBrowserWidget(Container):
                 self._cases.value = keep
         finally:
             self._refreshing = False
+
+    def _uncertainty_order(self, i: int) -> tuple:
+        """Sort key: highest score first, unscored cases last, then dataset order."""
+        score = self.score_of(self._all[i])
+        if score is None or not math.isfinite(score):
+            return (1, 0.0, i)
+        return (0, -score, i)
 
     def _step(self, delta: int) -> None:
         if not self._shown:

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 
@@ -41,9 +42,17 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     Raises
     ------
     ValueError
-        If the array is not 2D or 3D with 1, 3 or 4 channels, or is empty.
+        If the array is not 2D or 3D with 1, 3 or 4 channels, is empty, or is not numeric
+        (complex, object or string dtype).
     """
     arr = np.asarray(image)
+    if arr.dtype != np.bool_ and (
+        not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr)
+    ):
+        raise ValueError(
+            f"an image must hold real numbers (uint8, uint16, float or bool), got dtype "
+            f"{arr.dtype}"
+        )
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
@@ -82,34 +91,99 @@ def to_grey(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+def _frames_error(path: Path, n: int) -> ImageReadError:
+    return ImageReadError(
+        f"{path} holds {n} pages (frames); busseg reads single 2D images. Save each page as "
+        "its own file, or open the stack in napari with a reader that keeps every page"
+    )
+
+
+def _open_tiff_fallback(path: Path, cause: Exception) -> np.ndarray:
+    """Read a TIFF that Pillow cannot decode (float64, int64, float16 ...) with tifffile."""
+    try:
+        import tifffile
+    except ImportError:  # pragma: no cover - tifffile comes with scikit-image / napari
+        raise cause from None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) > 1:
+                raise _frames_error(path, len(tif.pages))
+            arr = tif.pages[0].asarray()
+    except ImageReadError:
+        raise
+    except Exception:  # noqa: BLE001 - tifffile cannot read it either: report Pillow's reason
+        raise cause from None
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):
+        raise ImageReadError(
+            f"{path} has shape {arr.shape}; busseg reads 2D grey, RGB or RGBA images"
+        )
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ImageReadError(f"{path} has shape {arr.shape}; busseg reads 2D images")
+    if np.iscomplexobj(arr) or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ImageReadError(f"{path} holds {arr.dtype} pixels; busseg reads real-valued images")
+    if np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float64)
+    return arr
+
+
 def _open(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder, not an image file")
         raise FileNotFoundError(f"no such image file: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("P", "PA"):
-                im = im.convert("RGBA")
-            elif im.mode == "1":
-                im = im.convert("L")
-            elif im.mode.startswith("I;16"):
-                return np.asarray(im, dtype=np.uint16)
-            elif im.mode in ("I", "F"):
-                return np.asarray(im, dtype=np.float64)
-            elif im.mode not in ("L", "LA", "RGB", "RGBA"):
-                im = im.convert("RGB")
-            arr = np.asarray(im)
-            if im.mode == "LA":
-                arr = arr[..., 0]
-            return arr
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        return _decode(path)
+    except ImageReadError:
+        raise
+    except PermissionError as exc:
+        raise ImageReadError(f"cannot read {path}: permission denied ({exc})") from exc
+    except Image.DecompressionBombError as exc:
         raise ImageReadError(
-            f"cannot read {path} as an image ({exc}); check that the file is a complete "
-            f"PNG/JPEG/TIFF/BMP"
+            f"cannot read {path}: its header claims more pixels than Pillow's safety limit "
+            f"({exc}); a real ultrasound image is far smaller, so the file is probably corrupt"
         ) from exc
+    except MemoryError as exc:
+        raise ImageReadError(f"cannot read {path}: not enough memory to decode it") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError, KeyError,
+            IndexError, EOFError, ZeroDivisionError, OverflowError, struct_error) as exc:
+        # Pillow's decoders raise all of these on corrupt or hostile files
+        err = ImageReadError(
+            f"cannot read {path} as an image ({type(exc).__name__}: {exc}); check that the "
+            "file is a complete PNG/JPEG/TIFF/BMP"
+        )
+        err.__cause__ = exc
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return _open_tiff_fallback(path, err)
+        raise err from exc
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Decode one image file with Pillow (errors are mapped by :func:`_open`)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        n_frames = getattr(im, "n_frames", 1)
+        if n_frames > 1:
+            raise _frames_error(path, n_frames)
+        im.load()
+        if im.mode in ("P", "PA"):
+            im = im.convert("RGBA")
+        elif im.mode == "1":
+            im = im.convert("L")
+        elif im.mode.startswith("I;16"):
+            return np.asarray(im, dtype=np.uint16)
+        elif im.mode in ("I", "F"):
+            return np.asarray(im, dtype=np.float64)
+        elif im.mode not in ("L", "LA", "RGB", "RGBA"):
+            im = im.convert("RGB")
+        arr = np.asarray(im)
+        if im.mode == "LA":
+            arr = arr[..., 0]
+        return arr
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -128,9 +202,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Raises
     ------
     FileNotFoundError
-        If the file does not exist.
+        If the file does not exist (``IsADirectoryError`` if it is a folder).
     ImageReadError
-        If the file is not a decodable image (truncated, corrupt or another format).
+        A ``ValueError`` naming the file: not a decodable image (empty, truncated, corrupt,
+        another format, an absurd size in its header, unreadable), several pages or frames
+        (a stack), or pixels that are not a 2D grey / RGB / RGBA image. TIFFs that Pillow
+        cannot decode (float64, int64 ...) are read with ``tifffile``.
     """
     return to_grey(_open(path))
 
@@ -154,7 +231,7 @@ def read_mask(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> np.ndar
     ValueError
         If no path is given or the masks differ in size.
     FileNotFoundError, ImageReadError
-        If a file is missing or cannot be decoded.
+        If a file is missing or cannot be decoded (see :func:`read_image`).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -212,13 +289,18 @@ def atomic_output(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     ------
     FileExistsError
         If ``path`` exists and ``overwrite`` is False (checked before and after writing).
+    IsADirectoryError
+        If ``path`` is a folder.
     """
     path = Path(path)
     exists_msg = f"{path} already exists; choose another name or pass overwrite=True"
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name to write to")
     if not overwrite and path.exists():
         raise FileExistsError(exists_msg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a short prefix: the temporary name must stay within the file system's name length
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -293,7 +375,7 @@ def write_mask_png(
     Raises
     ------
     ValueError
-        If ``mask`` is not 2D.
+        If ``mask`` is not 2D, has no pixels, or is not numeric.
     FileExistsError
         If ``path`` exists and ``overwrite`` is False.
     """
@@ -304,6 +386,12 @@ def write_mask_png(
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a mask must be 2D (H, W), got shape {mask.shape}")
+    if mask.size == 0:
+        raise ValueError(f"a mask must have at least one pixel, got shape {mask.shape}")
+    if mask.dtype != np.bool_ and (
+        not np.issubdtype(mask.dtype, np.number) or np.iscomplexobj(mask)
+    ):
+        raise ValueError(f"a mask must hold numbers or bools, got dtype {mask.dtype}")
     buf = _io.BytesIO()
     Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L").save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)

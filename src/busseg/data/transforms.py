@@ -101,6 +101,16 @@ class Augment:
         Probability of multiplicative speckle-like noise.
     speckle_strength : float
         Standard deviation of the multiplicative gain.
+    blur : float
+        Probability of a Gaussian blur of standard deviation uniform in (0, ``blur_sigma``]
+        pixels (softer transducers and lower frequencies at other sites).
+    blur_sigma : float
+        Largest blur standard deviation in pixels.
+    lowres : float
+        Probability of down-sampling by a factor uniform in [1.5, ``lowres_factor``] and
+        up-sampling back (coarser scanners and re-scaled exports).
+    lowres_factor : float
+        Largest down-sampling factor (>= 1.5).
     """
 
     hflip: float = 0.5
@@ -115,6 +125,21 @@ class Augment:
     gamma: float = 0.3
     speckle: float = 0.3
     speckle_strength: float = 0.15
+    blur: float = 0.0
+    blur_sigma: float = 1.5
+    lowres: float = 0.0
+    lowres_factor: float = 2.5
+
+    @classmethod
+    def scanner(cls) -> Augment:
+        """Stronger appearance changes that mimic other scanners and sites.
+
+        Wider gamma, contrast and speckle ranges plus blur and low-resolution re-sampling;
+        used for the default model so that its class head and masks hold at other
+        hospitals (domain randomisation, Tobin et al., IROS 2017).
+        """
+        return cls(intensity=0.9, contrast=0.4, gamma=0.5, brightness=0.12, speckle=0.4,
+                   speckle_strength=0.25, blur=0.25, lowres=0.25)
 
     def to_dict(self) -> dict:
         """Return the settings as a JSON-serialisable dict."""
@@ -172,4 +197,18 @@ class Augment:
             noise = torch.randn((1, 1, max(h // 2, 1), max(w // 2, 1)), generator=g)
             noise = F.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)[0]
             image = image * (1.0 + self.speckle_strength * noise)
+        if rnd() < self.blur:
+            sigma = max(rnd() * self.blur_sigma, 0.3)
+            radius = max(1, int(math.ceil(2.5 * sigma)))
+            k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1.0) / sigma) ** 2)
+            k = (k / k.sum()).to(image)
+            img = F.pad(image[None], (radius, radius, radius, radius), mode="replicate")
+            img = F.conv2d(img, k.view(1, 1, 1, -1))
+            image = F.conv2d(img, k.view(1, 1, -1, 1))[0]
+        if rnd() < self.lowres:
+            h, w = image.shape[-2:]
+            f = 1.5 + rnd() * max(self.lowres_factor - 1.5, 0.0)
+            small = F.interpolate(image[None], size=(max(int(h / f), 1), max(int(w / f), 1)),
+                                  mode="bilinear", align_corners=False, antialias=True)
+            image = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
         return image.clamp(0, 1), mask

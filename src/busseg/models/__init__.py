@@ -18,12 +18,15 @@ from .checkpoint import (
     read_checkpoint_config,
     save_checkpoint,
 )
+from .efficientnet import CLASS_NAMES, EfficientNetLite0UNet
 from .resnet import MAX_DEPTH as _RESNET_MAX_DEPTH
 from .resnet import ResNetUNet
 from .unet import NORMS, UPSAMPLES, UNet
 
 __all__ = [
+    "CLASS_NAMES",
     "CheckpointError",
+    "EfficientNetLite0UNet",
     "ResNetUNet",
     "UNet",
     "build_model",
@@ -46,14 +49,17 @@ _DEFAULTS: dict[str, Any] = {
     "norm": "batch",
     "dropout": 0.0,
     "upsample": "transpose",
+    "num_classes": 0,
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("unet",),
-    "encoder": ("plain", "resnet34"),
+    "encoder": ("plain", "resnet34", "efficientnet_lite0"),
     "norm": NORMS,
     "upsample": UPSAMPLES,
 }
-_MAX_DEPTH = {"plain": 7, "resnet34": _RESNET_MAX_DEPTH}
+_MAX_DEPTH = {"plain": 7, "resnet34": _RESNET_MAX_DEPTH, "efficientnet_lite0": 5}
+#: EfficientNet-Lite0 has a fixed width and five down-sampling steps
+_EFFICIENTNET_FIXED = {"depth": 5, "norm": "batch"}
 
 
 def default_model_config() -> dict:
@@ -64,7 +70,7 @@ def default_model_config() -> dict:
     dict
         ``{"arch": "unet", "encoder": "plain", "in_channels": 1, "out_channels": 1,
         "base_channels": 16, "depth": 4, "norm": "batch", "dropout": 0.0,
-        "upsample": "transpose"}``.
+        "upsample": "transpose", "num_classes": 0}``.
     """
     return dict(_DEFAULTS)
 
@@ -93,8 +99,9 @@ def normalize_model_config(config: Mapping[str, Any] | None = None) -> dict:
     ValueError
         For unknown keys (the message lists the allowed keys), a value outside its allowed
         set (the message lists the allowed values), a non-positive or non-integer size,
-        ``depth`` out of range for the encoder (1-7 plain, 1-5 resnet34), or ``dropout``
-        outside [0, 1).
+        ``depth`` out of range for the encoder (1-7 plain, 1-5 resnet34, 5 for
+        efficientnet_lite0, which also needs ``norm="batch"``), a negative ``num_classes``,
+        or ``dropout`` outside [0, 1).
     """
     if config is None:
         config = {}
@@ -107,6 +114,13 @@ def normalize_model_config(config: Mapping[str, Any] | None = None) -> dict:
             f"allowed keys: {', '.join(_DEFAULTS)}"
         )
     cfg = {**_DEFAULTS, **config}
+    if cfg["encoder"] == "efficientnet_lite0":
+        for key, fixed in _EFFICIENTNET_FIXED.items():
+            if key not in config:
+                cfg[key] = fixed
+            elif config[key] != fixed:
+                raise ValueError(f"model config {key!r} must be {fixed!r} for encoder "
+                                 f"'efficientnet_lite0', got {config[key]!r}")
     for key, allowed in _CHOICES.items():
         if cfg[key] not in allowed:
             raise ValueError(
@@ -121,6 +135,9 @@ def normalize_model_config(config: Mapping[str, Any] | None = None) -> dict:
             f"model config 'depth' must be between 1 and {max_depth} for encoder "
             f"{cfg['encoder']!r}, got {cfg['depth']}"
         )
+    nc = cfg["num_classes"]
+    if isinstance(nc, bool) or not isinstance(nc, int) or nc < 0:
+        raise ValueError(f"model config 'num_classes' must be an integer >= 0, got {nc!r}")
     dropout = cfg["dropout"]
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
         raise ValueError(f"model config 'dropout' must be a number in [0, 1), got {dropout!r}")
@@ -139,9 +156,14 @@ def build_model(config: Mapping[str, Any] | None = None) -> nn.Module:
         Model config; keys (defaults): ``arch`` ("unet"), ``encoder`` ("plain" |
         "resnet34"), ``in_channels`` (1), ``out_channels`` (1), ``base_channels`` (16),
         ``depth`` (4), ``norm`` ("batch" | "instance" | "none"), ``dropout`` (0.0),
-        ``upsample`` ("transpose" | "bilinear"). ``encoder="plain"`` gives the classic
-        U-Net of Ronneberger et al. (MICCAI 2015, arXiv:1505.04597); ``"resnet34"`` a U-Net
-        with a ResNet-34 encoder (He et al., CVPR 2016) of stem width ``base_channels``.
+        ``upsample`` ("transpose" | "bilinear"), ``num_classes`` (0). ``encoder="plain"``
+        gives the classic U-Net of Ronneberger et al. (MICCAI 2015, arXiv:1505.04597);
+        ``"resnet34"`` a U-Net with a ResNet-34 encoder (He et al., CVPR 2016) of stem width
+        ``base_channels``; ``"efficientnet_lite0"`` a U-Net with an EfficientNet-Lite0
+        encoder (Tan and Le, ICML 2019; :mod:`busseg.models.efficientnet`), fixed width
+        (``base_channels`` unused), depth 5, and with ``num_classes`` > 0 an image-level
+        class head (normal, benign, malignant for 3). The class head exists only for
+        ``efficientnet_lite0``.
 
     Returns
     -------
@@ -157,9 +179,18 @@ def build_model(config: Mapping[str, Any] | None = None) -> nn.Module:
         If the config is invalid (see :func:`normalize_model_config`).
     """
     cfg = normalize_model_config(config)
-    kwargs = {k: v for k, v in cfg.items() if k not in ("arch", "encoder")}
+    if cfg["num_classes"] and cfg["encoder"] != "efficientnet_lite0":
+        raise ValueError("model config 'num_classes' > 0 (a class head) needs encoder "
+                         "'efficientnet_lite0'")
+    if cfg["encoder"] == "efficientnet_lite0":
+        model: nn.Module = EfficientNetLite0UNet(
+            in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
+            num_classes=cfg["num_classes"], dropout=cfg["dropout"], upsample=cfg["upsample"])
+        model.busseg_model_config = cfg
+        return model
+    kwargs = {k: v for k, v in cfg.items() if k not in ("arch", "encoder", "num_classes")}
     if cfg["encoder"] == "plain":
-        model: nn.Module = UNet(**kwargs)
+        model = UNet(**kwargs)
     else:
         model = ResNetUNet(**kwargs)
     model.busseg_model_config = cfg

@@ -389,7 +389,10 @@ def save_checkpoint(
         defaults (preprocessing ``input_size`` [256, 256], ``grey``, ``zscore``; inference
         ``threshold`` 0.5, no flips; empty training and metrics; no base model). Values must
         be JSON serialisable (paths, numpy scalars and arrays are converted). The caller's
-        mapping is not modified.
+        mapping is not modified. ``weights_dtype`` ("float32", default, or "float16") sets
+        how floating-point tensors are stored: float16 halves the file (used for the shipped
+        default, to stay under 10 MB); :func:`load_checkpoint` loads them into the float32
+        model either way.
     overwrite : bool, optional
         If True and ``path`` is an existing checkpoint directory (or an empty directory),
         replace it: the old one is renamed aside, the new one renamed in, then the old one
@@ -406,8 +409,8 @@ def save_checkpoint(
         If ``path`` exists and ``overwrite`` is False, or it exists and is not a busseg
         checkpoint directory (so nothing unrelated is ever deleted).
     ValueError
-        If the model config is missing or invalid, does not match the model's weights, or
-        the config is not JSON serialisable.
+        If the model config is missing or invalid, does not match the model's weights, the
+        config is not JSON serialisable, or ``weights_dtype`` is not float32 or float16.
     """
     from busseg import __version__
 
@@ -435,6 +438,9 @@ def save_checkpoint(
     if problem:
         raise ValueError(f"the model's weights do not match config['model'] {model_cfg}: {problem}")
 
+    weights_dtype = cfg.get("weights_dtype", "float32")
+    if weights_dtype not in ("float32", "float16"):
+        raise ValueError(f"weights_dtype must be 'float32' or 'float16', got {weights_dtype!r}")
     cfg.pop("format", None)
     cfg.pop("format_version", None)
     cfg.pop("busseg_version", None)
@@ -473,6 +479,8 @@ def save_checkpoint(
 
     _check_target(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if weights_dtype == "float16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
