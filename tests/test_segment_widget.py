@@ -182,7 +182,9 @@ def test_unedited_prediction_is_replaced_without_asking(qtbot, viewer, widget):
     run(qtbot, widget)
     assert asked == []
     assert viewer.layers["img prediction"] is first
-    assert [lay.name for lay in viewer.layers] == ["img", "img prediction"]
+    # one prediction layer, below the prompt layers the widget added for the image
+    assert [lay.name for lay in viewer.layers] == ["img", "img prediction", "img boxes",
+                                                   "img clicks"]
 
 
 @pytest.mark.parametrize("answer", ["new layer", "replace", "cancel"])

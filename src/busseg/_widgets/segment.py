@@ -12,6 +12,16 @@ of what it wrote in ``layer.metadata["busseg"]["written_sha1"]``; when the layer
 match, :attr:`SegmentWidget.ask_overwrite` asks whether to replace it, write a new layer
 (``"<image name> prediction [2]"``) or cancel.
 
+Prompts (models that take guidance channels, :func:`busseg.inference.accepts_prompts`): when the
+widget has an image it adds, if absent, a Shapes layer ``"<image> boxes"`` (rectangle mode) and a
+Points layer ``"<image> clicks"`` (feature ``label``: 1 lesion, green; 0 background, red). Each
+drawn, moved or deleted box and each added, moved or removed click re-predicts the current 2D
+slice in a worker (one at a time; events that arrive meanwhile are coalesced into one more run)
+and writes the result into ``"<image> prediction"`` with ``Labels.data_setitem``, one undoable
+step. Only the pixels the prompt affects change (:func:`prompt_region`): inside the changed
+boxes (grown by the box margin) and inside the connected lesions (old or new mask) that hold a
+changed click; brush edits elsewhere survive.
+
 torch and :mod:`busseg.inference` are imported when the widget is built or run, never when napari
 starts.
 """
@@ -36,11 +46,14 @@ from magicgui.widgets import (
     Label,
     ProgressBar,
     PushButton,
+    RadioButtons,
     SpinBox,
 )
 
 from busseg._widgets._common import (
+    GROUND_TRUTH_SUFFIX,
     META_KEY,
+    PREDICTION_SUFFIX,
     WorkerError,
     busseg_metadata,
     connect_layer_changes,
@@ -55,16 +68,22 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
 
 __all__ = [
+    "BOXES_SUFFIX",
     "CANCEL",
+    "CLICKS_SUFFIX",
     "CHECKPOINT_FOLDER",
     "DEFAULT_MODEL",
     "NEW_LAYER",
+    "PromptRequest",
+    "PromptResult",
     "REPLACE",
     "SegmentResult",
     "SegmentWidget",
     "WorkerError",
     "find_segment_widget",
     "guarded",
+    "prompt_job",
+    "prompt_region",
     "segment_job",
     "slice_crop",
     "stack_slices",
@@ -79,6 +98,16 @@ REPLACE, NEW_LAYER, CANCEL = "replace", "new layer", "cancel"
 DEVICES = ("auto", "cuda", "mps", "cpu")
 #: ``layer.metadata["busseg"]["written_by"]`` of the layers this widget writes.
 WRITTEN_BY = "segment widget"
+#: Suffixes of the prompt layers: ``"<image> boxes"`` (Shapes) and ``"<image> clicks"`` (Points).
+BOXES_SUFFIX, CLICKS_SUFFIX = " boxes", " clicks"
+#: Face colours of lesion (label 1) and background (label 0) clicks.
+CLICK_COLOURS = {1: "lime", 0: "red"}
+#: Choices of the widget's "click label" toggle.
+LESION_CLICK, BACKGROUND_CLICK = "lesion (+)", "background (−)"
+#: Keyboard modifiers that make a new click a background click whatever the toggle says.
+NEGATIVE_MODIFIERS = frozenset({"Shift", "Control"})
+#: The lesion probabilities are research output: shown with this note wherever they appear.
+CLASS_NOTE = "research output, not a diagnosis"
 
 # Live SegmentWidget instances, oldest first, so the fine-tune widget can find the one of its
 # viewer even when it was created outside a dock (scripts, tests).
@@ -185,9 +214,46 @@ def _prediction_colours(layer: Any) -> None:
         pass
 
 
+def _image_name_of(layer: Any) -> str | None:
+    """Return the image layer name a prediction / ground-truth / prompt layer belongs to."""
+    if layer is None:
+        return None
+    meta = busseg_metadata(layer)
+    if isinstance(meta.get("image"), str) and meta.get("written_by") == WRITTEN_BY:
+        return meta["image"]
+    for suffix in (PREDICTION_SUFFIX, GROUND_TRUTH_SUFFIX, BOXES_SUFFIX, CLICKS_SUFFIX):
+        if layer.name.endswith(suffix) and len(layer.name) > len(suffix):
+            return layer.name[: -len(suffix)]
+    return None
+
+
+def format_classes(classes: dict) -> str:
+    """One line of class probabilities, e.g. ``"benign 0.81 · malignant 0.14 · normal 0.05"``.
+
+    Parameters
+    ----------
+    classes : dict
+        Class name -> probability in [0, 1].
+
+    Returns
+    -------
+    str
+        Classes sorted by decreasing probability, with :data:`CLASS_NOTE` appended.
+    """
+    items = sorted(classes.items(), key=lambda kv: -kv[1])
+    return " · ".join(f"{k} {v:.2f}" for k, v in items) + f" ({CLASS_NOTE})"
+
+
 def _read_slice(data: Any, index: tuple[int, ...]) -> np.ndarray:
     """One 2D (or 2D colour) slice of a layer's data as a numpy array (runs in the worker)."""
     return np.asarray(data[index])
+
+
+def _spatial_shape(layer: Any) -> tuple[int, ...]:
+    """Shape of a layer's data without colour channels (leading axes + (H, W))."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    shape = tuple(int(v) for v in np.shape(data))
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
 
 
 # --------------------------------------------------------------------------- the job
@@ -211,6 +277,11 @@ class SegmentResult:
         Probability threshold used.
     elapsed : float
         Wall time of the job in seconds (model loading included).
+    extra : dict
+        ``"gated"``: list of bool per slice (C order of the leading axes), True where the
+        normal-scan gate emptied the mask; ``"class_proba"`` (models with a class head only):
+        list of ``{"normal", "benign", "malignant"}`` probability dicts per slice (research
+        output, not a diagnosis).
     """
 
     labels: np.ndarray
@@ -313,15 +384,258 @@ def segment_job(
     )
     results = predict_stack_iter(
         slices, model, threshold=t, tta=tta, fill_holes=fill_holes, keep=keep,
-        min_area=int(min_area), batch_size=1 if dev.type == "cpu" else 4,
+        min_area=int(min_area), batch_size=1 if dev.type == "cpu" else 4, with_class=True,
     )
-    for i, mask, p in results:
+    classes: list[dict | None] = [None] * n
+    gated = [False] * n
+    for i, mask, p, cp in results:
         labels[indices[i]][crop(i)] = mask
         if proba is not None:
             proba[indices[i]][crop(i)] = p
+        classes[i] = cp
+        gated[i] = _was_gated(mask, p, t, cp, fill_holes, keep, min_area)
         yield ("progress", i + 1, n)
+    extra = {"gated": gated}
+    if any(c is not None for c in classes):
+        extra["class_proba"] = classes
     return SegmentResult(labels, proba, str(getattr(model, "busseg_checkpoint_path", where)),
-                         dev.type, t, time.perf_counter() - t0)
+                         dev.type, t, time.perf_counter() - t0, extra)
+
+
+def _was_gated(mask: np.ndarray, proba: np.ndarray, threshold: float, classes: dict | None,
+               fill_holes: bool, keep: str, min_area: int) -> bool:
+    """Tell whether the normal-scan gate emptied a mask that thresholding had kept."""
+    if classes is None or mask.any():
+        return False
+    raw = proba >= threshold
+    if raw.any() and (fill_holes or keep != "all" or min_area > 0):
+        from busseg.postprocess import postprocess_mask
+
+        raw = postprocess_mask(raw, fill_holes=fill_holes, keep=keep, min_area=int(min_area))
+    return bool(raw.any())
+
+
+# --------------------------------------------------------------------------- prompts (Qt-free)
+
+
+def prompt_region(
+    old: np.ndarray,
+    new: np.ndarray,
+    *,
+    boxes: Any = (),
+    clicks: Any = (),
+    box_margin: float = 0.1,
+) -> np.ndarray:
+    """Pixels a prompt may change: inside its boxes and the lesions its clicks touch.
+
+    A box prompt may change the pixels inside the box grown by ``box_margin`` (the region
+    :func:`busseg.inference.predict` restricts its mask to). A click may change the connected
+    component (8-connectivity) of ``old | new`` holding the click: the lesion it extends,
+    shrinks, creates or removes. Everything else (e.g. brush edits elsewhere) is kept.
+
+    Parameters
+    ----------
+    old, new : numpy.ndarray
+        (H, W) bool: the mask before the prompt (the Labels layer's slice) and the prediction.
+    boxes : array-like, optional
+        (B, 4) ``(row_min, col_min, row_max, col_max)`` inclusive, in pixels: the boxes drawn,
+        moved (old and new position) or deleted.
+    clicks : array-like, optional
+        (P, 2) ``(row, col)`` in pixels: the clicks added, moved (old and new position) or
+        removed. Clicks outside the image are ignored.
+    box_margin : float, optional
+        Share of a box's side added on every side (>= 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) bool.
+
+    Raises
+    ------
+    ValueError
+        If ``old`` and ``new`` differ in shape.
+    """
+    from scipy import ndimage
+
+    from busseg.prompts import box_mask
+
+    old, new = np.asarray(old) > 0, np.asarray(new) > 0
+    if old.shape != new.shape:
+        raise ValueError(f"old {old.shape} and new {new.shape} masks differ in shape")
+    h, w = old.shape
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    region = box_mask(b, (h, w), box_margin) if len(b) else np.zeros((h, w), bool)
+    pts = np.round(np.asarray(clicks, np.float64).reshape(-1, 2)).astype(int)
+    pts = pts[(pts[:, 0] >= 0) & (pts[:, 0] < h) & (pts[:, 1] >= 0) & (pts[:, 1] < w)]
+    if len(pts):
+        lab, _ = ndimage.label(old | new, structure=np.ones((3, 3), bool))
+        ids = np.unique(lab[pts[:, 0], pts[:, 1]])
+        ids = ids[ids > 0]
+        if len(ids):
+            region |= np.isin(lab, ids)
+    return region
+
+
+@dataclass
+class PromptRequest:
+    """One prompt update of one 2D slice, snapshotted on the GUI thread.
+
+    Attributes
+    ----------
+    data : array_like
+        The image layer's data (numpy, dask, zarr); the slice is read in the worker.
+    index : tuple of int
+        The slice's position along the leading (stack) axes; ``()`` for a 2D image.
+    boxes : numpy.ndarray
+        (B, 4) float64, all boxes on the slice, ``(row_min, col_min, row_max, col_max)``.
+    points, point_labels : numpy.ndarray
+        (P, 2) float64 clicks ``(row, col)`` on the slice (inside a box when boxes exist) and
+        (P,) int8 labels (1 lesion, 0 background).
+    previous_mask : numpy.ndarray or None
+        (H, W) bool, the Labels slice the clicks correct (None without clicks).
+    changed_boxes, changed_clicks : numpy.ndarray
+        (b, 4) boxes and (p, 2) clicks that changed since the last update (both positions of
+        a moved one): they define :func:`prompt_region`.
+    checkpoint : path or None
+        Checkpoint folder; None for the shipped default model.
+    device : str
+        ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
+    threshold : float
+        Probability threshold in (0, 1).
+    box_margin : float
+        As in :func:`busseg.inference.predict`.
+    t0 : float
+        ``time.perf_counter()`` of the first prompt event this update answers.
+    """
+
+    data: Any
+    index: tuple
+    boxes: np.ndarray
+    points: np.ndarray
+    point_labels: np.ndarray
+    previous_mask: np.ndarray | None
+    changed_boxes: np.ndarray
+    changed_clicks: np.ndarray
+    checkpoint: str | Path | None = None
+    device: str = "auto"
+    threshold: float | None = None
+    box_margin: float = 0.1
+    t0: float = 0.0
+    image_name: str = ""
+    slice_shape: tuple = ()
+
+
+@dataclass
+class PromptResult:
+    """What :func:`prompt_job` returns.
+
+    Attributes
+    ----------
+    mask : numpy.ndarray
+        (H, W) bool, the prompted prediction of the slice (all False when no prompt is left).
+    seconds : float
+        Time of the prediction (model loading included on the first call).
+    """
+
+    mask: np.ndarray
+    seconds: float
+
+
+def prompt_job(req: PromptRequest) -> PromptResult:
+    """Predict one slice from its prompts (runs in a worker thread; no Qt).
+
+    With neither boxes nor clicks left on the slice the result is an empty mask, so deleting
+    the last prompt clears what it produced (inside :func:`prompt_region`).
+
+    Parameters
+    ----------
+    req : PromptRequest
+        The slice and its prompts.
+
+    Returns
+    -------
+    PromptResult
+
+    Raises
+    ------
+    ValueError
+        For malformed prompts (the message says which one) or a checkpoint without prompt
+        channels (:func:`busseg.inference.accepts_prompts`).
+    busseg.models.CheckpointError
+        If the checkpoint cannot be loaded.
+    WorkerError
+        Instead of a ``RuntimeError`` from torch (see :func:`guarded`).
+    """
+    from busseg.inference import load_model, predict
+
+    t0 = time.perf_counter()
+    image = _read_slice(req.data, req.index)
+    if not len(req.boxes) and not len(req.points):
+        return PromptResult(np.zeros(image.shape[:2], bool), time.perf_counter() - t0)
+    try:
+        model = load_model(req.checkpoint, device=req.device)
+        pred = predict(image, model, threshold=req.threshold, boxes=req.boxes,
+                       points=req.points, point_labels=req.point_labels,
+                       previous_mask=req.previous_mask, box_margin=req.box_margin)
+    except RuntimeError as exc:
+        raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
+    return PromptResult(pred.mask, time.perf_counter() - t0)
+
+
+def _shape_boxes(shapes: Any, lead: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
+    """Bounding boxes (B, 4) of the shapes on slice ``lead`` and their indices."""
+    boxes, idx = [], []
+    k = len(lead)
+    for i, verts in enumerate(shapes.data):
+        v = np.asarray(verts, np.float64)
+        if v.ndim != 2 or v.shape[1] < 2 or not len(v):
+            continue
+        if k and tuple(np.round(v[0, :k]).astype(int)) != lead:
+            continue
+        box = []
+        for axis in (-2, -1):  # napari pixel centres are integers: keep those inside
+            lo, hi = np.ceil(v[:, axis].min() - 1e-6), np.floor(v[:, axis].max() + 1e-6)
+            if hi < lo:  # thinner than a pixel: the nearest pixel
+                lo = hi = np.round(v[:, axis].mean())
+            box.append((lo, hi))
+        boxes.append((box[0][0], box[1][0], box[0][1], box[1][1]))
+        idx.append(i)
+    return np.asarray(boxes, np.float64).reshape(-1, 4), idx
+
+
+def _clip_boxes(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Clip boxes that overlap the image to it; boxes wholly outside are kept (and refused)."""
+    out = boxes.copy()
+    h, w = shape
+    for b in out:
+        if b[2] >= 0 and b[0] <= h - 1 and b[3] >= 0 and b[1] <= w - 1:
+            b[[0, 2]] = np.clip(b[[0, 2]], 0, h - 1)
+            b[[1, 3]] = np.clip(b[[1, 3]], 0, w - 1)
+    return out
+
+
+def _slice_clicks(points: Any, lead: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Clicks ``(row, col)`` on slice ``lead`` and their labels (1 lesion, 0 background)."""
+    data = np.asarray(points.data, np.float64).reshape(-1, points.ndim)
+    labels = _click_labels(points)
+    k = len(lead)
+    if k and len(data):
+        keep = np.all(np.round(data[:, :k]).astype(int) == np.asarray(lead), axis=1)
+        data, labels = data[keep], labels[keep]
+    return data[:, -2:], labels
+
+
+def _click_labels(points: Any) -> np.ndarray:
+    """Return the ``label`` feature of a clicks layer as int8 (missing or unreadable: 1)."""
+    n = len(points.data)
+    feats = getattr(points, "features", None)
+    if feats is None or "label" not in feats or len(feats) != n:
+        return np.ones(n, np.int8)
+    try:
+        return np.array(feats["label"], dtype=np.int8)  # a writable copy
+    except (TypeError, ValueError):
+        return np.ones(n, np.int8)
 
 
 # --------------------------------------------------------------------------- the widget
@@ -403,24 +717,53 @@ class SegmentWidget(Container):
         self._progress = ProgressBar(label="progress", min=0, max=1, value=0)
         self._status = Label(label="status", value="ready")
         self._metrics = Label(label="vs ground truth", value="")
-        for lab in (self._model_info, self._status, self._metrics):
+        self._classes = Label(label="class", value="")
+        self._click_label = RadioButtons(
+            label="click label", choices=[LESION_CLICK, BACKGROUND_CLICK], value=LESION_CLICK,
+            orientation="horizontal",
+            tooltip="Label of new clicks in the “<image> clicks” layer; hold Shift or Ctrl "
+                    "while clicking to place a background click",
+        )
+        self._prompt_info = Label(value="")
+        for lab in (self._model_info, self._status, self._metrics, self._classes,
+                    self._prompt_info):
             wrap_label(lab)
         self.extend([
-            self._image, self._source, self._checkpoint, self._model_info, self._device,
+            self._image, self._source, self._checkpoint, self._model_info, self._click_label,
+            self._prompt_info, self._device,
             self._threshold, self._tta, self._fill_holes, self._keep, self._min_area,
             self._with_proba, Container(widgets=[self._run_btn, self._cancel_btn],
                                         layout="horizontal", labels=False),
-            self._progress, self._status, self._metrics,
+            self._progress, self._status, self._metrics, self._classes,
         ])
+
+        # prompts: one worker at a time; events meanwhile are coalesced (latest wins)
+        from qtpy.QtCore import QTimer
+
+        self._takes_prompts = False
+        self._prompt_worker = None
+        self._prompt_queue: dict[str, float] = {}  # image name -> time of its first event
+        self._applied: dict[tuple, tuple[set, set]] = {}  # (image, slice) -> prompts done
+        self._negative_modifier = False
+        self._prompt_note = ""
+        self._connected: set[int] = set()
+        #: Seconds from the last prompt event to the updated Labels layer.
+        self.last_prompt_latency: float | None = None
+        self._prompt_timer = QTimer()
+        self._prompt_timer.setSingleShot(True)
+        self._prompt_timer.setInterval(15)  # ms: one update for a burst of events
+        self._prompt_timer.timeout.connect(self._on_prompt_timer)
 
         self._source.changed.connect(self._on_model_changed)
         self._checkpoint.changed.connect(self._on_model_changed)
         self._run_btn.changed.connect(self._on_run)
         self._cancel_btn.changed.connect(self._on_cancel)
+        self._image.changed.connect(self._on_image_changed)
         connect_layer_changes(viewer, self._on_layers_changed)
         viewer.layers.selection.events.active.connect(self._on_active_layer)
-        self._on_active_layer()
         self._on_model_changed()
+        self._on_active_layer()
+        self._on_layers_changed()
         _INSTANCES.append(weakref.ref(self))
 
     # ---------------------------------------------------------------- public API
@@ -462,14 +805,44 @@ class SegmentWidget(Container):
 
     def _on_layers_changed(self, _event: Any = None) -> None:
         self._image.reset_choices()
+        if self._image.value is None and not self.running:
+            # e.g. the reader added an image and its ground truth, and the latter is active
+            pick = self._pick_image()
+            if pick is not None:
+                self._image.value = pick
 
     def _on_active_layer(self, _event: Any = None) -> None:
         from napari.layers import Image
 
+        if self.running:
+            return
         active = self._viewer.layers.selection.active
-        if isinstance(active, Image) and not self.running:
+        if not isinstance(active, Image):
+            active = find_layer(self._viewer, _image_name_of(active) or "", "image")
+        if active is not None:
             self._image.reset_choices()
             self._image.value = active
+
+    def _pick_image(self) -> Any:
+        """Return the active Image layer, else the image of the active layer, else the top one.
+
+        The image of a layer is found from its name (``"<image> ground truth"``, ``...
+        prediction``, ``... boxes``, ``... clicks``); None when there is no Image layer.
+        """
+        from napari.layers import Image
+
+        active = self._viewer.layers.selection.active
+        if isinstance(active, Image):
+            return active
+        owner = find_layer(self._viewer, _image_name_of(active) or "", "image")
+        if owner is not None:
+            return owner
+        images = [lay for lay in self._viewer.layers if isinstance(lay, Image)]
+        return images[-1] if images else None
+
+    def _on_image_changed(self, value: Any = None) -> None:
+        if value is not None:
+            self._ensure_prompt_layers(value)
 
     def _on_model_changed(self, _value: Any = None) -> None:
         from busseg.models import CheckpointError, default_checkpoint_path, read_checkpoint_config
@@ -477,6 +850,8 @@ class SegmentWidget(Container):
         use_folder = self._source.value == CHECKPOINT_FOLDER
         self._checkpoint.enabled = use_folder
         path = self.current_checkpoint() if use_folder else default_checkpoint_path()
+        self._takes_prompts = False
+        self._show_prompt_info()
         if path is None:
             self._model_info.value = "choose a checkpoint folder"
             return
@@ -485,12 +860,17 @@ class SegmentWidget(Container):
         except CheckpointError as exc:
             self._model_info.value = f"⚠ {exc}"
             return
+        self._takes_prompts = int(cfg.get("model", {}).get("in_channels", 1) or 1) > 1
+        self._show_prompt_info()
         inf = cfg.get("inference", {})
         self._threshold.value = float(inf.get("threshold", 0.5))
         self._tta.value = bool(inf.get("tta_flips", False))
         size = cfg.get("preprocessing", {}).get("input_size")
         m = cfg.get("model", {})
-        parts = [f"U-Net base {m.get('base_channels', '?')} depth {m.get('depth', '?')}"]
+        if m.get("encoder") not in (None, "plain"):
+            parts = [f"U-Net, {m['encoder']} encoder"]
+        else:
+            parts = [f"U-Net base {m.get('base_channels', '?')} depth {m.get('depth', '?')}"]
         if size:
             parts.append(f"input {size[0]}×{size[1]}")
         metrics = cfg.get("metrics", {})
@@ -584,11 +964,36 @@ class SegmentWidget(Container):
             self._write_probability(run, result.proba)
         n = int(np.prod(result.labels.shape[:-2])) if result.labels.ndim > 2 else 1
         frac = 100.0 * np.count_nonzero(result.labels) / max(result.labels.size, 1)
+        gated = int(sum(result.extra.get("gated", [])))
+        if gated:
+            note += ("; the normal-scan gate emptied the mask (the class head says normal and "
+                     "no pixel is confident)" if n == 1 else
+                     f"; the normal-scan gate emptied {gated} of {n} slice masks")
         self._set_status(
             f"wrote “{layer.name}”: {n} slice(s) in {result.elapsed:.1f} s on {result.device}, "
             f"threshold {result.threshold:.2f}, lesion {frac:.1f} % of pixels{note}"
         )
         self._show_metrics(run.image_name, result.labels)
+        self._show_classes(layer, result)
+
+    def _show_classes(self, layer: Any, result: SegmentResult) -> None:
+        """Class probabilities into the widget and the prediction layer's metadata."""
+        classes = result.extra.get("class_proba")
+        gated = result.extra.get("gated", [])
+        meta = dict(busseg_metadata(layer))
+        if not classes:
+            self._classes.value = ""
+            meta.pop("class_proba", None)
+        elif len(classes) == 1:
+            self._classes.value = format_classes(classes[0])
+            meta["class_proba"] = classes[0]
+        else:
+            self._classes.value = (f"per slice in the metadata of “{layer.name}” "
+                                   f"({CLASS_NOTE})")
+            meta["class_proba"] = classes
+        meta["gated"] = (bool(gated[0]) if len(gated) == 1 else [bool(g) for g in gated])
+        meta["class_note"] = CLASS_NOTE
+        layer.metadata = {**layer.metadata, META_KEY: meta}
 
     def _on_errored(self, exc: BaseException) -> None:
         self._set_status(f"error: {exc}")
@@ -605,6 +1010,308 @@ class SegmentWidget(Container):
 
     def _set_status(self, text: str) -> None:
         self._status.value = text
+
+    # ---------------------------------------------------------------- prompts
+
+    def _show_prompt_info(self) -> None:
+        if self._takes_prompts:
+            self._prompt_info.value = (
+                "prompts: draw boxes in “<image> boxes”, click in “<image> clicks” (Shift- or "
+                "Ctrl-click: background); the mask updates at once, Ctrl+Z undoes")
+        else:
+            self._prompt_info.value = (
+                "this checkpoint takes no box or click prompts (automatic only): press Run, "
+                "or choose a prompt model")
+
+    def prompt_layers(self, image: Any) -> tuple[Any, Any]:
+        """Return the ``"<image> boxes"`` Shapes and ``"<image> clicks"`` Points layers.
+
+        Parameters
+        ----------
+        image : napari.layers.Image
+            The image layer.
+
+        Returns
+        -------
+        tuple
+            (Shapes layer or None, Points layer or None).
+        """
+        from napari.layers import Points, Shapes
+
+        boxes = find_layer(self._viewer, f"{image.name}{BOXES_SUFFIX}")
+        clicks = find_layer(self._viewer, f"{image.name}{CLICKS_SUFFIX}")
+        return (boxes if isinstance(boxes, Shapes) else None,
+                clicks if isinstance(clicks, Points) else None)
+
+    def _ensure_prompt_layers(self, image: Any) -> None:
+        """Add the image's boxes and clicks layers if absent and listen to them."""
+        boxes, clicks = self.prompt_layers(image)
+        shape = _spatial_shape(image)
+        size = max(4.0, round(max(shape[-2:]) / 60))
+        active = self._viewer.layers.selection.active
+
+        def meta(kind: str) -> dict:
+            return {META_KEY: {"written_by": WRITTEN_BY, "kind": kind, "image": image.name}}
+
+        added = False
+        if boxes is None and find_layer(self._viewer, f"{image.name}{BOXES_SUFFIX}") is None:
+            boxes = self._viewer.add_shapes(
+                ndim=image.ndim, name=f"{image.name}{BOXES_SUFFIX}", scale=image.scale,
+                translate=image.translate, edge_color="yellow", face_color="transparent",
+                edge_width=max(1.0, size / 4), metadata=meta("box prompts"),
+            )
+            boxes.mode = "add_rectangle"
+            added = True
+        if clicks is None and find_layer(self._viewer, f"{image.name}{CLICKS_SUFFIX}") is None:
+            clicks = self._viewer.add_points(
+                ndim=image.ndim, name=f"{image.name}{CLICKS_SUFFIX}", scale=image.scale,
+                translate=image.translate, size=size, face_color=CLICK_COLOURS[1],
+                border_color="white", features={"label": np.zeros(0, np.int8)},
+                feature_defaults={"label": 1}, metadata=meta("click prompts"),
+            )
+            clicks.mode = "add"
+            added = True
+        for layer in (boxes, clicks):
+            if layer is not None and id(layer) not in self._connected:
+                self._connected.add(id(layer))
+                layer.events.data.connect(
+                    lambda event, lay=layer: self._on_prompt_event(lay, event))
+                layer.bind_key("Control-Z", self._undo_key, overwrite=True)
+                if layer is clicks:
+                    layer.mouse_drag_callbacks.append(self._on_clicks_press)
+        if added and self._takes_prompts:
+            # ready to draw a box; after the event loop turn, as napari activates the layer it
+            # has just added (often the image that brought us here) when this returns
+            from qtpy.QtCore import QTimer
+
+            ref = weakref.ref(boxes)
+
+            def activate() -> None:
+                lay = ref()
+                if lay is not None and lay in self._viewer.layers:
+                    self._viewer.layers.selection.active = lay
+
+            QTimer.singleShot(0, activate)
+        elif added and active is not None and active in self._viewer.layers:
+            self._viewer.layers.selection.active = active
+
+    def _on_clicks_press(self, _layer: Any, event: Any) -> None:
+        mods = getattr(event, "modifiers", ()) or ()
+        self._negative_modifier = any(m in mods for m in NEGATIVE_MODIFIERS)
+
+    def _label_new_clicks(self, layer: Any, indices: Sequence[int]) -> None:
+        """Give new clicks their label (toggle or modifier) and colour (green / red)."""
+        label = 0 if (self._click_label.value == BACKGROUND_CLICK
+                      or self._negative_modifier) else 1
+        self._negative_modifier = False
+        n = len(layer.data)
+        labels = _click_labels(layer)
+        for i in indices:
+            labels[int(i) % n] = label
+        layer.features = {"label": labels}
+        layer.face_color = [CLICK_COLOURS[int(v)] for v in labels] if n else CLICK_COLOURS[1]
+
+    def _on_prompt_event(self, layer: Any, event: Any) -> None:
+        action = str(getattr(event, "action", "") or "")
+        if action not in ("added", "removed", "changed", ""):
+            return  # "adding", "changing", "removing": wait for the end of the edit
+        from napari.layers import Points
+
+        if action == "added" and isinstance(layer, Points):
+            self._label_new_clicks(layer, getattr(event, "data_indices", (-1,)))
+        image_name = _image_name_of(layer)
+        if image_name is None:
+            return
+        self._prompt_queue.setdefault(image_name, time.perf_counter())
+        self._prompt_timer.start()
+
+    def _on_prompt_timer(self) -> None:
+        if self._prompt_worker is not None:
+            return  # started again when the running update finishes
+        for name in list(self._prompt_queue):
+            boxes = find_layer(self._viewer, f"{name}{BOXES_SUFFIX}")
+            if boxes is not None and getattr(boxes, "_is_creating", False):
+                self._prompt_timer.start()  # still drawing: wait for the release
+                return
+        while self._prompt_queue:
+            name, t0 = next(iter(self._prompt_queue.items()))
+            del self._prompt_queue[name]
+            try:
+                req = self._prompt_request(name, t0)
+            except ValueError as exc:
+                self._set_status(f"⚠ prompt not used: {exc}")
+                continue
+            if req is not None:
+                self._start_prompt(req)
+                return
+
+    def _current_index(self, image: Any) -> tuple[int, ...]:
+        """Return the slice of ``image`` shown in the viewer (leading data indices)."""
+        shape = _spatial_shape(image)
+        nlead = len(shape) - 2
+        if nlead <= 0:
+            return ()
+        pt = np.asarray(image.world_to_data(self._viewer.dims.point), np.float64)
+        return tuple(int(np.clip(np.round(pt[i]), 0, shape[i] - 1)) for i in range(nlead))
+
+    def _prompt_request(self, image_name: str, t0: float) -> PromptRequest | None:
+        """Snapshot the prompts of the shown slice; None when nothing changed.
+
+        Raises ValueError with a message for the status line.
+        """
+        from busseg.prompts import box_mask, validate_prompts
+
+        image = find_layer(self._viewer, image_name, "image")
+        if image is None:
+            return None
+        if not self._takes_prompts:
+            raise ValueError(
+                "the chosen checkpoint takes no box or click prompts (it was trained "
+                "without guidance channels); press Run for automatic segmentation, or choose "
+                "a prompt model")
+        shape = _spatial_shape(image)
+        hw = (int(shape[-2]), int(shape[-1]))
+        lead = self._current_index(image)
+        boxes_layer, clicks_layer = self.prompt_layers(image)
+        boxes = (_clip_boxes(_shape_boxes(boxes_layer, lead)[0], hw) if boxes_layer is not None
+                 else np.zeros((0, 4)))
+        points, labels = ((np.zeros((0, 2)), np.zeros(0, np.int8)) if clicks_layer is None
+                          else _slice_clicks(clicks_layer, lead))
+        validate_prompts(hw, boxes, points, labels)  # a clear ValueError for a bad prompt
+        key = (image_name, lead)
+        old_boxes, old_clicks = self._applied.get(key, (set(), set()))
+        new_boxes = {tuple(float(v) for v in b) for b in boxes}
+        new_clicks = {(float(r), float(c), int(lab)) for (r, c), lab in zip(points, labels,
+                                                                             strict=True)}
+        changed_boxes, changed_clicks = old_boxes ^ new_boxes, old_clicks ^ new_clicks
+        self._applied[key] = (new_boxes, new_clicks)
+        if not changed_boxes and not changed_clicks:
+            return None
+        note = ""
+        if len(boxes) and len(points):  # clicks outside every box cannot change the mask
+            inside = box_mask(boxes, hw, 0.1)
+            rc = np.clip(np.round(points).astype(int), 0, np.asarray(hw) - 1)
+            keep = inside[rc[:, 0], rc[:, 1]]
+            if not keep.all():
+                note = (f"{int((~keep).sum())} click(s) outside the boxes ignored: with boxes "
+                        "on a slice the mask stays inside them; draw a box around that lesion")
+            points, labels = points[keep], labels[keep]
+            changed_clicks = {c for c in changed_clicks if inside[
+                min(max(round(c[0]), 0), hw[0] - 1), min(max(round(c[1]), 0), hw[1] - 1)]}
+        pred = find_layer(self._viewer, prediction_name(image_name), "labels")
+        previous = None
+        if len(points) and pred is not None and _spatial_shape(pred) == shape:
+            previous = np.asarray(pred.data[lead]) > 0
+        data = image.data[0] if image.multiscale else image.data
+        settings = self._settings()
+        req = PromptRequest(
+            data=data, index=lead, boxes=boxes, points=points, point_labels=labels,
+            previous_mask=previous,
+            changed_boxes=np.asarray(sorted(changed_boxes), np.float64).reshape(-1, 4),
+            changed_clicks=np.asarray([c[:2] for c in sorted(changed_clicks)],
+                                      np.float64).reshape(-1, 2),
+            checkpoint=settings["checkpoint"], device=settings["device"],
+            threshold=settings["threshold"], box_margin=0.1, t0=t0, image_name=image_name,
+            slice_shape=hw,
+        )
+        self._prompt_note = note
+        return req
+
+    def _start_prompt(self, req: PromptRequest) -> None:
+        from napari.qt.threading import create_worker
+
+        worker = create_worker(prompt_job, req, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda res, req=req: self._apply_prompt(req, res))
+        worker.errored.connect(self._on_prompt_errored)
+        worker.finished.connect(self._on_prompt_finished)
+        self._prompt_worker = worker
+        worker.start()
+
+    def _on_prompt_errored(self, exc: BaseException) -> None:
+        self._set_status(f"⚠ prompt not used: {exc}")
+
+    def _on_prompt_finished(self) -> None:
+        self._prompt_worker = None
+        if self._prompt_queue:
+            self._on_prompt_timer()
+
+    @property
+    def prompt_busy(self) -> bool:
+        """Whether a prompt update is running or waiting to run."""
+        return (self._prompt_worker is not None or bool(self._prompt_queue)
+                or self._prompt_timer.isActive())
+
+    def _prompt_target(self, req: PromptRequest) -> Any:
+        """Return the request's prediction Labels layer (added, all zero, if absent)."""
+        from napari.layers import Labels
+
+        name = prediction_name(req.image_name)
+        existing = find_layer(self._viewer, name)
+        if existing is not None:
+            return existing if isinstance(existing, Labels) else None
+        image = find_layer(self._viewer, req.image_name, "image")
+        if image is None:
+            return None
+        labels = np.zeros(_spatial_shape(image), np.uint8)
+        active = self._viewer.layers.selection.active
+        s = self._settings()
+        layer = self._viewer.add_labels(
+            labels, name=name, scale=image.scale, translate=image.translate,
+            metadata={META_KEY: {
+                "written_by": WRITTEN_BY, "kind": "prediction", "image": req.image_name,
+                "checkpoint": str(s["checkpoint"]) if s["checkpoint"] else DEFAULT_MODEL,
+                "threshold": s["threshold"], "written_sha1": data_sha1(labels)}},
+        )
+        _prediction_colours(layer)
+        self._below_prompts(layer, req.image_name)
+        if active is not None and active in self._viewer.layers:
+            self._viewer.layers.selection.active = active  # keep clicking / drawing
+        return layer
+
+    def _below_prompts(self, layer: Any, image_name: str) -> None:
+        """Move ``layer`` just below the image's boxes and clicks layers (prompts on top)."""
+        layers = self._viewer.layers
+        idx = [layers.index(lay) for lay in (
+            find_layer(self._viewer, f"{image_name}{BOXES_SUFFIX}"),
+            find_layer(self._viewer, f"{image_name}{CLICKS_SUFFIX}")) if lay is not None]
+        if idx and layers.index(layer) > min(idx):
+            layers.move(layers.index(layer), min(idx))
+
+    def _apply_prompt(self, req: PromptRequest, res: PromptResult) -> None:
+        """Write the prompted mask into the prediction layer: one undoable edit."""
+        layer = self._prompt_target(req)
+        if layer is None:
+            self._set_status(f"⚠ “{prediction_name(req.image_name)}” is not a Labels layer; "
+                             "rename it to get the prompt's mask")
+            return
+        image = find_layer(self._viewer, req.image_name, "image")
+        if image is not None and _spatial_shape(layer) != _spatial_shape(image):
+            self._set_status(f"⚠ “{layer.name}” has shape {_spatial_shape(layer)}, the image "
+                             f"{_spatial_shape(image)}; the prompt's mask was not written")
+            return
+        old = np.asarray(layer.data[req.index]) > 0
+        region = prompt_region(old, res.mask, boxes=req.changed_boxes,
+                               clicks=req.changed_clicks, box_margin=req.box_margin)
+        rr, cc = np.nonzero(region & (old != res.mask))
+        if len(rr):
+            idx = tuple(np.full(len(rr), i, np.intp) for i in req.index) + (rr, cc)
+            layer.data_setitem(idx, res.mask[rr, cc].astype(layer.data.dtype))
+        self.last_prompt_latency = time.perf_counter() - req.t0
+        where = f" (slice {', '.join(map(str, req.index))})" if req.index else ""
+        msg = (f"prompt{where}: {len(rr)} pixel(s) changed in “{layer.name}” in "
+               f"{1000 * self.last_prompt_latency:.0f} ms (model {1000 * res.seconds:.0f} ms); "
+               "Ctrl+Z undoes")
+        if not len(rr) and (len(req.points) or len(req.boxes)):
+            msg = f"prompt{where}: the model left the mask as it was"
+        note = self._prompt_note
+        self._set_status(msg + (f". {note}" if note else ""))
+
+    def _undo_key(self, layer: Any) -> None:
+        """Ctrl+Z on a boxes / clicks layer: undo the last change of the prediction layer."""
+        name = _image_name_of(layer)
+        pred = find_layer(self._viewer, prediction_name(name or ""), "labels")
+        if pred is not None:
+            pred.undo()
 
     # ---------------------------------------------------------------- output layers
 
@@ -666,6 +1373,8 @@ class SegmentWidget(Container):
             metadata={META_KEY: self._meta(run, labels, "prediction")},
         )
         _prediction_colours(layer)
+        self._below_prompts(layer, run.image_name)
+        self._viewer.layers.selection.active = layer
         return layer, note
 
     def _write_probability(self, run: _Run, proba: np.ndarray) -> Any:
