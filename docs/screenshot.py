@@ -4,13 +4,17 @@ Run it under a virtual display (no window appears; the window is rendered off-sc
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/screenshot.py
     xvfb-run -a python docs/screenshot.py --checkpoint /path/to/checkpoint --case "malignant (181)"
+    xvfb-run -a python docs/screenshot.py --case "malignant (181)" --box \
+        --out docs/images/napari_box_prompt.png
 
 It opens one of the shipped sample cases (``busseg/samples``, BUSI test split, so the default
 model never saw it) with its expert ground truth through the plugin's reader, docks "Segment
 lesions" and "Fine-tune" from the manifest, segments with the shipped default model (or
 ``--checkpoint``), draws the ground truth as a yellow outline over the prediction and saves a
 screenshot of the whole window to ``docs/images/napari_segment.png``. It refuses to write a
-black canvas (an OpenGL problem) and prints the Dice the widget shows.
+black canvas (an OpenGL problem) and prints the Dice the widget shows. With ``--box`` it then
+draws the tight box around the ground truth on the widget's ``"<image> boxes"`` layer, as an
+annotator would, waits for the prompt update and shows that result instead.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     p.add_argument("--dock-width", type=int, default=440, help="width of the dock area (px)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model")
+    p.add_argument("--box", action="store_true",
+                   help="after Run, draw the ground truth's box as a prompt and show the result")
     return p.parse_args(argv)
 
 
@@ -98,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     pred = viewer.layers[f"{rec.name} prediction"]
     pred.opacity = 0.45
     gt_name = f"{rec.name} ground truth"
+    if args.box:
+        from busseg.data.io import read_mask
+        from busseg.metrics import dice_score
+        from busseg.prompts import mask_to_boxes
+
+        truth = read_mask(rec.mask_paths)
+        boxes_layer, _ = seg.prompt_layers(viewer.layers[rec.name])
+        for r0, c0, r1, c1 in mask_to_boxes(truth):
+            boxes_layer.add_rectangles(np.array([[r0, c0], [r1, c1]]))
+        t0 = time.time()
+        _process(app, 0.3)
+        while seg.prompt_busy and time.time() - t0 < args.timeout:
+            _process(app, 0.1)
+        print(f"box prompt: Dice {dice_score(np.asarray(pred.data) > 0, truth):.3f} "
+              f"({time.time() - t0:.2f} s to the updated layer, display loop included)")
     if gt_name in viewer.layers:
         gt = viewer.layers[gt_name]
         gt.contour = 2

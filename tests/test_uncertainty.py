@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import busseg
 from busseg import inference
 from busseg import uncertainty as U
 from busseg.cli import main
@@ -95,32 +96,22 @@ def test_uncertainty_score_on_a_model(tiny_checkpoint, synthetic_pairs):
         U.uncertainty_score(np.full((8, 8), np.nan), model)
 
 
-def test_class_head_entropy_where_the_model_has_one(monkeypatch, tiny_checkpoint):
-    model = inference.load_model(tiny_checkpoint, device="cpu")
+def test_class_head_entropy_where_the_model_has_one(tiny_checkpoint, tiny_prompt_checkpoint):
     image = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
-    calls = []
-
-    def classify(img, m):
-        calls.append(m)
-        return {"normal": 1 / 3, "benign": 1 / 3, "malignant": 1 / 3}
-
-    monkeypatch.setattr(inference, "classify", classify, raising=False)
-    monkeypatch.setattr(inference, "has_class_head", lambda m: False, raising=False)
-    assert U.uncertainty_score(image, model)["class_entropy"] is None
-    assert calls == []
-
-    monkeypatch.setattr(inference, "has_class_head", lambda m: True, raising=False)
+    plain = inference.load_model(tiny_checkpoint, device="cpu")
+    assert U.uncertainty_score(image, plain)["class_entropy"] is None
+    model = inference.load_model(tiny_prompt_checkpoint, device="cpu")
     out = U.uncertainty_score(image, model)
-    assert calls == [model]
-    assert out["class_entropy"] == pytest.approx(1.0)  # uniform: maximal
-    assert out["class_probabilities"]["benign"] == pytest.approx(1 / 3)
+    probs = busseg.classify(image, model, tta=True)
+    assert out["class_probabilities"] == pytest.approx(probs)
+    assert out["class_entropy"] == pytest.approx(U.class_entropy(probs))
     assert out["score"] == pytest.approx(
-        (out["entropy"] + out["flip_disagreement"] + 1.0) / 3
-    )
-    monkeypatch.setattr(
-        inference, "classify", lambda i, m: {"normal": 0.0, "benign": 1.0, "malignant": 0.0}
-    )
-    assert U.uncertainty_score(image, model)["class_entropy"] == pytest.approx(0.0, abs=1e-5)
+        (out["entropy"] + out["flip_disagreement"] + out["class_entropy"]) / 3)
+    assert U.class_entropy({"normal": 1 / 3, "benign": 1 / 3, "malignant": 1 / 3}) == \
+        pytest.approx(1.0)  # uniform: maximal
+    assert U.class_entropy({"normal": 0.0, "benign": 1.0, "malignant": 0.0}) == \
+        pytest.approx(0.0, abs=1e-5)
+    assert U.class_entropy(None) is None
 
 
 # --------------------------------------------------------------------------- ranking and cache

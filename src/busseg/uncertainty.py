@@ -72,7 +72,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,49 +200,28 @@ def scores_from_logits(
     return out
 
 
-def _class_functions() -> tuple[Callable | None, Callable | None]:
-    """``(has_class_head, classify)`` where this busseg version has them, else None."""
-    from busseg import inference
-
-    has = getattr(inference, "has_class_head", None)
-    classify = getattr(inference, "classify", None)
-    if classify is None:
-        import busseg
-
-        try:
-            classify = busseg.classify
-        except AttributeError:
-            classify = None
-    return has, classify
-
-
-def class_entropy(image: Any, model: Any) -> tuple[float | None, dict | None]:
-    """Normalised entropy of the model's lesion-class head, where it has one.
+def class_entropy(probabilities: Mapping[str, float] | None) -> float | None:
+    """Normalised entropy of a class head's probabilities.
 
     Parameters
     ----------
-    image : numpy.ndarray
-        The image, as accepted by :func:`busseg.inference.predict_proba`.
-    model : torch.nn.Module
-        A loaded model.
+    probabilities : mapping or None
+        ``{"normal": p, "benign": p, "malignant": p}`` (as ``busseg.classify`` returns), or
+        None for a model without a class head.
 
     Returns
     -------
-    entropy : float or None
-        ``-sum p log p / log 3`` over the classes, in [0, 1]; None when the model has no class
-        head or this busseg version cannot classify.
-    probabilities : dict or None
-        ``{"normal": p, "benign": p, "malignant": p}`` as returned by ``busseg.classify``.
+    float or None
+        ``-sum p log p / log K`` over the K classes, in [0, 1] (1 = uniform, 0 = certain);
+        None without probabilities or when they are not finite.
     """
-    has, classify = _class_functions()
-    if has is None or classify is None or not has(model):
-        return None, None
-    probs = dict(classify(image, model))
-    p = np.array([float(v) for v in probs.values()], dtype=np.float64)
+    if probabilities is None:
+        return None
+    p = np.array([float(v) for v in probabilities.values()], dtype=np.float64)
     if p.size < 2 or not np.isfinite(p).all():
-        return None, probs
+        return None
     p = np.clip(p / max(p.sum(), _EPS), _EPS, 1.0)
-    return float(-(p * np.log(p)).sum() / math.log(p.size)), probs
+    return float(-(p * np.log(p)).sum() / math.log(p.size))
 
 
 def _combine(components: Mapping[str, Any]) -> float:
@@ -298,11 +277,13 @@ def uncertainty_score(
     """
     from busseg.inference import (
         _check_image,
+        _class_dict,
         _config,
+        _forward,
         _multiple,
         _resolve_model,
         _resolve_threshold,
-        predict_logits_batch,
+        has_class_head,
         preprocess,
     )
 
@@ -312,12 +293,13 @@ def uncertainty_score(
     t = _resolve_threshold(threshold, cfg)
     prep = cfg.get("preprocessing", {})
     x = preprocess(arr, prep, multiple=_multiple(model, cfg))
-    logits = predict_logits_batch(x, model, tta=bool(tta))
+    # one forward pass gives both views and, for a model with a head, the class probabilities
+    logits, class_proba = _forward(x, model, tta=bool(tta), with_class=has_class_head(model))
     if prep.get("input_size") is None:  # native size: drop the reflection padding
         logits = logits[..., : arr.shape[0], : arr.shape[1]]
     out = scores_from_logits(logits, t, border=border)
-    ce, probs = class_entropy(arr, model)
-    out["class_entropy"] = ce
+    probs = _class_dict(model, class_proba[0]) if class_proba is not None else None
+    out["class_entropy"] = class_entropy(probs)
     out["class_probabilities"] = probs
     out["threshold"] = t
     out["score"] = _combine(out)
