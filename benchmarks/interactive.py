@@ -12,9 +12,8 @@ lesion to prompt) and on BUS-BRA fold 1 (every image has one lesion):
   guidance channels (:func:`busseg.inference.accepts_prompts`), given boxes or clicks;
 - the **crop-to-box baseline** (``--baseline-checkpoint``): an automatic (no-prompt) model run
   on the box grown by 30 % of its side on every side, its mask kept inside the box. The old
-  default model (before prompts) is the natural baseline; it is at git revision
-  ``HEAD:src/busseg/weights/default`` of the commit that replaced it: extract it with
-  ``git archive <rev> src/busseg/weights/default | tar -x -C /tmp/old`` and pass
+  default model (before prompts) is the natural baseline; commit ``af83f33`` shipped it:
+  extract it with ``git archive af83f33 src/busseg/weights/default | tar -x -C /tmp/old`` and pass
   ``--baseline-checkpoint /tmp/old/src/busseg/weights/default``. Without the flag the row is
   left out. It takes no clicks, so only its box rows are filled.
 
@@ -397,7 +396,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline-checkpoint", default=None,
                    help="automatic model for the crop-to-box baseline (the old default: "
-                        "git revision HEAD:src/busseg/weights/default before prompts); "
+                        "git revision af83f33:src/busseg/weights/default, before prompts); "
                         "omitted: no baseline row")
     p.add_argument("--busi", default=str(C.DEFAULT_BUSI), help="BUSI Dataset_BUSI_with_GT")
     p.add_argument("--split", default=str(C.DEFAULT_SPLIT), help="BUSI split CSV")

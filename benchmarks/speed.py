@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python benchmarks/speed.py                          # shipped default model, full run
     python benchmarks/speed.py --checkpoint runs/x/best --quick
-    git show HEAD:src/busseg/weights/default/config.json ...   # extract the old default, then
+    git show af83f33:src/busseg/weights/default/config.json ...   # the old default, then
     python benchmarks/speed.py --old-checkpoint /tmp/old_default
 
 Models: ``ours`` (the checkpoint: the new default, e.g. the EfficientNet-Lite0 U-Net with
@@ -1046,7 +1046,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-monai", action="store_true", help="no MONAI peers")
     p.add_argument("--old-checkpoint", default=None, metavar="DIR",
                    help="the previous default model, measured beside the checkpoint (e.g. "
-                   "extracted from git at HEAD:src/busseg/weights/default)")
+                   "extracted from git at af83f33:src/busseg/weights/default)")
     p.add_argument("--target-rounds", type=int, default=3,
                    help="passes over the images for the predict_mask / plain U-Net target "
                    "(default 3; 0 skips)")
