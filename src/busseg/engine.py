@@ -91,6 +91,9 @@ class TrainConfig:
         inverse class frequency in the training set: class-balanced) added to the
         segmentation loss, for models with a class head. Pairs of unknown class and pairs
         that got prompt guidance do not count.
+    eval_box_prompts : bool
+        Validation also scores tight-box prompts (``val_dice_box``) for models with guidance
+        channels: one more forward pass over the lesion images per validation.
     freeze_encoder : bool
         Train only the decoder and heads: the encoder's weights stay fixed and its
         batch-norm layers stay in eval mode (for models with ``encoder_modules()``, i.e. the
@@ -129,6 +132,7 @@ class TrainConfig:
     ema_decay: float | None = None
     class_loss_weight: float = 0.5
     freeze_encoder: bool = False
+    eval_box_prompts: bool = True
     prompts: dict | None = None
 
     def __post_init__(self) -> None:
@@ -252,6 +256,7 @@ def evaluate_dataset(
     threshold: float = 0.5,
     loss_fn: Callable | None = None,
     channels_last: bool = False,
+    box_prompts: bool = True,
 ) -> dict[str, Any]:
     """Per-image Dice of a model on a dataset at the network input size.
 
@@ -272,6 +277,9 @@ def evaluate_dataset(
         If given, the mean loss is reported too.
     channels_last : bool
         Run in channels-last memory format.
+    box_prompts : bool
+        For a model with guidance channels, also score tight-box prompts (one more forward
+        pass over the lesion images).
 
     Returns
     -------
@@ -291,6 +299,7 @@ def evaluate_dataset(
     model.eval()
     device = torch.device(device)
     guided = int(getattr(model, "in_channels", 1)) > 1
+    box_prompts = box_prompts and guided
     with_class = bool(getattr(model, "num_classes", 0))
     dices, losses, nonempty_truth, any_pred, box_dices, p_lesion = [], [], [], [], [], []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -323,7 +332,7 @@ def evaluate_dataset(
         truth = y >= 0.5
         nonempty_truth.append(truth.flatten(1).any(1).cpu())
         any_pred.append(pred.flatten(1).any(1).cpu())
-        if guided:
+        if box_prompts:
             keep = truth.flatten(1).any(1)
             if keep.any():
                 xb = with_guidance(img[keep], _tight_box_guidance(y[keep]), model)
@@ -689,7 +698,7 @@ def fit_iter(
     yield ProgressEvent("start", start_epoch, step, total, lr=lr_now(),
                         message=f"training on {dev.type}: {len(train_set)} images, {total} steps")
     stopped = early = False
-    curves_at = -math.inf
+    curves_at = time.perf_counter()  # first drawn a minute in (short runs: at the end only)
     eval_every = cfg.eval_every_steps
     epoch = start_epoch - 1
     ckpt_path = None
@@ -749,7 +758,7 @@ def fit_iter(
             improved = False
             if val_set is not None and len(val_set):
                 ev = evaluate_dataset(eval_model, val_set, dev, cfg.batch_size, cfg.threshold,
-                                      loss_fn, cfg.channels_last)
+                                      loss_fn, cfg.channels_last, cfg.eval_box_prompts)
                 row.update(val_loss=ev["loss"], val_dice=ev["mean_dice"],
                            val_dice_lesion=ev["mean_dice_lesion"],
                            val_fp_rate_normal=ev["fp_rate_normal"],

@@ -33,6 +33,8 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "augment": True,
     "seed": 0,
     "freeze_encoder": True,
+    # the live held-out Dice is the automatic one: no extra box-prompt pass per validation
+    "eval_box_prompts": False,
     # box and first-click prompts only: correction rounds cost extra forward passes
     "prompts": {"max_rounds": 0, "from_auto": 0.0},
 }
