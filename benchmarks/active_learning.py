@@ -243,15 +243,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     device = get_device(args.device)
     t_start = time.perf_counter()
-    records = C.read_busbra(busbra)
-    pool, evalset = C.patient_split(records, args.pool_fraction, args.seed)
-    if args.eval_limit is not None and args.eval_limit < len(evalset):  # as annotation_loop
-        pick = np.sort(
-            np.random.default_rng(args.seed + 1).permutation(len(evalset))[: args.eval_limit]
-        )
-        evalset = [evalset[i] for i in pick]
-    if max(args.ks) > len(pool):
-        raise SystemExit(f"the correction pool has {len(pool)} images; lower --ks")
+    pool, evalset = AL.pool_and_evalset(busbra, args)
     C.log(f"threads {threads}; pool {len(pool)} images, eval {len(evalset)} images", args.quiet)
 
     eval_images, eval_masks = AL.load_pairs([(r.image_path, [r.mask_path]) for r in evalset])
@@ -269,10 +261,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     C.log(f"base model: eval Dice {base_eval['mean_dice']:.3f}; ranked the pool in "
           f"{rank_s:.1f} s", args.quiet)
     orders = {(UNCERTAINTY, None): ranking.order()}
-    for d in range(args.draws):  # the random orders of annotation_loop.py
-        orders[(RANDOM, d)] = [
-            int(i) for i in np.random.default_rng([args.seed, d]).permutation(len(pool))
-        ]
+    for d, order in enumerate(AL.random_orders(len(pool), args.seed, args.draws)):
+        orders[(RANDOM, d)] = [int(i) for i in order]
     uncertainty_of = {e.index: e.score for e in ranking.entries}
 
     runs: list[dict] = []

@@ -330,6 +330,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def pool_and_evalset(busbra: Path, args: argparse.Namespace) -> tuple[list, list]:
+    """BUS-BRA split by patient into the correction pool and the evaluation set.
+
+    Uses ``args.pool_fraction``, ``args.seed``, ``args.eval_limit`` (a fixed random subset
+    of the evaluation set) and ``args.ks`` (the pool must hold ``max(ks)`` images); shared
+    with ``active_learning.py`` so both benchmarks score the same images.
+
+    Raises
+    ------
+    SystemExit
+        If the pool is smaller than the largest k.
+    """
+    pool, evalset = C.patient_split(C.read_busbra(busbra), args.pool_fraction, args.seed)
+    if args.eval_limit is not None and args.eval_limit < len(evalset):
+        pick = np.sort(
+            np.random.default_rng(args.seed + 1).permutation(len(evalset))[: args.eval_limit]
+        )
+        evalset = [evalset[i] for i in pick]
+    if max(args.ks) > len(pool):
+        raise SystemExit(f"the correction pool has {len(pool)} images; lower --ks")
+    return pool, evalset
+
+
+def random_orders(n_pool: int, seed: int, draws: int) -> list[np.ndarray]:
+    """The ``draws`` random orders of the pool (a draw's first k images are its k corrections)."""
+    return [np.random.default_rng([seed, d]).permutation(n_pool) for d in range(draws)]
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; return the JSON payload (also written to ``--out``)."""
     args = parse_args(argv)
@@ -343,22 +371,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     device = get_device(args.device)
     t_start = time.perf_counter()
-    records = C.read_busbra(busbra)
-    pool, evalset = C.patient_split(records, args.pool_fraction, args.seed)
-    if args.eval_limit is not None and args.eval_limit < len(evalset):
-        pick = np.sort(
-            np.random.default_rng(args.seed + 1).permutation(len(evalset))[: args.eval_limit]
-        )
-        evalset = [evalset[i] for i in pick]
-    if max(args.ks) > len(pool):
-        raise SystemExit(f"the correction pool has {len(pool)} images; lower --ks")
+    pool, evalset = pool_and_evalset(busbra, args)
     C.log(f"threads {threads}; pool {len(pool)} images, eval {len(evalset)} images", args.quiet)
 
     eval_images, eval_masks = load_pairs([(r.image_path, [r.mask_path]) for r in evalset])
     kmax = max(args.ks)
-    orders = [
-        np.random.default_rng([args.seed, d]).permutation(len(pool)) for d in range(args.draws)
-    ]
+    orders = random_orders(len(pool), args.seed, args.draws)
     needed = sorted({int(i) for o in orders for i in o[:kmax]})  # pool images ever drawn
     loaded = load_pairs([(pool[i].image_path, [pool[i].mask_path]) for i in needed])
     pool_images = dict(zip(needed, loaded[0], strict=True))
