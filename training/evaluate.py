@@ -64,7 +64,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
-from busseg.cli import UsageError, add_inference_args  # noqa: E402  (shared with busseg predict)
+from busseg.cli import (  # noqa: E402  (shared with busseg predict)
+    UsageError,
+    add_inference_args,
+    gate_status,
+)
 
 CSV_COLUMNS = (
     "image", "label", "height", "width", "dice", "iou", "precision", "recall", "accuracy",
@@ -255,7 +259,7 @@ def evaluate(args) -> int:
           f"{threshold}, TTA {'on' if tta else 'off'}"
           + (f", post-processing fill_holes={args.fill_holes} keep={args.keep} "
              f"min_area={args.min_area}" if post else "")
-          + (f", normal-scan gate {_gate_words(stored_gate, args.no_gate)}" if head else ""))
+          + (f", normal-scan gate {gate_status(stored_gate, args.no_gate)}" if head else ""))
     print(f"{len(records)} image(s) of split {split!r} from {index.root}")
 
     rows = []
@@ -315,7 +319,7 @@ def evaluate(args) -> int:
         f"- threshold {threshold}, TTA {'on' if tta else 'off'}"
         + (f", post-processing fill_holes={args.fill_holes}, keep={args.keep}, "
            f"min_area={args.min_area}" if post else ", no post-processing")
-        + (f", normal-scan gate {_gate_words(stored_gate, args.no_gate)}" if head else "")
+        + (f", normal-scan gate {gate_status(stored_gate, args.no_gate)}" if head else "")
         + "\n"
         f"- metrics at the original image size; mean ± std; HD95 in pixels; FP rate = share of "
         f"images without a lesion (normal) with any predicted pixel\n"
@@ -370,16 +374,6 @@ def evaluate(args) -> int:
               + ("" if args.no_overlays else ", overlays/")
               + (", reliability.png" if classes is not None else ""))
     return 0
-
-
-def _gate_words(gate, off: bool) -> str:
-    if off:
-        return "off (--no-gate)"
-    if not gate:
-        return "none stored in the checkpoint"
-    conf = float(gate.get("lesion_confidence", 1.0))
-    return (f"on: mask emptied when P(normal) >= {gate['p_normal']:g}"
-            + (f" and max lesion probability < {conf:g}" if conf < 1.0 else ""))
 
 
 def _f(x, digits: int = 3) -> str:

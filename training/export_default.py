@@ -394,16 +394,9 @@ def _f(x, d=3):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{d}f}"
 
 
-def _gate_text(gate: dict | None) -> str:
-    if not gate:
-        return "none"
-    conf = gate.get("lesion_confidence")
-    return (f"mask emptied when P(normal) >= {gate['p_normal']}"
-            + (f" and no pixel's lesion probability reaches {conf}" if conf is not None
-               and conf < 1.0 else " (lesion probabilities never protect a mask)"))
-
-
 def card_markdown(card: dict) -> str:
+    from busseg.inference import describe_gate
+
     hp = card.get("hyperparameters") or {}
     m = card["model"]
     hw = card.get("hardware") or {}
@@ -430,7 +423,7 @@ def card_markdown(card: dict) -> str:
         f"({hw.get('cpu_threads')} threads, torch {hw.get('torch')})",
         f"- Inference: threshold {inf['threshold']}, test-time flips "
         f"{'on' if inf['tta_flips'] else 'off'} (chosen on the validation split)"
-        + (f"; normal-scan gate: {_gate_text(inf.get('normal_gate'))} (chosen on the "
+        + (f"; normal-scan gate: {describe_gate(inf.get('normal_gate'))} (chosen on the "
            "validation split, see below)" if head else ""),
         "", "## Test split (never used for training or tuning)", "",
     ]

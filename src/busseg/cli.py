@@ -343,7 +343,8 @@ def _predict(args: argparse.Namespace) -> int:
         f"model {getattr(model, 'busseg_checkpoint_path', args.checkpoint)}: input "
         f"{cfg['preprocessing'].get('input_size')}, threshold {threshold}, "
         f"TTA {'on' if tta else 'off'}"
-        + (f", normal-scan gate {_gate_text(cfg, args.no_gate)}" if head else "")
+        + (f", normal-scan gate {gate_status(cfg['inference'].get('normal_gate'), args.no_gate)}"
+           if head else "")
         + f"; {len(todo)} image(s) to segment"
     )
     if head:
@@ -430,16 +431,29 @@ CLASSES_CSV = "classes.csv"
 CLASSES_COLUMNS = ("path", "p_normal", "p_benign", "p_malignant", "gated")
 
 
-def _gate_text(cfg: dict, off: bool) -> str:
-    gate = cfg.get("inference", {}).get("normal_gate")
+def gate_status(gate: dict | None, off: bool) -> str:
+    """Describe the normal-scan gate a run applies (``busseg predict``, ``info``, evaluate.py).
+
+    Parameters
+    ----------
+    gate : dict or None
+        The checkpoint's ``inference.normal_gate``.
+    off : bool
+        True when ``--no-gate`` switched it off.
+
+    Returns
+    -------
+    str
+        ``"off (--no-gate)"``, ``"none stored in the checkpoint"`` or ``"on (<rule>)"`` with
+        the rule of :func:`busseg.inference.describe_gate`.
+    """
+    from busseg.inference import describe_gate
+
     if off:
         return "off (--no-gate)"
     if not gate:
         return "none stored in the checkpoint"
-    conf = float(gate.get("lesion_confidence", 1.0))
-    return (f"on (mask emptied when P(normal) >= {_fmt_value(gate.get('p_normal'))}"
-            + (f" and no pixel reaches lesion probability {_fmt_value(conf)})" if conf < 1.0
-               else ")"))
+    return f"on ({describe_gate(gate)})"
 
 
 def write_classes_csv(path: Path, rows: dict[str, dict]) -> Path:
@@ -681,7 +695,8 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
         f"{prep.get('normalize', 'zscore')}",
         f"  inference: threshold {inf.get('threshold')}, TTA flips "
         f"{'on' if inf.get('tta_flips') else 'off'}"
-        + (f", normal-scan gate {_gate_text(cfg, False)}" if m.get("num_classes") else ""),
+        + (f", normal-scan gate {gate_status(cfg.get('inference', {}).get('normal_gate'), False)}"
+           if m.get("num_classes") else ""),
         "  class head: " + ("normal / benign / malignant (research output, not a diagnosis)"
                             if m.get("num_classes") else "none"),
         "  prompts: " + (f"boxes, clicks and previous mask ({int(m['in_channels']) - 1} "

@@ -36,6 +36,7 @@ __all__ = [
     "accepts_prompts",
     "classify",
     "clear_model_cache",
+    "describe_gate",
     "has_class_head",
     "load_model",
     "model_device",
@@ -624,6 +625,31 @@ def _resolve_gate(normal_gate: Any, cfg: Mapping[str, Any]) -> dict | None:
         raise ValueError(f"normal_gate must be in (0, 1], got {normal_gate!r}")
     conf = (stored or {}).get("lesion_confidence", 1.0 + 1e-9)
     return {"p_normal": t, "lesion_confidence": conf}
+
+
+def describe_gate(gate: Mapping[str, Any] | None) -> str:
+    """Say in words what a normal-scan gate does (for the CLI, evaluate.py and model cards).
+
+    Parameters
+    ----------
+    gate : mapping or None
+        A checkpoint's ``inference.normal_gate``: ``{"p_normal": t, "lesion_confidence": c}``
+        (``c`` >= 1 or absent: the lesion probabilities never protect a mask); None or empty
+        for no gate.
+
+    Returns
+    -------
+    str
+        E.g. ``"mask emptied when P(normal) >= 0.95 and no pixel reaches lesion probability
+        0.95"``; ``"none"`` without a gate.
+    """
+    if not gate:
+        return "none"
+    text = f"mask emptied when P(normal) >= {float(gate['p_normal']):.4g}"
+    conf = gate.get("lesion_confidence")
+    if conf is not None and float(conf) < 1.0:
+        return text + f" and no pixel reaches lesion probability {float(conf):.4g}"
+    return text + ", whatever the lesion probabilities"
 
 
 def _apply_gate(mask: np.ndarray, proba: torch.Tensor, class_proba: dict | None,
