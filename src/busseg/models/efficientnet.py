@@ -30,7 +30,7 @@ import os
 import torch
 from torch import nn
 
-from .unet import UpBlock, check_input
+from .unet import UpBlock, check_input, init_weights
 
 __all__ = ["CLASS_NAMES", "EfficientNetLite0UNet", "MBConv", "load_imagenet_weights"]
 
@@ -154,15 +154,9 @@ class EfficientNetLite0UNet(nn.Module):
         self._init()
 
     def _init(self) -> None:
+        init_weights(self)  # convolutions and norms as in the plain U-Net
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
         with torch.no_grad():
