@@ -414,3 +414,21 @@ def test_ema_state_is_saved_and_resumed(four, tmp_path):
     with pytest.raises(ValueError, match="ema_decay"):
         fit(_model(), four, four, _cfg(epochs=2, ema_decay=0.9), device="cpu", out_dir=plain,
             resume=True, checkpoint_config=CKPT_CONFIG)
+
+
+def test_lesion_and_normal_selection_weighs_misses_and_false_lesions_alike():
+    import math
+
+    from busseg.engine import TrainConfig, selection_score
+
+    ev = {"mean_dice": 0.9, "mean_dice_lesion": 0.7, "fp_rate_normal": 0.4}
+    assert selection_score("lesion_and_normal", ev) == pytest.approx((0.7 + 0.6) / 2)
+    assert selection_score("dice_lesion", ev) == 0.7
+    assert selection_score("dice", ev) == 0.9
+    no_normals = {**ev, "fp_rate_normal": math.nan}
+    assert selection_score("lesion_and_normal", no_normals) == 0.7
+    no_lesions = {**ev, "mean_dice_lesion": math.nan}
+    assert selection_score("lesion_and_normal", no_lesions) == 0.9
+    TrainConfig(select_metric="lesion_and_normal")
+    with pytest.raises(ValueError, match="select_metric"):
+        TrainConfig(select_metric="auc")

@@ -58,6 +58,7 @@ def test_manifest_widget_defaults(finetune):
     assert finetune._batch.value == FINETUNE_DEFAULTS["batch_size"]
     assert finetune._val_fraction.value == pytest.approx(FINETUNE_DEFAULTS["val_fraction"])
     assert finetune._augment.value is FINETUNE_DEFAULTS["augment"]
+    assert finetune._freeze.value is FINETUNE_DEFAULTS["freeze_encoder"] is False
     assert finetune._base.value == BASE_SEGMENT
     assert not finetune._out.value.exists()
 
@@ -96,6 +97,23 @@ def test_finetune_writes_checkpoint_and_switches_segment_widget(
     assert finetune._progress.value == 4
     # the next run goes into a new folder
     assert finetune._out.value != out and not finetune._out.value.exists()
+    assert cfg["training"]["hyperparameters"]["freeze_encoder"] is False
+
+
+def test_frozen_encoder_option_reaches_the_run(
+    qtbot, viewer, segment, finetune, tiny_checkpoint, synthetic_pairs, tmp_path
+):
+    images, masks = synthetic_pairs(3, size=(40, 44), seed=4)
+    add_pairs(viewer, finetune, images, masks)
+    finetune._out.value = tmp_path / "frozen-run"
+    finetune._amount.value = 2
+    finetune._batch.value = 2
+    finetune._freeze.value = True
+    finetune._start_btn.native.click()
+    qtbot.waitUntil(lambda: not finetune.running, timeout=TIMEOUT_MS)
+    assert finetune.last_result is not None, finetune._status.value
+    cfg = json.loads((tmp_path / "frozen-run" / "best" / "config.json").read_text())
+    assert cfg["training"]["hyperparameters"]["freeze_encoder"] is True
 
 
 def test_stack_pairs_current_slice_and_labelled_slices(viewer, finetune):

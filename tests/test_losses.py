@@ -109,7 +109,7 @@ def test_weights():
 
 
 def test_build_loss_errors():
-    with pytest.raises(ValueError, match="allowed: 'dice', 'bce_dice', 'focal_dice'"):
+    with pytest.raises(ValueError, match="allowed: 'dice', 'bce_dice', 'bce_lesion_dice', 'focal_dice'"):
         build_loss("jaccard")
     with pytest.raises(ValueError, match="accepted keywords"):
         build_loss("dice", gamma=2)
@@ -120,3 +120,36 @@ def test_shape_mismatch():
         DiceLoss()(torch.zeros(1, 1, 8, 8), torch.zeros(1, 8, 8))
     with pytest.raises(ValueError, match="floating"):
         DiceLoss()(torch.zeros(1, 1, 8, 8, dtype=torch.long), torch.zeros(1, 1, 8, 8))
+
+
+def test_bce_lesion_dice_ignores_dice_of_empty_targets():
+    from busseg.losses import BCELesionDiceLoss, BCEDiceLoss, soft_dice_per_image
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1, 16, 16)
+    targets = torch.zeros(3, 1, 16, 16)
+    targets[0, :, 4:10, 4:10] = 1  # only the first image has a lesion
+    loss = BCELesionDiceLoss()(logits, targets)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    dice0 = soft_dice_per_image(logits[:1], targets[:1]).mean()
+    assert torch.isclose(loss, bce + 1 - dice0)
+    # a right lesion and a 4-pixel false blob on each normal scan: per-image Dice of all
+    # images (BCEDiceLoss) scores each blob ~0.8 of loss; here only BCE sees the blobs
+    good = torch.full_like(logits, -8.0)
+    good[0, :, 4:10, 4:10] = 8.0
+    good[1:, :, 0:2, 0:2] = 8.0
+    assert BCELesionDiceLoss()(good, targets) < 0.1  # BCE of the blobs: 8 px at logit 8
+    assert BCEDiceLoss()(good, targets) > 0.5
+    # a batch of normal scans only: BCE alone, still pulling predictions towards empty
+    empty = BCELesionDiceLoss()(logits[1:], targets[1:])
+    assert torch.isclose(empty, torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[1:], targets[1:]))
+    assert BCELesionDiceLoss()(torch.full_like(logits[1:], -8.0), targets[1:]) < empty
+
+
+def test_bce_lesion_dice_is_built_by_name_and_checks_arguments():
+    from busseg.losses import BCELesionDiceLoss, build_loss
+
+    assert isinstance(build_loss("bce-lesion-dice"), BCELesionDiceLoss)
+    with pytest.raises(ValueError, match="smooth"):
+        BCELesionDiceLoss(smooth=0)

@@ -311,9 +311,10 @@ def test_freeze_encoder_trains_only_the_decoder(synthetic_pairs):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_finetune_defaults_freeze_the_encoder():
+def test_finetune_defaults_train_the_whole_network():
     from busseg.finetune import finetune_config
 
     cfg = finetune_config()
-    assert cfg.freeze_encoder and cfg.prompts == {"max_rounds": 0, "from_auto": 0.0}
-    assert not finetune_config(freeze_encoder=False).freeze_encoder
+    assert not cfg.freeze_encoder and cfg.prompts == {"max_rounds": 0, "from_auto": 0.0}
+    assert cfg.loss == "bce_lesion_dice"
+    assert finetune_config(freeze_encoder=True).freeze_encoder

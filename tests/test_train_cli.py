@@ -130,7 +130,7 @@ def test_init_from_a_checkpoint_records_lineage(fake_run, tmp_path, train_module
                               "--init", str(tiny_checkpoint), "--epochs", "1",
                               "--batch-size", "2", *TINY_ARGS]) == 0
     _, config = load_checkpoint(out / "best")
-    assert config["lineage"]["base_model"] == str(tiny_checkpoint.resolve())
+    assert Path(config["lineage"]["base_model"]).resolve() == tiny_checkpoint.resolve()
     assert len(config["lineage"]["pairs"]) == 4
 
 
@@ -200,3 +200,45 @@ def test_class_head_needs_the_efficientnet_encoder(fake_run, tmp_path, train_mod
     with pytest.raises(SystemExit, match="need --encoder efficientnet_lite0"):
         train_module.main(["--data", str(data), "--split", str(split), "--out",
                            str(tmp_path / "x"), "--class-head", *TINY_ARGS])
+
+
+def test_two_datasets_train_on_the_union_of_their_splits(fake_run, tmp_path, train_module):
+    """--data BUSI PAIRS with one --split each: train and val are the unions; normal scans of
+    the second site (all-black colour masks) train as empty masks; citations reach the card."""
+    import numpy as np
+    from PIL import Image
+
+    data, split, test_name = fake_run
+    site = tmp_path / "busuclm-dev"
+    rows = []
+    rng = np.random.default_rng(0)
+    for i, (patient, label, split_name) in enumerate(
+            [("AAAA", "benign", "train"), ("AAAA", "normal", "train"),
+             ("BBBB", "normal", "val"), ("CCCC", "malignant", "test")]):
+        name = f"{patient}_{i:03d}.png"
+        (site / "images").mkdir(parents=True, exist_ok=True)
+        (site / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 48), dtype=np.uint8)).save(
+            site / "images" / name)
+        m = np.zeros((40, 48, 3), np.uint8)
+        if label != "normal":
+            m[10:20, 10:20] = (0, 255, 0) if label == "benign" else (255, 0, 0)
+        Image.fromarray(m).save(site / "masks" / name)
+        rows.append({"image": f"images/{name}", "label": label, "group": i, "split": split_name})
+    split2 = write_split_csv(tmp_path / "site_split.csv", rows)
+    out = tmp_path / "two"
+    with pytest.raises(SystemExit, match="one --split per --data"):
+        train_module.main(["--data", str(data), str(site), "--split", str(split),
+                           "--out", str(out), *TINY_ARGS])
+    assert train_module.main(["--data", str(data), str(site), "--split", str(split), str(split2),
+                              "--out", str(out), "--epochs", "1", "--batch-size", "2",
+                              "--loss", "bce_lesion_dice", "--select-on", "lesion_and_normal",
+                              *TINY_ARGS]) == 0
+    _, config = load_checkpoint(out / "best")
+    training = config["training"]
+    assert training["n_train"] == 4 + 2 and training["n_val"] == 1 + 1
+    assert training["train_counts"] == {"benign": 3, "malignant": 1, "normal": 2}
+    assert [s["n_train"] for s in training["sources"]] == [4, 2]
+    assert "Vallez" in training["data"] and "research use" in training["data"]
+    assert training["hyperparameters"]["loss"] == "bce_lesion_dice"
+    assert "/" + str(tmp_path).strip("/") not in json.dumps(training["sources"][0]["data"])

@@ -111,11 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def select_records(data: str, split: str, split_file: str):
     """The usable records to evaluate and the dataset index."""
-    from busseg.data.busi import discover_busi
+    from busseg.data.discover import discover
     from busseg.data.splits import read_split_csv, select_split
 
     try:
-        index = discover_busi(data)
+        index = discover(data)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     if split == "all":

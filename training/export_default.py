@@ -54,8 +54,11 @@ MAX_DICE_DROP = 0.005
 MAX_WEIGHTS_MB = 10.0
 
 
-def collect_validation(ckpt: Path, data: str, split_file: str, flips=(False, True)) -> dict:
+def collect_validation(ckpt: Path, data, split_file, flips=(False, True)) -> dict:
     """One forward pass per validation image and flips setting: what tuning needs.
+
+    ``data`` and ``split_file`` are a dataset folder and its split CSV, or equal-length
+    lists of them (the validation images of all, e.g. BUSI and BUS-UCLM, are pooled).
 
     Returns
     -------
@@ -66,14 +69,19 @@ def collect_validation(ckpt: Path, data: str, split_file: str, flips=(False, Tru
     """
     import numpy as np
 
-    from busseg.data.busi import discover_busi
+    from busseg.data.discover import discover
     from busseg.data.io import read_image, read_mask
     from busseg.data.splits import read_split_csv, select_split
     from busseg.inference import load_model, predict
     from busseg.metrics import dice_score
 
     model = load_model(ckpt, device="cpu")
-    recs = select_split(discover_busi(data), read_split_csv(split_file), "val")
+    datas = [data] if isinstance(data, (str, Path)) else list(data)
+    splits = [split_file] if isinstance(split_file, (str, Path)) else list(split_file)
+    if len(datas) != len(splits):
+        raise SystemExit(f"{len(datas)} data folder(s) but {len(splits)} split file(s)")
+    recs = [r for d, sf in zip(datas, splits, strict=True)
+            for r in select_split(discover(d), read_split_csv(sf), "val")]
     if not recs:
         raise SystemExit(f"no validation images in {split_file}: the gate and threshold are "
                          "tuned on the 'val' rows")
@@ -125,7 +133,12 @@ def tune_on_validation(ckpt: Path, data: str, split_file: str, metric: str = "di
                          else float("nan"),
                          "val_fp_rate_normal": float(np.mean(c["views"][t]["any"][th][~lesion]))
                          if (~lesion).any() else float("nan")})
-    key = {"dice": "val_dice", "dice_lesion": "val_dice_lesion"}[metric]
+    for r in rows:
+        fp = r["val_fp_rate_normal"]
+        r["val_lesion_and_normal"] = (r["val_dice_lesion"] + 1.0 - fp) / 2.0 \
+            if math.isfinite(fp) else r["val_dice_lesion"]
+    key = {"dice": "val_dice", "dice_lesion": "val_dice_lesion",
+           "lesion_and_normal": "val_lesion_and_normal"}[metric]
     best = max(rows, key=lambda r: (round(r[key], 4), not r["tta_flips"]))
     return rows, best
 
@@ -215,8 +228,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--run", required=True, help="training run folder (holds best/ and log.csv)")
     ap.add_argument("--dest", default=str(ROOT / "src/busseg/weights/default"))
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"))
-    ap.add_argument("--split-file", default=str(ROOT / "training/splits/busi.csv"))
+    ap.add_argument("--data", nargs="+",
+                    default=[str(ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT")],
+                    help="dataset folders whose validation images tune threshold and gate "
+                         "(pooled); the FIRST one's test split is evaluated for the card")
+    ap.add_argument("--split-file", nargs="+", default=[str(ROOT / "training/splits/busi.csv")],
+                    help="one split CSV per --data folder")
     ap.add_argument("--eval-out", required=True, help="folder for the test-split evaluation")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
     ap.add_argument("--threads", type=int, default=2)
@@ -286,7 +303,10 @@ def main(argv=None) -> int:
     cfg.setdefault("training", {})["inference_tuning"] = {
         "on": "validation split",
         "metric": {"dice": "mean per-image Dice, all validation images",
-                   "dice_lesion": "mean per-image Dice, validation images with a lesion"}[metric],
+                   "dice_lesion": "mean per-image Dice, validation images with a lesion",
+                   "lesion_and_normal": "mean of the lesion Dice and of the share of normal "
+                                        "validation images predicted empty"}[metric],
+        "data": [Path(d).name for d in args.data],
         "flips_considered": list(flips),
         "grid": rows, "chosen": best,
     }
@@ -304,8 +324,8 @@ def main(argv=None) -> int:
     print(f"wrote {dest}")
     _check_size(dest / WEIGHTS_NAME)
 
-    code = evaluate_script.main(["--checkpoint", str(dest), "--data", args.data, "--split",
-                                 "test", "--split-file", args.split_file, "--out",
+    code = evaluate_script.main(["--checkpoint", str(dest), "--data", args.data[0], "--split",
+                                 "test", "--split-file", args.split_file[0], "--out",
                                  args.eval_out, "--no-progress", "--threads", str(args.threads),
                                  "--n-boot", str(args.n_boot)] + (
                                      ["--overwrite"] if args.overwrite else []))

@@ -1,8 +1,15 @@
-"""Train the busseg U-Net on a BUSI-layout dataset (headless; the same engine as the napari widget).
+"""Train the busseg U-Net on one or several datasets (headless; the same engine as the napari widget).
+
+Each ``--data`` folder is read by :func:`busseg.data.discover` (BUSI layout, image/mask folder
+pairs such as BUS-UCLM's, ...) and split by the ``--split`` CSV given at the same position;
+training and validation use the union of the datasets' train and val parts.
 
 Examples
 --------
     python training/train.py --data ../shared/data/busi/Dataset_BUSI_with_GT --out runs/default
+    python training/train.py --data ../shared/data/busi/Dataset_BUSI_with_GT \
+        ../shared/data/busuclm-dev --split training/splits/busi.csv training/splits/busuclm.csv \
+        --out runs/two_sites
     python training/train.py --epochs 1 --limit 16 --out runs/smoke          # smoke test
     torchrun --nproc_per_node 2 training/train.py --out runs/ddp      # DistributedDataParallel
 
@@ -28,9 +35,13 @@ if str(ROOT / "src") not in sys.path:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT"),
-                    help="BUSI dataset root (Dataset_BUSI_with_GT)")
-    ap.add_argument("--split", default=str(ROOT / "training/splits/busi.csv"), help="split CSV")
+    ap.add_argument("--data", nargs="+",
+                    default=[str(ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT")],
+                    help="dataset folders (BUSI root, BUS-UCLM-style images/ + masks/, ...)")
+    ap.add_argument("--split", nargs="+", default=None,
+                    help="one split CSV per --data folder, in the same order (default: "
+                         "training/splits/busi.csv for a BUSI folder, busuclm.csv for "
+                         "BUS-UCLM)")
     ap.add_argument("--out", required=True,
                     help="run folder to create (must not exist unless --resume)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -40,13 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
-    ap.add_argument("--loss", default="bce_dice", choices=["bce_dice", "dice", "focal_dice"])
+    ap.add_argument("--loss", default="bce_dice",
+                    choices=["bce_dice", "bce_lesion_dice", "dice", "focal_dice"],
+                    help="bce_lesion_dice: BCE on every image, Dice on lesion images only "
+                         "(normal scans train through BCE without making the model timid)")
     ap.add_argument("--classes", nargs="+", default=["benign", "malignant", "normal"],
                     choices=["benign", "malignant", "normal"],
                     help="classes to train on (validation always uses all classes)")
-    ap.add_argument("--select-on", default="dice", choices=["dice", "dice_lesion"],
+    ap.add_argument("--select-on", default="dice",
+                    choices=["dice", "dice_lesion", "lesion_and_normal"],
                     help="validation metric that picks the best checkpoint: Dice over all "
-                         "images (normals included) or over images with a lesion only")
+                         "images (normals included), over images with a lesion only, or the "
+                         "mean of lesion Dice and the share of normal images predicted empty")
     ap.add_argument("--ema-decay", type=float, default=None,
                     help="validate and save an exponential moving average of the weights "
                          "with this decay (e.g. 0.995); off by default")
@@ -68,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", action="store_true",
                     help="add box / click / previous-mask guidance channels and train with "
                          "simulated prompts (automatic mode included)")
+    ap.add_argument("--prompt-max-rounds", type=int, default=None,
+                    help="most simulated click-correction rounds per image (default: "
+                         "busseg.prompts.PromptSimulator's)")
+    ap.add_argument("--prompt-click-box", type=float, default=None,
+                    help="probability that click training keeps the box as context")
+    ap.add_argument("--prompt-from-auto", type=float, default=None,
+                    help="probability that click training starts from the network's own "
+                         "prediction (with the box when one is kept) instead of a first click")
     ap.add_argument("--augment", default="default", choices=["default", "scanner"],
                     help="'scanner': stronger appearance changes (blur, low resolution, "
                          "gamma, speckle) that mimic other scanners")
@@ -93,8 +117,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from busseg.data.busi import discover_busi
     from busseg.data.dataset import load_records
+    from busseg.data.discover import dataset_citation, default_split, discover
     from busseg.data.splits import read_split_csv, select_split
     from busseg.data.transforms import Augment
     from busseg.devices import get_device
@@ -114,15 +138,27 @@ def main(argv=None) -> int:
             device = torch.device("cuda", local)
     rank = torch.distributed.get_rank() if distributed else 0
 
-    index = discover_busi(args.data)
-    if index.problems and rank == 0:
-        print(f"{len(index.problems)} problem(s) in {args.data} (those images are skipped):")
-        for p in index.problems[:10]:
-            print("  " + p)
-    rows = read_split_csv(args.split)
-    train_recs = select_split(index, rows, "train")
-    val_recs = select_split(index, rows, "val")
-    train_recs = [r for r in train_recs if r.label in set(args.classes)]
+    splits = args.split or [str(default_split(d)) for d in args.data]
+    if len(splits) != len(args.data):
+        raise SystemExit(f"give one --split per --data folder: {len(args.data)} folder(s) but "
+                         f"{len(splits)} split file(s)")
+    train_recs, val_recs, sources = [], [], []
+    for data, split in zip(args.data, splits, strict=True):
+        index = discover(data)
+        if index.problems and rank == 0:
+            print(f"{len(index.problems)} problem(s) in {data} (those images are skipped):")
+            for p in index.problems[:10]:
+                print("  " + p)
+        rows = read_split_csv(split)
+        tr = [r for r in select_split(index, rows, "train") if r.label in set(args.classes)]
+        va = select_split(index, rows, "val")
+        train_recs += tr
+        val_recs += va
+        sources.append({"data": dataset_citation(data), "root": _rel(data, relpath=True),
+                        "split_file": _rel(split),
+                        "n_train": len(tr), "n_val": len(va)})
+        if rank == 0:
+            print(f"{data}: {len(tr)} train, {len(va)} val ({index.layout} layout)")
     if args.limit:
         train_recs, val_recs = train_recs[: args.limit], val_recs[: max(2, args.limit // 4)]
     t0 = time.perf_counter()
@@ -136,9 +172,14 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t0:.1f} s (test split untouched)")
 
     if args.init:
-        model, base_cfg = load_checkpoint(args.init)
+        init = args.init
+        if init == "default":
+            from busseg.models.checkpoint import default_checkpoint_path
+
+            init = default_checkpoint_path()
+        model, base_cfg = load_checkpoint(init)
         model_cfg = base_cfg["model"]
-        lineage = {"base_model": str(Path(args.init).resolve()),
+        lineage = {"base_model": _rel(init),
                    "pairs": [r.rel_path for r in train_recs]}
     else:
         if args.encoder == "efficientnet_lite0":
@@ -161,7 +202,11 @@ def main(argv=None) -> int:
             load_imagenet_weights(model)
         model_cfg = model.busseg_model_config
         lineage = {"base_model": None, "pairs": []}
+    prompt_overrides = {k: v for k, v in {
+        "max_rounds": args.prompt_max_rounds, "click_box": args.prompt_click_box,
+        "from_auto": args.prompt_from_auto}.items() if v is not None}
     cfg = TrainConfig(
+        prompts=prompt_overrides or None,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, loss=args.loss,
         early_stopping=args.early_stopping or None, oversample=args.oversample, amp=args.amp,
@@ -183,10 +228,10 @@ def main(argv=None) -> int:
         "preprocessing": {"input_size": list(size), "grey": True, "normalize": "zscore"},
         "inference": {"threshold": 0.5, "tta_flips": bool(args.tta_flips)},
         "training": {
-            "data": "BUSI (Al-Dhabyani et al., Data in Brief 28, 2020, 104863)",
-            "data_root": str(args.data),
-            "split_file": (os.path.relpath(args.split, ROOT) if Path(args.split).is_absolute()
-                           else args.split),
+            "data": "; ".join(s["data"] for s in sources),
+            "sources": sources,
+            "split_file": sources[0]["split_file"] if len(sources) == 1 else
+                          [s["split_file"] for s in sources],
             "n_train": len(train_set), "n_val": len(val_set),
             "train_counts": _counts(train_recs), "val_counts": _counts(val_recs),
             "augment": None if augment is None else augment.to_dict(),
@@ -203,7 +248,7 @@ def main(argv=None) -> int:
 
         ckpt_cfg["prompts"] = {"channels": list(GUIDANCE_CHANNELS),
                                "click_radius": DEFAULT_CLICK_RADIUS,
-                               "simulator": PromptSimulator().to_dict()}
+                               "simulator": PromptSimulator(**prompt_overrides).to_dict()}
     if model_cfg.get("num_classes"):
         from busseg.models import CLASS_NAMES
 
@@ -243,6 +288,21 @@ def main(argv=None) -> int:
     if distributed:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _rel(path, relpath: bool = False) -> str:
+    """``path`` relative to the repository when inside it (or, with ``relpath``, whenever
+    it is on the same drive, e.g. ``../shared/data/busuclm-dev``), else as given."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(ROOT).as_posix()
+    except ValueError:
+        if relpath:
+            try:
+                return Path(os.path.relpath(p, ROOT)).as_posix()
+            except ValueError:
+                pass
+        return Path(path).as_posix()
 
 
 def _counts(records) -> dict:

@@ -36,7 +36,7 @@ LOG_COLUMNS = (
 #: Least seconds between two redraws of a run's ``curves.png`` (it is always drawn at the end).
 CURVES_EVERY_S = 60.0
 #: Validation metrics :class:`TrainConfig` can select the best checkpoint on.
-SELECT_METRICS: tuple[str, ...] = ("dice", "dice_lesion")
+SELECT_METRICS: tuple[str, ...] = ("dice", "dice_lesion", "lesion_and_normal")
 
 
 @dataclass
@@ -85,7 +85,10 @@ class TrainConfig:
         ``"dice"`` (mean per-image Dice over all validation images, normal images included,
         where an empty prediction on an empty mask counts 1) or ``"dice_lesion"`` (mean Dice
         over the validation images that hold a lesion; falls back to ``"dice"`` when there
-        are none).
+        are none) or ``"lesion_and_normal"`` (the mean of lesion Dice and of the share of
+        lesion-free validation images predicted empty, ``(dice_lesion + 1 - fp_rate) / 2``:
+        misses and false lesions on normal scans weigh alike however many normal scans the
+        validation set holds; falls back to ``"dice_lesion"`` without normal images).
     class_loss_weight : float
         Weight of the class head's cross-entropy (normal / benign / malignant, weighted by
         inverse class frequency in the training set: class-balanced) added to the
@@ -234,6 +237,30 @@ class FitResult:
     stopped: bool = False
     early_stopped: bool = False
     checkpoint: Path | None = None
+
+
+def selection_score(metric: str, ev: dict) -> float:
+    """The value of a :data:`SELECT_METRICS` metric for one validation.
+
+    Parameters
+    ----------
+    metric : str
+        ``"dice"``, ``"dice_lesion"`` or ``"lesion_and_normal"`` (see :class:`TrainConfig`).
+    ev : dict
+        The output of :func:`evaluate_dataset` (``mean_dice``, ``mean_dice_lesion``,
+        ``fp_rate_normal``).
+
+    Returns
+    -------
+    float
+        Higher is better, in [0, 1].
+    """
+    lesion, fp = ev["mean_dice_lesion"], ev["fp_rate_normal"]
+    if metric == "lesion_and_normal" and np.isfinite(lesion):
+        return float((lesion + 1.0 - fp) / 2.0) if np.isfinite(fp) else float(lesion)
+    if metric in ("dice_lesion", "lesion_and_normal") and np.isfinite(lesion):
+        return float(lesion)
+    return float(ev["mean_dice"])
 
 
 def _seed_everything(seed: int) -> None:
@@ -765,8 +792,7 @@ def fit_iter(
                            val_dice_box=ev.get("mean_dice_box", float("nan")),
                            val_auc_normal=ev.get("auc_normal", float("nan")))
                 score = ev["mean_dice"]
-                if cfg.select_metric == "dice_lesion" and np.isfinite(ev["mean_dice_lesion"]):
-                    score = ev["mean_dice_lesion"]
+                score = selection_score(cfg.select_metric, ev)
                 if best is None or score > best + 1e-4:
                     best, best_step, best_epoch = score, step, epoch
                     bad, improved = 0, True

@@ -32,7 +32,12 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "val_fraction": 0.2,
     "augment": True,
     "seed": 0,
-    "freeze_encoder": True,
+    # the whole network adapts: on 10 corrected BUS-BRA images, Dice on other patients of
+    # that site rose +0.063 with it against +0.008 with the encoder frozen (issue 13)
+    "freeze_encoder": False,
+    # BCE on every pair, Dice on pairs with a lesion: a corrected normal scan (empty mask)
+    # teaches "no lesion here" without pushing every mask towards empty
+    "loss": "bce_lesion_dice",
     # the live held-out Dice is the automatic one: no extra box-prompt pass per validation
     "eval_box_prompts": False,
     # box and first-click prompts only: correction rounds cost extra forward passes

@@ -234,9 +234,56 @@ class FocalDiceLoss(nn.Module):
         return self.focal_weight * focal + self.dice_weight * self.dice(logits, targets)
 
 
+class BCELesionDiceLoss(nn.Module):
+    """BCE over every image plus soft Dice over the images whose target has a lesion.
+
+    Per-image soft Dice of an image with an empty target (a normal scan) is about
+    ``sum(p) / (1 + sum(p))``: close to 1 for any predicted pixel, so a batch with many
+    normal scans drives the whole network towards empty masks and it misses lesions
+    elsewhere. Here normal scans stay in the segmentation loss through the pixel-wise BCE
+    (whose pull grows with the false area, not with its mere presence), and Dice (Milletari et
+    al., 3DV 2016) is averaged over the lesion images only, as nnU-Net's batch Dice ignores
+    empty foreground (Isensee et al., Nature Methods 18, 2021).
+
+    Parameters
+    ----------
+    bce_weight, dice_weight : float, optional
+        Weights (>= 0) of the two terms.
+    smooth : float, optional
+        Dice smoothing (> 0).
+
+    Notes
+    -----
+    ``forward(logits, targets)``: logits (N, 1, H, W) float, targets (N, 1, H, W) in
+    {0, 1}; returns a scalar float32 >= 0. A batch without any lesion gets the BCE term only.
+    """
+
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0,
+                 smooth: float = 1.0) -> None:
+        super().__init__()
+        if bce_weight < 0 or dice_weight < 0:
+            raise ValueError("bce_weight and dice_weight must be >= 0")
+        if smooth <= 0:
+            raise ValueError(f"smooth must be > 0, got {smooth}")
+        self.bce_weight = float(bce_weight)
+        self.dice_weight = float(dice_weight)
+        self.smooth = float(smooth)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return ``bce_weight * BCE(all) + dice_weight * Dice loss(lesion images)``."""
+        x, t = _check(logits, targets)
+        bce = F.binary_cross_entropy_with_logits(x, t)
+        lesion = t.flatten(1).amax(dim=1) > 0
+        if not bool(lesion.any()):
+            return self.bce_weight * bce
+        dice = soft_dice_per_image(x[lesion], t[lesion], self.smooth)
+        return self.bce_weight * bce + self.dice_weight * (1.0 - dice.mean())
+
+
 LOSSES: dict[str, type[nn.Module]] = {
     "dice": DiceLoss,
     "bce_dice": BCEDiceLoss,
+    "bce_lesion_dice": BCELesionDiceLoss,
     "focal_dice": FocalDiceLoss,
 }
 
@@ -246,8 +293,9 @@ def build_loss(name: str = "bce_dice", **kwargs) -> nn.Module:
 
     Parameters
     ----------
-    name : {"dice", "bce_dice", "focal_dice"}, optional
-        :class:`DiceLoss`, :class:`BCEDiceLoss` (default) or :class:`FocalDiceLoss`;
+    name : {"dice", "bce_dice", "bce_lesion_dice", "focal_dice"}, optional
+        :class:`DiceLoss`, :class:`BCEDiceLoss` (default), :class:`BCELesionDiceLoss` or
+        :class:`FocalDiceLoss`;
         case-insensitive, ``-`` accepted for ``_``.
     **kwargs
         Passed to the loss class (e.g. ``dice_weight=2.0``, ``gamma=1.5``).

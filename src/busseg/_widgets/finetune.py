@@ -223,6 +223,14 @@ class FineTuneWidget(Container):
         self._batch = SpinBox(label="batch size", min=1, max=256,
                               value=int(self._defaults["batch_size"]))
         self._augment = CheckBox(text="augmentation", value=bool(self._defaults["augment"]))
+        self._freeze = CheckBox(
+            text="freeze the encoder (faster; the decoder alone adapts)",
+            value=bool(self._defaults["freeze_encoder"]),
+            tooltip="Off (default): the whole network trains, which is what adapts the model "
+            "to a new scanner. On: only the decoder and heads train, about 20 % faster per "
+            "step, but on 10 corrected BUS-BRA images it lifted Dice on other patients by "
+            "+0.008 against +0.063 for the whole network",
+        )
         self._val_fraction = FloatSpinBox(label="held-out fraction", min=0.0, max=0.9,
                                           step=0.05, value=float(self._defaults["val_fraction"]),
                                           tooltip="Share of the pairs kept out of training to "
@@ -245,7 +253,8 @@ class FineTuneWidget(Container):
             Container(widgets=[self._add_btn, self._remove_btn], layout="horizontal",
                       labels=False),
             self._pair_list, self._folder, self._base, self._base_path, self._unit,
-            self._amount, self._lr, self._batch, self._augment, self._val_fraction, self._out,
+            self._amount, self._lr, self._batch, self._augment, self._freeze,
+            self._val_fraction, self._out,
             Container(widgets=[self._start_btn, self._stop_btn], layout="horizontal",
                       labels=False),
             self._progress, self._live, self._status, self._result,
@@ -413,7 +422,8 @@ class FineTuneWidget(Container):
             self._set_status(f"choose the base checkpoint folder, or switch to '{BASE_DEFAULT}'")
             return
         out, note = self._output_dir()
-        overrides = {"lr": float(self._lr.value), "batch_size": int(self._batch.value)}
+        overrides = {"lr": float(self._lr.value), "batch_size": int(self._batch.value),
+                     "freeze_encoder": bool(self._freeze.value)}
         if self._unit.value == "steps":
             overrides["max_steps"] = int(self._amount.value)
         else:

@@ -41,6 +41,10 @@ class BusiRecord:
         (width, height) of the image in pixels, read from the header when sizes are checked.
     problems : tuple of str
         What is wrong with this record (no mask, size mismatch); empty when it is usable.
+    group : str or None
+        Patient or group the scan belongs to where the dataset says (BUS-BRA ``Case``,
+        BUS-UCLM file prefix, a plain folder's sub-folder); None for BUSI, whose patients are
+        unknown. Splits keep a group together.
     """
 
     name: str
@@ -50,6 +54,7 @@ class BusiRecord:
     rel_path: str
     size: tuple[int, int] | None = None
     problems: tuple[str, ...] = ()
+    group: str | None = None
 
     @property
     def usable(self) -> bool:
@@ -69,11 +74,15 @@ class BusiIndex:
         One per image file, sorted by class then natural number order.
     problems : list of str
         Every problem found: images without a mask, masks without an image, size mismatches.
+    layout : str
+        How the folder was read: ``"busi"``, ``"busbra"``, ``"pairs"`` or ``"folder"`` (see
+        :func:`busseg.data.discover.discover`).
     """
 
     root: Path
     records: list[BusiRecord] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    layout: str = "busi"
 
     def __len__(self) -> int:
         return len(self.records)
