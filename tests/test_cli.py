@@ -240,7 +240,7 @@ def test_real_rgb_originals_and_grey_copies_agree(
     "extra, match",
     [
         (["missing.png"], "no such file or folder"),
-        (["EMPTY"], "no images found"),
+        (["EMPTY"], "no scans found"),
         (["NOTIMAGE"], "not an image file"),
         (["MASK"], "named like a mask"),
         ([], "no input"),
@@ -382,7 +382,9 @@ def test_predict_class_head_writes_classes_csv_and_gates(
 ):
     # the untrained head says P(normal) = 1/3 and no pixel reaches 0.9: a gate at 0.3 empties
     ckpt = make_head_checkpoint({"p_normal": 0.3, "lesion_confidence": 0.9})
-    images = sorted(str(p) for p in fake_busi.rglob("*.png") if "_mask" not in p.name)
+    # classes.csv paths are relative to the input folder, like the masks under --out
+    images = sorted(p.relative_to(fake_busi).as_posix() for p in fake_busi.rglob("*.png")
+                    if "_mask" not in p.name)
     off, on = tmp_path / "off", tmp_path / "on"
     code, out, err = _run(["predict", fake_busi, "--out", off, "--checkpoint", ckpt,
                            "--no-gate", "--no-progress"], capsys)
@@ -406,7 +408,7 @@ def test_predict_class_head_writes_classes_csv_and_gates(
     rows = _classes_csv(on / "classes.csv")
     for rel, had_lesion in ungated.items():
         assert not _mask_png(on / rel).any()  # gated, or empty already
-        image = str(fake_busi / rel.replace("_mask.png", ".png"))
+        image = rel.replace("_mask.png", ".png")
         assert rows[image]["gated"] == str(had_lesion)
 
     # a rerun without --overwrite segments only the missing mask and keeps the other rows
@@ -417,7 +419,7 @@ def test_predict_class_head_writes_classes_csv_and_gates(
     assert code == 1 and "skipped 5 image(s)" in err
     rows = _classes_csv(on / "classes.csv")
     assert sorted(rows) == images
-    assert rows[str(fake_busi / "benign" / "benign (1).png")]["gated"] == "False"  # rewritten
+    assert rows["benign/benign (1).png"]["gated"] == "False"  # rewritten
     assert sum(r["gated"] == "stale" for r in rows.values()) == sum(ungated.values()) - (
         ungated["benign/benign (1)_mask.png"])
 
@@ -477,3 +479,184 @@ def test_module_entry_point_runs():
     )
     assert res.returncode == 0 and res.stdout.strip() == "busseg 0.1.0"
     assert "busseg = busseg.cli:main" in (REPO / "setup.cfg").read_text()
+
+
+# --------------------------------------------------------------------------- rough edges
+
+
+def _env():
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("command", ["rank", "predict"])
+def test_closed_pipe_ends_quietly_like_a_unix_tool(command, fake_busi, tiny_checkpoint,
+                                                   tmp_path):
+    """``busseg rank DIR --out r.csv | head -1``: no BrokenPipeError traceback, work done."""
+    out = tmp_path / ("r.csv" if command == "rank" else "masks")
+    argv = [sys.executable, "-m", "busseg.cli", command, str(fake_busi), "--out", str(out),
+            "--checkpoint", str(tiny_checkpoint), "--device", "cpu"]
+    if command == "rank":
+        argv.append("--no-cache")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=_env(), stdin=subprocess.DEVNULL)
+    first = proc.stdout.readline()  # what `head -1` reads, then it exits
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=300)
+    assert first.startswith(b"model ")
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert "Exception ignored" not in err, err
+    assert code == 0, err
+    if command == "rank":
+        assert out.is_file()  # the work was finished
+    else:
+        assert len(list(out.rglob("*_mask.png"))) == 6
+
+
+def test_nothing_written_is_said_and_exits_non_zero(tmp_path, make_head_checkpoint, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "only.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out_dir = tmp_path / "o"
+    code, out, err = _run(["predict", src, "--out", out_dir, "--checkpoint",
+                           make_head_checkpoint(), "--no-progress"], capsys)
+    assert code == 1
+    assert "written to" not in out and "wrote 0 mask(s)" not in out
+    assert "wrote" not in out and not (out_dir / "classes.csv").exists()
+    assert "no mask written: 1 image(s) could not be read" in err
+    assert not out_dir.exists()  # nothing claims it exists
+
+
+def test_no_progress_bar_frames_when_not_a_terminal(fake_busi, tiny_checkpoint, tmp_path,
+                                                    capsys):
+    code, out, err = _run(["predict", fake_busi, "--out", tmp_path / "o", "--checkpoint",
+                           tiny_checkpoint], capsys)  # no --no-progress; stderr is captured
+    assert code == 0, err
+    assert "\r" not in err and "image/s" not in err and "%|" not in err, err
+    assert "\r" not in out and "image/s" not in out
+
+
+def test_unreadable_and_empty_images_are_named_once(tmp_path, tiny_checkpoint, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(src / "good.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (src / "empty.png").write_bytes(b"")
+    code, out, err = _run(["predict", src, "--out", tmp_path / "o", "--checkpoint",
+                           tiny_checkpoint, "--no-progress"], capsys)
+    assert code == 1
+    for name in ("broken.png", "empty.png"):
+        lines = [ln for ln in err.splitlines() if name in ln]
+        assert lines, err
+        assert all(ln.count(name) == 1 for ln in lines), lines
+    assert any("empty.png is empty (0 bytes)" in ln for ln in err.splitlines()), err
+
+
+def test_classes_csv_paths_are_relative_to_the_input_folder(make_head_checkpoint, tmp_path,
+                                                             capsys):
+    ckpt = make_head_checkpoint()
+    code, out, err = _run(["predict", "--samples", "--out", tmp_path / "s", "--checkpoint",
+                           ckpt, "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(_classes_csv(tmp_path / "s" / "classes.csv")) == [
+        "benign/benign (100).png", "malignant/malignant (181).png", "normal/normal (9).png"]
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(src / "sub" / "a.png")
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "b.png")
+    code, out, err = _run(["predict", src, tmp_path / "b.png", "--out", tmp_path / "p",
+                           "--checkpoint", ckpt, "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(_classes_csv(tmp_path / "p" / "classes.csv")) == ["b.png", "sub/a.png"]
+    assert (tmp_path / "p" / "sub" / "a_mask.png").is_file()  # the same relative place
+
+
+def test_predict_reads_busbra_layout_through_discover(tmp_path, tiny_checkpoint, capsys):
+    root = tmp_path / "bra"
+    for d in ("Images", "Masks"):
+        (root / d).mkdir(parents=True)
+    Image.fromarray(np.full((20, 24), 90, np.uint8)).save(root / "Images" / "bus_0001-l.png")
+    m = np.zeros((20, 24), np.uint8)
+    m[4:10, 5:12] = 255
+    Image.fromarray(m).save(root / "Masks" / "mask_0001-l.png")
+    code, out, err = _run(["predict", root, "--out", tmp_path / "o", "--checkpoint",
+                           tiny_checkpoint, "--no-progress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "o" / "Images" / "bus_0001-l_mask.png").is_file()
+    assert re.search(r"^Images/bus_0001-l\.png: Dice [0-9.]+", out, re.M)  # ground truth found
+
+
+def test_readme_demo_command_can_be_rerun(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """README command 1 writes busseg-demo/ into the clone: git ignores it, a re-run works."""
+    readme = (REPO / "README.md").read_text()
+    m = re.search(r"busseg predict (--samples[^\n&;|]*)", readme)
+    assert m, "README command 1 no longer runs busseg predict --samples"
+    args = m.group(1).split()
+    out_name = args[args.index("--out") + 1]
+    ignored = [ln.strip().strip("/") for ln in (REPO / ".gitignore").read_text().splitlines()]
+    assert out_name.strip("/") in ignored, f"{out_name} is not in .gitignore"
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        code, out, err = _run(["predict", *args, "--checkpoint", tiny_checkpoint,
+                               "--no-progress"], capsys)
+        assert code == 0, err
+
+
+def _export_module():
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "training"))
+    spec = importlib.util.spec_from_file_location("busseg_export_paths",
+                                                  REPO / "training/export_default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ABS = re.compile(r"""(?:^|[\s='"(\[])(/(?:work|home|tmp|Users|root|mnt|opt|data)/[^\s'"]*)""")
+
+
+def test_shipped_model_card_and_info_name_no_training_machine_path(capsys):
+    from busseg.models import default_checkpoint_path
+
+    folder = default_checkpoint_path()
+    for name in ("config.json", "model_card.json", "MODEL_CARD.md"):
+        assert not _ABS.findall((folder / name).read_text()), name
+    code, out, _ = _run(["info"], capsys)
+    assert code == 0
+    lines = [ln for ln in out.splitlines() if not ln.startswith("default model checkpoint:")]
+    assert not [ln for ln in lines if _ABS.search(ln)], lines
+
+
+def test_export_writes_portable_paths():
+    export = _export_module()
+    cfg = {"training": {"data_root": "/work/shared/data/busi/Dataset_BUSI_with_GT",
+                        "command": f"train.py --out {export.ROOT}/runs/x --data /srv/busi",
+                        "data": "BUSI (Al-Dhabyani et al., 2020)"},
+           "lineage": {"base_model": str(export.ROOT / "runs" / "v2_main" / "best"),
+                       "pairs": ["benign/benign (1).png"]},
+           "n": 3}
+    out = export.portable(cfg)
+    assert out["training"]["data_root"] == "busi/Dataset_BUSI_with_GT"
+    assert out["training"]["command"] == "train.py --out runs/x --data srv/busi"
+    assert out["training"]["data"] == cfg["training"]["data"]
+    assert out["lineage"] == {"base_model": "runs/v2_main/best",
+                              "pairs": ["benign/benign (1).png"]}
+    assert out["n"] == 3
+
+
+def test_info_shortens_absolute_lineage_paths_of_another_machine(tiny_checkpoint, tmp_path,
+                                                                  capsys):
+    import json
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["lineage"] = {"base_model": "/nowhere/machine/runs/v9/best", "pairs": []}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    code, out, _ = _run(["info", "--checkpoint", ck], capsys)
+    assert code == 0 and "initialised from …/v9/best" in out

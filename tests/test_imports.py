@@ -56,7 +56,7 @@ def test_core_modules_import_no_qt_or_napari(probe):
     expected = {"busseg.data", "busseg.data.io", "busseg.data.busi", "busseg.data.dataset",
                 "busseg.data.splits", "busseg.data.transforms", "busseg.models",
                 "busseg.engine", "busseg.finetune", "busseg.losses", "busseg.metrics",
-                "busseg.devices"}
+                "busseg.devices", "busseg.jobs", "busseg.data.dicom"}
     assert expected <= core, f"core modules not found: {sorted(expected - core)}"
     assert probe["gui"] == [], (
         f"importing the core ({', '.join(sorted(core))}) pulled in {probe['gui'][:10]}; "

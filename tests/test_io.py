@@ -235,3 +235,39 @@ def test_write_mask_png_is_atomic_when_the_final_rename_fails(tmp_path, monkeypa
     with pytest.raises(OSError, match="disk full"):
         write_mask_png(tmp_path / "new.png", np.ones((5, 5), bool))
     assert sorted(os.listdir(tmp_path)) == ["m.png"]  # nothing half-written, no temporary file
+
+
+# ---------------------------------------------------------------- empty files, stacks
+
+
+def test_empty_file_is_called_empty_and_named_once(tmp_path):
+    path = tmp_path / "scan.png"
+    path.write_bytes(b"")
+    for fn in (read_image, read_mask, bio.read_stack):
+        with pytest.raises(ImageReadError) as info:
+            fn(path)
+        msg = str(info.value)
+        assert "empty (0 bytes)" in msg and msg.count(str(path)) == 1, msg
+
+
+def test_corrupt_file_message_names_the_file_once(tmp_path):
+    path = tmp_path / "scan.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    assert str(info.value).count(str(path)) == 1
+
+
+def test_read_stack_of_a_multipage_tiff_and_of_a_single_image(tmp_path):
+    import tifffile
+
+    pages = RNG.integers(0, 256, size=(4, 6, 5), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "pages.tif", pages, photometric="minisblack")
+    assert bio.frame_count(tmp_path / "pages.tif") == 4
+    np.testing.assert_array_equal(bio.read_stack(tmp_path / "pages.tif"), pages)
+    with pytest.raises(ImageReadError, match="4 pages.*read_stack"):
+        read_image(tmp_path / "pages.tif")
+    Image.fromarray(GREY).save(tmp_path / "one.png")
+    assert bio.frame_count(tmp_path / "one.png") == 1
+    np.testing.assert_array_equal(bio.read_stack(tmp_path / "one.png"), GREY[None])
+    assert bio.frame_count(tmp_path / "missing.png") == 0

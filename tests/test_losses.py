@@ -109,7 +109,8 @@ def test_weights():
 
 
 def test_build_loss_errors():
-    with pytest.raises(ValueError, match="allowed: 'dice', 'bce_dice', 'bce_lesion_dice', 'focal_dice'"):
+    with pytest.raises(ValueError,
+                       match="allowed: 'dice', 'bce_dice', 'bce_lesion_dice', 'focal_dice'"):
         build_loss("jaccard")
     with pytest.raises(ValueError, match="accepted keywords"):
         build_loss("dice", gamma=2)
@@ -123,7 +124,7 @@ def test_shape_mismatch():
 
 
 def test_bce_lesion_dice_ignores_dice_of_empty_targets():
-    from busseg.losses import BCELesionDiceLoss, BCEDiceLoss, soft_dice_per_image
+    from busseg.losses import BCEDiceLoss, BCELesionDiceLoss, soft_dice_per_image
 
     torch.manual_seed(0)
     logits = torch.randn(3, 1, 16, 16)

@@ -49,7 +49,8 @@ def test_contributions(manifest):
     # accepts_directories), so napari does not offer the plugin for CSVs and the like
     from busseg.data.io import IMAGE_SUFFIXES
 
-    assert set(reader.filename_patterns) == {f"*{s}" for s in IMAGE_SUFFIXES}
+    # (DICOM too: napari_get_reader declines .dcm files when pydicom is not installed)
+    assert set(reader.filename_patterns) == {f"*{s}" for s in IMAGE_SUFFIXES} | {"*.dcm"}
     (writer,) = manifest.contributions.writers
     assert set(writer.filename_extensions) == {".png", ".tif", ".tiff"}
     assert [str(t) for t in writer.layer_types] == ["labels"]
@@ -57,7 +58,7 @@ def test_contributions(manifest):
     assert widgets == {
         "Segment lesions": "napari-busseg.segment_widget",
         "Fine-tune": "napari-busseg.finetune_widget",
-        "BUSI browser": "napari-busseg.browser_widget",
+        "Scan browser": "napari-busseg.browser_widget",
     }
     assert [s.key for s in manifest.contributions.sample_data] == ["busi_samples"]
 

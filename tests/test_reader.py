@@ -63,15 +63,21 @@ def test_get_reader_declines_what_it_does_not_handle(tmp_path):
     assert napari_get_reader([str(tmp_path / "notes.txt"), str(tmp_path / "x.png")]) is None
 
 
-def test_get_reader_leaves_multipage_tiffs_to_other_readers(tmp_path):
+def test_multipage_tiff_opens_as_a_stack(tmp_path, notes):
     import tifffile
 
-    tifffile.imwrite(
-        tmp_path / "stack.tif", np.zeros((3, 8, 8), np.uint8), photometric="minisblack"
-    )
+    pages = np.random.default_rng(0).integers(0, 256, (3, 8, 9), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", pages, photometric="minisblack")
     tifffile.imwrite(tmp_path / "one.tif", np.zeros((8, 8), np.uint8))
-    assert napari_get_reader(str(tmp_path / "stack.tif")) is None
+    reader = napari_get_reader(str(tmp_path / "stack.tif"))
+    assert reader is _reader.read_frames_file
+    [(data, kwargs, kind)] = reader(str(tmp_path / "stack.tif"))
+    assert kind == "image" and kwargs["name"] == "stack"
+    np.testing.assert_array_equal(data, pages)
+    meta = kwargs["metadata"]["busseg"]
+    assert meta["kind"] == "frames" and meta["n_frames"] == 3 and meta["original_shape"] == [8, 9]
     assert napari_get_reader(str(tmp_path / "one.tif")) is _reader.read_image_file
+    assert not notes
 
 
 def test_get_reader_decodes_no_pixels(mixed_tree, monkeypatch):
@@ -264,3 +270,122 @@ def test_viewer_opens_a_folder_through_the_manifest(make_napari_viewer, mixed_tr
     ]
     assert viewer.layers[0].data.shape == (4, 50, 60)
     assert viewer.dims.nsteps[0] == 4
+
+
+# ------------------------------------------------------------------ any folder, via discover
+
+
+def test_reader_indexes_folders_through_discover(tmp_path, notes, monkeypatch):
+    """The reader takes its records from busseg.data.discover, not from its own globbing."""
+    import importlib
+
+    disc = importlib.import_module("busseg.data.discover")  # (busseg.data.discover: the function)
+
+    _png(tmp_path / "scans" / "a.png", np.full((5, 6), 7, np.uint8))
+    calls = []
+    real = disc.discover
+    monkeypatch.setattr(disc, "discover", lambda *a, **k: calls.append(a) or real(*a, **k))
+    layers = _reader.read_folder(str(tmp_path / "scans"))
+    assert calls and len(layers) == 1
+    assert layers[0][1]["metadata"]["busseg"]["layout"] == "folder"
+
+
+def test_plain_folder_with_sub_folders_opens_recursively(tmp_path, notes):
+    _png(tmp_path / "site" / "day1" / "scan 1.png", np.full((6, 5), 10, np.uint8))
+    _png(tmp_path / "site" / "day2" / "scan 2.jpg", np.full((4, 8, 3), 90, np.uint8))
+    (tmp_path / "site" / "notes.txt").write_text("not a scan")
+    assert napari_get_reader(str(tmp_path / "site")) is _reader.read_folder
+    [(stack, kw, kind)] = _reader.read_folder(str(tmp_path / "site"))
+    assert kind == "image" and stack.shape == (2, 6, 8)
+    slices = kw["metadata"]["busseg"]["slices"]
+    assert [s["rel_path"] for s in slices] == ["day1/scan 1.png", "day2/scan 2.jpg"]
+    assert all(s["label"] == "unknown" and s["mask_paths"] == [] for s in slices)
+    assert not notes
+
+
+def _busbra_tree(root: Path) -> Path:
+    rng = np.random.default_rng(3)
+    for i, (h, w) in enumerate([(20, 30), (24, 18)], start=1):
+        _png(root / "Images" / f"bus_000{i}-l.png", rng.integers(1, 255, (h, w), np.uint8))
+        m = np.zeros((h, w), np.uint8)
+        m[3:9, 4:12] = 255
+        _png(root / "Masks" / f"mask_000{i}-l.png", m)
+    (root / "bus_data.csv").write_text(
+        "ID,Case,Pathology\nbus_0001-l,1,benign\nbus_0002-l,2,malignant\n")
+    return root
+
+
+def _uclm_tree(root: Path) -> Path:
+    img = np.full((16, 20), 50, np.uint8)
+    _png(root / "images" / "ALWI_000.png", img)
+    _png(root / "images" / "ALWI_001.png", img)
+    green = np.zeros((16, 20, 3), np.uint8)
+    green[2:6, 3:9, 1] = 255  # benign lesion, colour-coded
+    _png(root / "masks" / "ALWI_000.png", green)
+    _png(root / "masks" / "ALWI_001.png", np.zeros((16, 20, 3), np.uint8))  # normal
+    return root
+
+
+def test_busbra_folder_opens_with_its_ground_truth(tmp_path, notes):
+    root = _busbra_tree(tmp_path / "BUS-BRA")
+    assert napari_get_reader(str(root)) is _reader.read_folder
+    (images, ikw, _), (masks, mkw, mkind) = _reader.read_folder(str(root))
+    assert mkind == "labels" and mkw["name"] == "BUS-BRA ground truth"
+    assert images.shape == masks.shape == (2, 24, 30)
+    meta = ikw["metadata"]["busseg"]
+    assert meta["layout"] == "busbra"
+    assert [s["label"] for s in meta["slices"]] == ["benign", "malignant"]
+    m0 = np.asarray(masks[0])
+    assert m0[3:9, 4:12].all() and m0.sum() == 48
+    assert not notes
+
+
+def test_busuclm_folder_colour_masks_become_ground_truth(tmp_path, notes):
+    root = _uclm_tree(tmp_path / "BUS-UCLM")
+    (images, ikw, _), (masks, _, _) = _reader.read_folder(str(root))
+    assert ikw["metadata"]["busseg"]["layout"] == "pairs"
+    assert [s["label"] for s in ikw["metadata"]["busseg"]["slices"]] == ["benign", "normal"]
+    assert np.asarray(masks[0]).sum() == 24 and not np.asarray(masks[1]).any()
+
+
+def test_single_image_of_a_folder_pair_gets_its_ground_truth(tmp_path, notes):
+    root = _busbra_tree(tmp_path / "BUS-BRA")
+    path = root / "Images" / "bus_0002-l.png"
+    layers = napari_get_reader(str(path))(str(path))
+    assert [(kw["name"], kind) for _, kw, kind in layers] == [
+        ("bus_0002-l", "image"), ("bus_0002-l ground truth", "labels")]
+    meta = layers[0][1]["metadata"]["busseg"]
+    assert meta["label"] == "malignant" and meta["root"] == str(root)
+    assert meta["mask_paths"] == [str(root / "Masks" / "mask_0002-l.png")]
+    assert layers[1][0][3:9, 4:12].all()
+    # an image in an ordinary folder named "Images" without a mask folder: no ground truth
+    _png(tmp_path / "other" / "Images" / "x.png", np.zeros((4, 4), np.uint8))
+    assert len(_reader.read_image_file(str(tmp_path / "other" / "Images" / "x.png"))) == 1
+
+
+@pytest.mark.realdata
+def test_real_busbra_and_busuclm_open_with_ground_truth(busbra_root, notes):
+    layers = _reader.read_folder(str(busbra_root))
+    assert [kind for _, _, kind in layers] == ["image", "labels"]
+    images, masks = layers[0][0], layers[1][0]
+    slices = layers[0][1]["metadata"]["busseg"]["slices"]
+    assert images.shape[0] == len(slices) == len(list((busbra_root / "Images").iterdir()))
+    h, w = slices[0]["original_shape"]
+    np.testing.assert_array_equal(np.asarray(images[0])[:h, :w],
+                                  read_image(slices[0]["image_path"]))
+    assert np.asarray(masks[0])[:h, :w].sum() == read_mask(slices[0]["mask_paths"]).sum() > 0
+    uclm = busbra_root.parent / "busuclm-dev"
+    if uclm.is_dir():
+        layers = _reader.read_folder(str(uclm))
+        assert layers[1][1]["name"] == "busuclm-dev ground truth"
+        assert layers[0][1]["metadata"]["busseg"]["layout"] == "pairs"
+
+
+@pytest.mark.gui
+def test_viewer_opens_a_busbra_folder_through_the_manifest(make_napari_viewer, tmp_path,
+                                                           busseg_plugin):
+    root = _busbra_tree(tmp_path / "BUS-BRA")
+    viewer = make_napari_viewer()
+    viewer.open(str(root), plugin="napari-busseg")
+    assert [layer.name for layer in viewer.layers] == ["BUS-BRA", "BUS-BRA ground truth"]
+    assert viewer.layers[0].data.shape == (2, 24, 30)

@@ -412,3 +412,145 @@ def test_prompt_job_runs_without_qt(tiny_prompt_checkpoint, prompt_model):
         res.mask, predict(image[1], prompt_model, boxes=req.boxes, threshold=0.5).mask)
     empty = prompt_job(PromptRequest(**{**req.__dict__, "boxes": np.zeros((0, 4))}))
     assert not empty.mask.any() and empty.mask.shape == (48, 56)
+
+
+# --------------------------------------------------------------------------- Dice follows prompts
+
+
+def test_dice_row_follows_a_box_and_a_click(qtbot, viewer, widget, monkeypatch):
+    """After a prompt the Dice row is the prompted mask's, not the automatic one's."""
+    from busseg.metrics import dice_score
+
+    _disk_model(monkeypatch)
+    viewer.add_image(_grey((64, 80)), name="img")
+    truth = np.zeros((64, 80), np.uint8)
+    truth[5:16, 5:21] = 1
+    viewer.add_labels(truth, name="img ground truth")
+    viewer.add_labels(np.zeros((64, 80), np.uint8), name="img prediction")
+    widget._metrics.value = "Dice 0.019, IoU 0.010"  # what the automatic mask showed
+    viewer.layers["img boxes"].add_rectangles(np.array([[5, 5], [15, 20]]))
+    wait_prompt(qtbot, widget)
+    assert widget._metrics.value == "Dice 1.000, IoU 1.000"
+    assert widget.last_metrics["dice"] == pytest.approx(1.0)
+    viewer.layers["img clicks"].add([40, 60])  # outside the box: ignored, Dice unchanged
+    wait_prompt(qtbot, widget)
+    assert widget._metrics.value == "Dice 1.000, IoU 1.000"
+    viewer.layers["img boxes"].data = []  # no prompt left: the box's mask is cleared
+    wait_prompt(qtbot, widget)
+    pred = np.asarray(viewer.layers["img prediction"].data)
+    # a click outside the (now absent) box draws a disk; Dice follows whatever is there
+    assert widget.last_metrics["dice"] == pytest.approx(dice_score(pred, truth))
+    assert widget._metrics.value.startswith(f"Dice {dice_score(pred, truth):.3f}")
+
+
+def test_dice_row_follows_a_prompt_on_a_stack_slice(qtbot, viewer, widget, monkeypatch):
+    _disk_model(monkeypatch)
+    viewer.add_image(_grey((3, 40, 40)), name="st")
+    truth = np.zeros((3, 40, 40), np.uint8)
+    truth[1, 10:21, 10:21] = 1
+    viewer.add_labels(truth, name="st ground truth")
+    viewer.dims.set_current_step(0, 1)
+    viewer.layers["st boxes"].add_rectangles(
+        np.array([[1, 10, 10], [1, 10, 20], [1, 20, 20], [1, 20, 10]]))
+    wait_prompt(qtbot, widget)
+    assert widget._metrics.value == "slice 1: Dice 1.000, IoU 1.000"
+    assert widget.last_metrics["slice"] == (1,)
+
+
+# --------------------------------------------------------------------------- keyboard actions
+
+
+def test_set_prompt_mode_selects_the_layer_in_add_mode(qtbot, viewer, widget):
+    image = viewer.add_image(_grey((32, 32)), name="img")
+    boxes, clicks = viewer.layers["img boxes"], viewer.layers["img clicks"]
+    boxes.mode = clicks.mode = "pan_zoom"
+    assert widget.set_prompt_mode("click") is clicks
+    assert viewer.layers.selection.active is clicks and clicks.mode == "add"
+    assert widget.set_prompt_mode("box") is boxes
+    assert viewer.layers.selection.active is boxes and boxes.mode == "add_rectangle"
+    assert widget.set_prompt_mode("off") is image  # no prediction yet: the image
+    assert boxes.mode == clicks.mode == "pan_zoom"
+    pred = viewer.add_labels(np.zeros((32, 32), np.uint8), name="img prediction")
+    assert widget.set_prompt_mode("off") is pred
+    with pytest.raises(ValueError, match="box, click, off"):
+        widget.set_prompt_mode("brush")
+
+
+def test_set_prompt_mode_adds_missing_prompt_layers(qtbot, viewer, widget):
+    viewer.add_image(_grey((32, 32)), name="img")
+    viewer.layers.remove("img boxes")
+    viewer.layers.remove("img clicks")
+    clicks = widget.set_prompt_mode("click")
+    assert clicks.name == "img clicks" and "img boxes" in viewer.layers
+    qtbot.wait(50)  # no delayed activation of the new boxes layer takes the selection away
+    assert viewer.layers.selection.active is clicks
+
+
+def test_set_prompt_mode_without_an_image(viewer, widget):
+    assert widget.set_prompt_mode("box") is None
+    assert "Image layer first" in widget._status.value
+
+
+def test_toggle_click_label_switches_new_clicks(qtbot, viewer, widget, monkeypatch):
+    from busseg._widgets.segment import BACKGROUND_CLICK, LESION_CLICK
+
+    _disk_model(monkeypatch)
+    viewer.add_image(_grey((64, 80)), name="img")
+    assert widget.toggle_click_label() == 0
+    assert widget._click_label.value == BACKGROUND_CLICK
+    clicks = viewer.layers["img clicks"]
+    clicks.add([20, 20])
+    wait_prompt(qtbot, widget)
+    assert list(clicks.features["label"]) == [0]
+    assert widget.toggle_click_label() == 1
+    assert widget._click_label.value == LESION_CLICK
+    clicks.add([40, 40])
+    wait_prompt(qtbot, widget)
+    assert list(clicks.features["label"]) == [0, 1]
+
+
+def test_clear_mask_empties_the_shown_slice_undoably(qtbot, viewer, widget):
+    viewer.add_image(_grey((2, 20, 20)), name="st")
+    data = np.zeros((2, 20, 20), np.uint8)
+    data[:, 5:10, 5:10] = 1
+    pred = viewer.add_labels(data.copy(), name="st prediction")
+    truth = np.zeros_like(data)
+    viewer.add_labels(truth, name="st ground truth")
+    viewer.dims.set_current_step(0, 1)
+    assert widget.clear_mask() is pred
+    assert not pred.data[1].any() and pred.data[0].sum() == 25  # only the shown slice
+    assert "cleared 25 pixel(s)" in widget._status.value
+    assert widget._metrics.value.startswith("slice 1: Dice 1.000")  # both empty
+    pred.undo()
+    np.testing.assert_array_equal(pred.data, data)
+
+
+def test_clear_mask_without_a_prediction_adds_an_empty_one(viewer, widget):
+    viewer.add_image(_grey((20, 20)), name="img")
+    layer = widget.clear_mask()
+    assert layer.name == "img prediction" and not layer.data.any()
+    assert layer.metadata["busseg"]["written_sha1"] is None  # the user's answer: "edited"
+    # (the widget gets napari's proxy of the viewer: compare names, not identities)
+    assert widget.clear_mask().name == layer.name
+    assert [lay.name for lay in viewer.layers].count("img prediction") == 1
+    assert "cleared 0 pixel(s)" in widget._status.value
+
+
+def test_segment_action_runs_like_the_run_button(qtbot, viewer, widget):
+    assert widget.segment() is False and "Image layer" in widget._status.value
+    viewer.add_image(_grey((32, 32)), name="img")
+    assert widget.segment() is True
+    qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
+    assert "img prediction" in viewer.layers and widget.last_result is not None
+
+
+def test_rows_scroll_instead_of_being_squashed(viewer, widget):
+    """A short dock scrolls; the wrapped rows keep their height (issue 14: clipped rows)."""
+    from qtpy.QtWidgets import QScrollArea
+
+    scroll = widget.native.findChild(QScrollArea, "busseg_segment_scroll")
+    assert scroll is not None and scroll.widget() is widget._form.native
+    assert scroll.minimumHeight() <= 150
+    widget._status.value = "a long status line " * 12
+    assert widget._status.native.toolTip() == widget._status.value
+    assert widget._status.native.wordWrap()

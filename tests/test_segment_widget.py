@@ -230,7 +230,7 @@ def test_painting_counts_as_an_edit(qtbot, viewer, widget):
 
 
 def test_cancel_stops_between_slices(qtbot, viewer, widget, monkeypatch):
-    import busseg._widgets.segment as seg
+    import busseg.jobs as seg
 
     calls = []
     read = seg._read_slice
@@ -336,7 +336,7 @@ def test_model_line_tells_shipped_default_from_a_fine_tune(widget, tiny_checkpoi
     from busseg.models import default_checkpoint_path
 
     widget.use_checkpoint(default_checkpoint_path())  # trained by train.py, test metrics in it
-    assert "BUSI test Dice (lesions) 0." in widget._model_info.value
+    assert "BUSI test Dice 0." in widget._model_info.value
     assert "fine-tuned" not in widget._model_info.value
     ft = tmp_path / "ft"
     shutil.copytree(tiny_checkpoint, ft)

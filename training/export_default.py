@@ -27,6 +27,12 @@
    ``model_card.json`` and ``MODEL_CARD.md`` beside the weights (data, split,
    hyper-parameters, hardware, training time, what was tried, the gate candidates, test
    metrics with the gate on and off, class-head AUCs).
+
+The shipped files name no path of the machine that trained the model: every absolute path in
+the config and the card (data roots, the ``--init`` checkpoint, paths inside the training
+command) is written relative to this repository when it lies inside it
+(``runs/v2_main/best``), else as its last two components (``busi/Dataset_BUSI_with_GT``); see
+:func:`portable`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -222,6 +230,64 @@ def choose_gate(rows: list[dict], max_drop: float = MAX_DICE_DROP) -> dict:
     return best
 
 
+#: An absolute POSIX or Windows path inside free text: starts the text or follows a space, '=',
+#: a quote or a bracket; ends at whitespace, a quote or a bracket.
+_ABS_PATH = re.compile(r"""(?:^|(?<=[\s='"(\[]))(?:/|[A-Za-z]:[\\/])[^\s'"()\[\]]+""")
+_WHOLE_ABS = re.compile(r"^(?:/|[A-Za-z]:[\\/])")
+
+
+def portable_path(text: str, root: Path = ROOT) -> str:
+    """Describe an absolute path without the training machine's folders.
+
+    Parameters
+    ----------
+    text : str
+        An absolute path.
+    root : pathlib.Path
+        The repository root.
+
+    Returns
+    -------
+    str
+        Relative to ``root`` (POSIX separators) when inside it, else its last two components
+        (``/work/shared/data/busi/Dataset_BUSI_with_GT`` -> ``busi/Dataset_BUSI_with_GT``).
+    """
+    if os.path.isabs(text):
+        try:
+            return Path(text).resolve().relative_to(root.resolve()).as_posix() or "."
+        except (ValueError, OSError):
+            pass
+    parts = [q for q in re.split(r"[\\/]+", text) if q and not re.fullmatch(r"[A-Za-z]:", q)]
+    return "/".join(parts[-2:]) if parts else text
+
+
+def portable(value, root: Path = ROOT):
+    """Replace every absolute path in a JSON-like value by :func:`portable_path`.
+
+    Parameters
+    ----------
+    value : dict, list, str or any JSON value
+        A checkpoint config or a model card.
+    root : pathlib.Path
+        The repository root.
+
+    Returns
+    -------
+    Same type as ``value``
+        A copy; strings that are absolute paths, and absolute paths inside longer strings
+        (e.g. a training command), are rewritten; everything else is kept.
+    """
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, root) for v in value]
+    if isinstance(value, str):
+        if _WHOLE_ABS.match(value) and "\n" not in value and not re.search(r"\s-", value):
+            return portable_path(value, root)  # the whole string is one path (spaces allowed)
+        return _ABS_PATH.sub(lambda m: portable_path(m.group(0), root), value)
+    return value
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -320,6 +386,7 @@ def main(argv=None) -> int:
             "max_dice_drop": args.max_dice_drop,
             "grid": gate_rows, "chosen": gate,
         }
+    cfg = portable(cfg)  # no path of the training machine in the shipped config
     dest = save_checkpoint(args.dest, model, cfg, overwrite=args.overwrite)
     print(f"wrote {dest}")
     _check_size(dest / WEIGHTS_NAME)
@@ -335,10 +402,11 @@ def main(argv=None) -> int:
     summary = json.loads((Path(args.eval_out) / "summary.json").read_text())
     card = build_card(cfg, summary, run)
     card["notes"] = list(args.note)
+    card = portable(card)
     cfg.setdefault("metrics", {})["test"] = card["test_metrics"]
     if card.get("test_class_head"):
         cfg["metrics"]["test_class_head"] = card["test_class_head"]
-    save_checkpoint(dest, model, cfg, overwrite=True)
+    save_checkpoint(dest, model, portable(cfg), overwrite=True)
     _check_size(dest / WEIGHTS_NAME)
     atomic_write_bytes(dest / "model_card.json", (json.dumps(card, indent=2) + "\n").encode(),
                        overwrite=True)

@@ -1,4 +1,4 @@
-"""Train the busseg U-Net on one or several datasets (headless; the same engine as the napari widget).
+"""Train the busseg U-Net on one or several datasets (headless; the napari widget's engine).
 
 Each ``--data`` folder is read by :func:`busseg.data.discover` (BUSI layout, image/mask folder
 pairs such as BUS-UCLM's, ...) and split by the ``--split`` CSV given at the same position;

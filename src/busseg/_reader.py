@@ -1,17 +1,24 @@
-"""napari reader: breast-ultrasound images, BUSI cases and whole BUSI-layout folders.
+"""napari reader: breast-ultrasound images, DICOM cine loops, cases and whole folders of scans.
 
 What it opens (``napari_get_reader`` only looks at names and folder listings; no pixel is decoded
 until the returned reader function runs):
 
 - **an image file** (``.png``, ``.jpg``/``.jpeg``, ``.tif``/``.tiff``, ``.bmp``; grey, RGB or
-  RGBA): an Image layer named after the file stem, converted to 8-bit grey like the network sees
-  it, plus, when ``<stem>_mask*.png`` siblings exist (BUSI naming), a Labels layer
-  ``"<stem> ground truth"`` holding their union (0 background, 1 lesion).
+  RGBA; ultrasound DICOM ``.dcm`` when pydicom is installed): an Image layer named after the
+  file stem, converted to 8-bit grey like the network sees it, plus, when it has ground truth,
+  a Labels layer ``"<stem> ground truth"`` holding the union of its masks (0 background, 1
+  lesion): ``<stem>_mask*.png`` siblings (BUSI naming), or the same scan's mask in the
+  ``Masks/`` (``masks/``) folder beside an ``Images/`` (``images/``) folder (BUS-BRA
+  ``bus_X`` <-> ``mask_X``, BUS-UCLM same-name colour masks).
+- **a multi-page TIFF or a multi-frame DICOM (cine loop)**: one Image stack (N, H, W), one
+  slice per page or frame, segmented slice by slice like any stack.
 - **a mask file** (``<stem>_mask.png``, ``<stem>_mask_<k>.png``): a Labels layer named after the
   file (0/1). Masks are opened rather than refused so that a saved correction can be inspected
   on its own; to see it over its image, open the image instead (its ground truth comes along).
-- **a folder**: a BUSI dataset root (``Dataset_BUSI_with_GT`` or its parent), one class folder,
-  a corrections folder in BUSI layout, or any folder of images. The images become ONE lazy
+- **a folder**, indexed by :func:`busseg.data.discover` (never by globbing here): a BUSI
+  dataset root (``Dataset_BUSI_with_GT`` or its parent), one class folder, a corrections folder
+  in BUSI layout, an image/mask folder pair (BUS-BRA, BUS-UCLM), or any folder of scans
+  (searched recursively; no ground truth). The images become ONE lazy
   Image stack of shape (N, H_max, W_max) and the masks one lazy Labels stack: each slice is a
   :func:`dask.delayed` decode, zero-padded at the bottom and right to the largest height and
   width in the folder, so the 780-image BUSI opens in about a second with bounded memory.
@@ -19,11 +26,10 @@ until the returned reader function runs):
   and paths.
 - **several image files opened as a stack**: the same lazy stack.
 
-Anything else returns ``None`` so that other readers may try, including multi-page TIFFs (this
-reader keeps 2D images only; the TIFF header is read to tell). Colour images are converted to
-grey, as the network sees them. A file that cannot be decoded
-shows a napari error notification naming it instead of a traceback; in a stack a corrupt slice
-shows as zeros and a warning notification names the file (once).
+Anything else returns ``None`` so that other readers may try (``.dcm`` files too when pydicom
+is not installed). Colour images are converted to grey, as the network sees them. A file
+that cannot be decoded shows a napari error notification naming it instead of a traceback;
+in a stack a corrupt slice shows as zeros and a warning notification names the file (once).
 
 Layer metadata (``layer.metadata["busseg"]``, see :func:`busseg._widgets._common.busseg_metadata`):
 
@@ -36,7 +42,9 @@ Layer metadata (``layer.metadata["busseg"]``, see :func:`busseg._widgets._common
 ``slices``, ``padded_shape``, ``root``, ``problems``
     For a stack: one dict per slice (keys ``name``, ``label``, ``image_path``, ``mask_paths``,
     ``rel_path``, ``original_shape``), the common ``[H_max, W_max]``, the dataset root, and the
-    problems :func:`busseg.data.busi.discover_busi` reported.
+    problems :func:`busseg.data.discover` reported, and its ``layout``.
+    For a multi-page file (``kind`` ``"frames"``): ``source``, ``n_frames``, ``original_shape``
+    and, for DICOM, ``modality``, ``spacing_mm`` and ``frame_time_ms`` where the file has them.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import numpy as np
 
 from busseg._widgets._common import META_KEY, ground_truth_name
 from busseg.data.busi import CLASSES, BusiRecord, is_busi_image
+from busseg.data.discover import scan_suffixes
 from busseg.data.io import IMAGE_SUFFIXES
 
 LayerData = tuple  # (data, kwargs, layer_type)
@@ -95,8 +104,8 @@ def napari_get_reader(path: str | os.PathLike | Sequence[str | os.PathLike]):
     if p.is_dir():
         return read_folder if _folder_has_images(p) else None
     if _is_image_file(p) and p.is_file():
-        if _is_multipage_tiff(p):
-            return None  # a 3D TIFF: leave it to readers that keep every page
+        if p.suffix.lower() == ".dcm" or _is_multipage_tiff(p):
+            return read_frames_file  # DICOM (one frame or a cine loop), a multi-page TIFF
         return read_image_file if is_busi_image(p) else read_mask_file
     return None
 
@@ -122,22 +131,34 @@ def _is_multipage_tiff(p: Path) -> bool:
 
 
 def _is_image_file(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    """Whether ``p`` is named like a scan this plugin reads (``.dcm`` only with pydicom)."""
+    return p.suffix.lower() in scan_suffixes() and not p.name.startswith(".")
 
 
 def _folder_has_images(folder: Path) -> bool:
-    """Whether ``folder`` (or its BUSI class folders) holds at least one image file."""
-    candidates = [folder]
-    sub = folder / "Dataset_BUSI_with_GT"
-    if sub.is_dir():
-        candidates.append(sub)
-    for base in list(candidates):
-        candidates.extend(base / c for c in CLASSES if (base / c).is_dir())
+    """Whether :func:`busseg.data.discover` would find a scan in ``folder`` (listings only).
+
+    BUSI layouts (the dataset, its parent, a class folder), image/mask folder pairs and any
+    folder with a scan file at any depth (hidden folders skipped).
+    """
+    from busseg.data.discover import _pair_dirs
+
     try:
+        pair = _pair_dirs(folder)
+        candidates = [pair[0]] if pair is not None else [folder]
+        sub = folder / "Dataset_BUSI_with_GT"
+        if sub.is_dir():
+            candidates.append(sub)
+        for base in list(candidates):
+            candidates.extend(base / c for c in CLASSES if (base / c).is_dir())
         for d in candidates:
             with os.scandir(d) as it:
                 if any(e.is_file() and _is_image_file(Path(e.name)) for e in it):
                     return True
+        for _dirpath, dirnames, filenames in os.walk(folder):  # a plain folder, recursively
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if any(_is_image_file(Path(f)) for f in filenames):
+                return True
     except OSError:
         return False
     return False
@@ -197,13 +218,45 @@ def sibling_masks(image_path: str | os.PathLike) -> tuple[Path, ...]:
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:
-    from PIL import Image
+    """(width, height) from the file's header (PIL, or pydicom for DICOM); None if unreadable."""
+    from busseg.data.dicom import is_dicom
 
     try:
+        if is_dicom(path):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return int(ds.Columns), int(ds.Rows)
+        from PIL import Image
+
         with Image.open(path) as im:
             return im.size
     except Exception:  # noqa: BLE001 - an unreadable file becomes a zero slice with a warning
         return None
+
+
+def _pair_record(path: Path) -> BusiRecord | None:
+    """Find the record of an image in an image/mask folder pair (BUS-BRA, BUS-UCLM).
+
+    Only when ``path`` lies in the ``Images/`` (``images/`` ...) folder of such a pair; the
+    pair is indexed by :func:`busseg.data.discover` without reading any header. None for
+    any other image.
+    """
+    from busseg.data.discover import _pair_dirs, detect_layout, discover
+
+    root = path.parent.parent
+    try:
+        pair = _pair_dirs(root)
+        if pair is None or pair[0].resolve() != path.parent.resolve():
+            return None
+        layout = detect_layout(root)
+        if layout not in ("busbra", "pairs"):
+            return None
+        index = discover(root, layout=layout, check_sizes=False)
+    except (OSError, ValueError):
+        return None
+    key = path.resolve()
+    return next((r for r in index.records if r.image_path.resolve() == key), None)
 
 
 def _record_for_file(path: Path, root: Path, *, with_size: bool) -> BusiRecord:
@@ -237,9 +290,10 @@ def read_case(
     Parameters
     ----------
     image_path : str or os.PathLike
-        The image file (grey, RGB or RGBA PNG/JPEG/TIFF/BMP).
+        The image file (grey, RGB or RGBA PNG/JPEG/TIFF/BMP, single-frame DICOM).
     mask_paths : sequence of paths, optional
-        Its mask files; by default the ``<stem>_mask*.png`` siblings.
+        Its mask files; by default the ``<stem>_mask*.png`` siblings, else its mask in the
+        mask folder of an image/mask folder pair (BUS-BRA, BUS-UCLM).
     label : str, optional
         Class; by default from the folder or file name.
     root : str or os.PathLike, optional
@@ -260,7 +314,17 @@ def read_case(
 
     path = Path(image_path)
     image = read_image(path)
-    masks = tuple(Path(m) for m in mask_paths) if mask_paths is not None else sibling_masks(path)
+    pair = None
+    if mask_paths is not None:
+        masks = tuple(Path(m) for m in mask_paths)
+    else:
+        masks = sibling_masks(path)
+        if not masks:
+            pair = _pair_record(path)
+            masks = pair.mask_paths if pair is not None else ()
+    if pair is not None:
+        label = label or (pair.label if pair.label != "unknown" else None)
+        root = root if root is not None else path.parent.parent
     meta = {
         "kind": "case",
         "name": path.stem,
@@ -357,6 +421,54 @@ def read_mask_file(path: str | os.PathLike) -> list[LayerData]:
             "labels",
         )
     ]
+
+
+def read_frames_file(path: str | os.PathLike) -> list[LayerData]:
+    """Read a DICOM file or a multi-page TIFF: one frame as a case, several as a stack.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A ``.dcm`` file (single-frame image or multi-frame cine loop; needs pydicom) or a
+        multi-page TIFF.
+
+    Returns
+    -------
+    list of (data, kwargs, layer_type)
+        A single frame: as :func:`read_image_file`. Several: ``[(frames (N, H, W) uint8,
+        {"name": stem, "metadata": {"busseg": {"kind": "frames", ...}}, ...}, "image")]``.
+        ``[(None,)]`` after an error notification naming the file when it cannot be read.
+    """
+    from busseg.data.io import frame_count, read_stack
+
+    path = Path(path[0] if isinstance(path, (list, tuple)) else path)
+    try:
+        if frame_count(path) == 1:
+            return read_case(path)
+        frames = read_stack(path)
+    except (OSError, ValueError) as exc:
+        _notify("error", f"cannot open {path.name}: {exc}")
+        return [(None,)]
+    if len(frames) == 1:
+        return read_image_file(path)
+    meta: dict = {
+        "kind": "frames",
+        "name": path.stem,
+        "label": _label_for(path),
+        "source": str(path),
+        "n_frames": int(len(frames)),
+        "original_shape": [int(frames.shape[1]), int(frames.shape[2])],
+        "root": str(path.parent),
+    }
+    if path.suffix.lower() == ".dcm":
+        try:
+            from busseg.data.dicom import read_dicom_header
+
+            meta.update(read_dicom_header(path))
+        except Exception:  # noqa: BLE001 - the description is optional
+            pass
+    return [(frames, {"name": path.stem, "metadata": {META_KEY: meta}, **_IMAGE_KWARGS},
+             "image")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,52 +621,52 @@ def stack_layers(records: Sequence[BusiRecord], root: Path, name: str) -> list[L
 
 
 def read_folder(path: str | os.PathLike) -> list[LayerData]:
-    """Open a BUSI-layout folder (or any folder of images) as lazy Image and Labels stacks.
+    """Open a folder of scans as lazy Image and Labels stacks, indexed by ``discover``.
 
     Parameters
     ----------
     path : str or os.PathLike
-        ``Dataset_BUSI_with_GT`` or its parent, one class folder, a corrections folder, or any
-        folder of image files.
+        ``Dataset_BUSI_with_GT`` or its parent, one class folder, a corrections folder, an
+        image/mask folder pair (BUS-BRA ``Images/`` + ``Masks/``, BUS-UCLM ``images/`` +
+        ``masks/``), or any folder of scans (searched recursively).
 
     Returns
     -------
     list of (data, kwargs, layer_type)
-        See :func:`stack_layers`; ``[(None,)]`` after an error notification when the folder
-        holds no readable image.
+        See :func:`stack_layers` (a Labels stack ``"<folder> ground truth"`` when any scan
+        has a mask); ``[(None,)]`` after an error notification when the folder holds no
+        readable scan. What :func:`busseg.data.discover` skipped or found suspicious is shown
+        as one warning and kept in ``metadata["busseg"]["problems"]``.
     """
-    from busseg.data.busi import discover_busi
+    from dataclasses import replace
+
+    from busseg.data.discover import discover
 
     folder = Path(path[0] if isinstance(path, (list, tuple)) else path)
     try:
-        try:
-            index = discover_busi(folder, check_sizes=True)
-        except ValueError:
-            # not BUSI-like (no masks): stack the plain images of the folder
-            files = sorted(
-                (p for p in folder.iterdir() if p.is_file() and _is_image_file(p)),
-                key=lambda p: [
-                    int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)
-                ],
-            )
-            records = [_record_for_file(p, folder, with_size=True) for p in files]
-            root, name = folder, folder.name
-        else:
-            records, root = index.records, index.root
-            name = folder.name
-            if index.problems:
-                _notify(
-                    "warning",
-                    f"{len(index.problems)} problem(s) in {folder.name}, e.g. "
-                    f"{index.problems[0]}; see the layer's metadata['busseg']['problems']",
-                )
-    except OSError as exc:  # vanished or unreadable folder (also while listing plain images)
+        index = discover(folder, check_sizes=True)
+    except ValueError as exc:  # no scan in it, or a file
+        _notify("error", f"cannot open {folder.name}: {exc}")
+        return [(None,)]
+    except OSError as exc:  # vanished or unreadable folder
         _notify("error", f"cannot open {folder}: {exc}")
         return [(None,)]
+    records = [r if r.size is not None else replace(r, size=_header_size(r.image_path))
+               for r in index.records]
     if not records:
         _notify("error", f"no image files in {folder}")
         return [(None,)]
-    return stack_layers(records, root, name)
+    if index.problems:
+        _notify(
+            "warning",
+            f"{len(index.problems)} problem(s) in {folder.name}, e.g. "
+            f"{index.problems[0]}; see the layer's metadata['busseg']['problems']",
+        )
+    layers = stack_layers(records, index.root, folder.name)
+    for _, kwargs, _ in layers:
+        kwargs["metadata"][META_KEY]["layout"] = getattr(index, "layout", None)
+        kwargs["metadata"][META_KEY]["problems"] = list(index.problems)
+    return layers
 
 
 def read_files_as_stack(paths: Sequence[str | os.PathLike]) -> list[LayerData]:

@@ -14,16 +14,23 @@ Examples
 own size) per image. With a model that has an image-level class head (normal / benign /
 malignant) it also writes ``OUT/classes.csv`` (columns path, p_normal, p_benign, p_malignant,
 gated; research output, not a diagnosis) and applies the checkpoint's normal-scan gate
-(``--no-gate`` switches it off; see :func:`busseg.inference.predict`). The layout under
-each PATH folder is mirrored in OUT (a BUSI folder gives ``OUT/benign/benign (1)_mask.png``
-...); single files go straight into OUT. Masks
-named ``*_mask*.png`` are never taken as input; when an image has such ground-truth masks
-beside it (BUSI naming), its Dice is printed, and the mean at the end.
+(``--no-gate`` switches it off; see :func:`busseg.inference.predict`). Folders are indexed by
+:func:`busseg.data.discover` (BUSI, BUS-BRA / BUS-UCLM image and mask folders, any folder of
+scans, searched recursively; single-frame DICOM with pydicom); the layout under each PATH
+folder is mirrored in OUT (a BUSI folder gives ``OUT/benign/benign (1)_mask.png`` ...);
+single files go straight into OUT. The ``path`` column of ``classes.csv`` is the image's
+path relative to its PATH folder (the shipped samples' folder for ``--samples``; the file
+name for single files), the same relative place its mask has under OUT. Mask files are never
+taken as input; when an image has ground-truth masks (BUSI ``<stem>_mask*.png`` siblings, or
+the dataset's mask folder), its Dice is printed, and the mean at the end.
+
+Output is plain text when it is not a terminal (no progress bar frames), and a closed pipe
+(``busseg rank ... | head -1``) silences the output without a traceback; the work goes on.
 
 Exit status: 0 all masks written; 1 the run finished but some images were skipped because
-their output exists (pass ``--overwrite`` to replace) or could not be read; 2 nothing was
-done because of a usage error (missing file, no images, bad checkpoint or device);
-130 interrupted.
+their output exists (pass ``--overwrite`` to replace) or could not be read, including when
+no mask at all was written; 2 nothing was done because of a usage error (missing file, no
+images, bad checkpoint or device); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ _EPILOG = """examples:
   busseg rank Dataset_BUSI_with_GT --out ranking.csv  # most uncertain images first
 
 exit status: 0 all masks written; 1 finished, but some images were skipped (output exists
-without --overwrite, or unreadable); 2 usage error, nothing done; 130 interrupted.
+without --overwrite, or unreadable) or none was written; 2 usage error, nothing done;
+130 interrupted.
 """
 
 
@@ -189,46 +197,39 @@ def _sibling_masks(image: Path) -> tuple[Path, ...]:
     return tuple(p for _, p in sorted(found))
 
 
-def _natural_key(s: str):
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+def _folder_records(folder: Path) -> list:
+    """List the scans of a folder with :func:`busseg.data.discover` (any layout it reads)."""
+    from busseg.data.discover import discover
+
+    try:
+        return discover(folder, check_sizes=False).records
+    except ValueError as exc:  # no scan in it
+        raise UsageError(str(exc)) from None
 
 
 def _folder_jobs(folder: Path, out: Path) -> list[Job]:
-    from busseg.data.busi import discover_busi, is_busi_image
-
-    try:
-        index = discover_busi(folder, check_sizes=False)
-        pairs = [(r.image_path, r.mask_paths) for r in index.records]
-    except ValueError:  # not BUSI-like (no masks anywhere): a plain folder of images
-        files = sorted(
-            (p for p in folder.iterdir() if p.is_file() and is_busi_image(p)
-             and not p.name.startswith(".")),
-            key=lambda p: _natural_key(p.name),
-        )
-        pairs = [(p, ()) for p in files]
-    if not pairs:
-        raise UsageError(
-            f"no images found in {folder}: expected .png/.jpg/.jpeg/.tif/.tiff/.bmp files "
-            "(files named *_mask*.png are ground truth and skipped)"
-        )
     jobs = []
-    for image, masks in pairs:
+    for rec in _folder_records(folder):
+        image = rec.image_path
         try:
             rel = image.relative_to(folder)
         except ValueError:
             rel = Path(image.name)
         jobs.append(Job(image, out / rel.parent / f"{image.stem}_mask.png",
-                        rel.as_posix(), tuple(masks)))
+                        rel.as_posix(), tuple(rec.mask_paths)))
     return jobs
 
 
 def _file_job(path: Path, out: Path) -> Job:
     from busseg.data.busi import is_busi_image
-    from busseg.data.io import IMAGE_SUFFIXES
+    from busseg.data.discover import scan_suffixes
 
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
+    suffixes = scan_suffixes()
+    if path.suffix.lower() not in suffixes:
+        hint = "" if ".dcm" in suffixes or path.suffix.lower() != ".dcm" else (
+            '; DICOM needs pydicom: pip install "napari-busseg[dicom]"')
         raise UsageError(
-            f"{path} is not an image file: expected one of {', '.join(IMAGE_SUFFIXES)}"
+            f"{path} is not an image file: expected one of {', '.join(suffixes)}{hint}"
         )
     if not is_busi_image(path):
         raise UsageError(f"{path} is named like a mask (*_mask*); pass the image instead")
@@ -349,18 +350,18 @@ def _predict(args: argparse.Namespace) -> int:
     )
     if head:
         print("class probabilities P(normal) / P(benign) / P(malignant) are research output, "
-              f"not a diagnosis; written to {out / CLASSES_CSV}")
+              f"not a diagnosis (also into {CLASSES_CSV} in --out)")
     failed: list[str] = []
     dice: list[tuple[str, float, bool]] = []
     classes: dict[str, dict] = {}
     written = 0
-    bar = tqdm(todo, unit="image", disable=args.no_progress or not todo, dynamic_ncols=True)
+    bar = tqdm(todo, unit="image", disable=_no_bar(args) or not todo, dynamic_ncols=True)
     for job in bar:
         try:
             image = read_image(job.image)
         except (ImageReadError, FileNotFoundError, OSError) as exc:
-            failed.append(f"{job.display}: {exc}")
-            tqdm.write(f"cannot read {job.image}: {exc}", file=sys.stderr)
+            failed.append(_read_error(job.image, exc))
+            tqdm.write(failed[-1], file=sys.stderr)
             continue
         pred = predict(
             image, model, threshold=args.threshold, tta=args.tta,
@@ -376,7 +377,7 @@ def _predict(args: argparse.Namespace) -> int:
             continue
         if pred.class_proba is not None:
             cp = pred.class_proba
-            classes[str(job.image)] = {"path": str(job.image), **{
+            classes[job.display] = {"path": job.display, **{
                 f"p_{k}": f"{cp.get(k, float('nan')):.4f}" for k in ("normal", "benign",
                                                                        "malignant")},
                 "gated": pred.gated}
@@ -403,7 +404,10 @@ def _predict(args: argparse.Namespace) -> int:
             tqdm.write(f"{job.display}: Dice {d:.3f}" + ("" if truth.any() else " (no lesion)"))
     bar.close()
 
-    print(f"wrote {written} mask(s) to {out}")
+    if written:
+        print(f"wrote {written} mask(s) to {out}")
+    else:
+        print(f"no mask written: {_nothing_written(failed, existing)}", file=sys.stderr)
     if classes:
         path = write_classes_csv(out / CLASSES_CSV, classes)
         print(f"wrote {path} ({len(classes)} row(s) from this run)")
@@ -422,8 +426,37 @@ def _predict(args: argparse.Namespace) -> int:
         print(f"could not read {len(failed)} image(s):", file=sys.stderr)
         for f in failed[:10]:
             print(f"  {f}", file=sys.stderr)
+        if len(failed) > 10:
+            print(f"  ... and {len(failed) - 10} more", file=sys.stderr)
         status = EXIT_PARTIAL
+    if not written:
+        status = max(status, EXIT_PARTIAL)
     return status
+
+
+def _read_error(path: Path, exc: BaseException) -> str:
+    """One line for an unreadable image that names the file once."""
+    text = str(exc)
+    return text if str(path) in text else f"cannot read {path}: {text}"
+
+
+def _nothing_written(failed: list[str], existing: list[Job]) -> str:
+    parts = []
+    if failed:
+        parts.append(f"{len(failed)} image(s) could not be read")
+    if existing:
+        parts.append(f"{len(existing)} mask file(s) appeared during the run")
+    return "; ".join(parts) or "nothing to segment"
+
+
+def _no_bar(args: argparse.Namespace) -> bool:
+    """No progress bar with ``--no-progress`` or when stderr is not a terminal (a log, a pipe)."""
+    if getattr(args, "no_progress", False):
+        return True
+    try:
+        return not sys.stderr.isatty()
+    except (AttributeError, ValueError):  # closed or replaced stream
+        return True
 
 
 #: File name of the class probabilities ``busseg predict`` writes into ``--out``.
@@ -530,17 +563,12 @@ def _add_rank_parser(sub) -> None:
 
 def _rank_inputs(paths: list[str]) -> tuple[list[Path], dict[int, str]]:
     """Expand files and folders into image paths (deduplicated) and BUSI classes by index."""
-    from busseg.data.busi import discover_busi
-
     found: list[tuple[Path, str | None]] = []
     for text in paths:
         path = Path(text).expanduser()
         if path.is_dir():
-            try:
-                found += [(r.image_path, r.label)
-                          for r in discover_busi(path, check_sizes=False).records]
-            except ValueError:  # not BUSI-like: a plain folder of images
-                found += [(j.image, None) for j in _folder_jobs(path, path)]
+            found += [(r.image_path, r.label if r.label != "unknown" else None)
+                      for r in _folder_records(path)]
         elif path.is_file():
             found.append((_file_job(path, path.parent).image, None))
         else:
@@ -584,7 +612,7 @@ def _rank(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     print(f"model {model.busseg_checkpoint_path}; ranking {len(images)} image(s)")
-    bar = tqdm(total=len(images), unit="image", disable=args.no_progress, dynamic_ncols=True)
+    bar = tqdm(total=len(images), unit="image", disable=_no_bar(args), dynamic_ncols=True)
     gen = rank_iter(images, model, cache=cache if cache is not None else False)
     try:
         while True:
@@ -707,7 +735,8 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
         counts = tr.get("train_counts")
         lines.append(
             f"  trained on: {data}"
-            + (f"; split {tr['split_file']}" if tr.get("split_file") else "")
+            + (f"; split {_shown_path(str(tr['split_file']), shipped=path is None)}"
+               if tr.get("split_file") else "")
             + (f"; {tr['n_train']} train / {tr.get('n_val', '?')} val images" if "n_train" in tr
                else "")
             + (f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else "")
@@ -730,12 +759,28 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
             lines.append("  test split: " + ", ".join(parts))
         lines += _test_figures(test, metrics.get("test_class_head"))
     if lineage.get("base_model"):
+        base = _shown_path(str(lineage["base_model"]), shipped=path is None)
         if tr.get("kind") == "fine-tune":  # written by the Fine-tune widget / busseg.finetune
-            lines.append(f"  fine-tuned from {lineage['base_model']} on "
+            lines.append(f"  fine-tuned from {base} on "
                          f"{len(lineage.get('pairs', []))} pair(s)")
         else:  # train.py --init
-            lines.append(f"  initialised from {lineage['base_model']}")
+            lines.append(f"  initialised from {base}")
     return lines
+
+
+def _shown_path(text: str, *, shipped: bool) -> str:
+    """Format a path from a checkpoint's config for ``busseg info``.
+
+    Paths of the machine that trained a model mean nothing elsewhere: an absolute path that
+    does not exist here, or any absolute path in the shipped default model's config, is shown
+    by its last two components (``runs/v2_main/best``). A path on this machine (a fine-tune
+    of a local checkpoint) is shown as it is.
+    """
+    p = Path(text)
+    if not p.is_absolute() or (not shipped and p.exists()):
+        return text
+    parts = [q for q in p.parts if q not in (p.anchor, "")]
+    return "…/" + "/".join(parts[-2:]) if parts else text
 
 
 def _ci_text(entry) -> str | None:
@@ -815,6 +860,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _PipeGuard(out), _PipeGuard(err)
     try:
         if args.command == "predict":
             return _predict(args)
@@ -827,6 +874,50 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted; masks written so far are complete (each file is written atomically)")
         return EXIT_INTERRUPTED
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+class _PipeGuard:
+    """A text stream that goes quiet when its reader goes away (``busseg rank ... | head -1``).
+
+    The first ``BrokenPipeError`` points the file descriptor at ``os.devnull`` (so Python's
+    final flush at exit does not fail either) and drops all later output; the command goes on
+    and exits with its usual status, without a traceback.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._silence()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._silence()
+
+    def _silence(self) -> None:
+        self.broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no real file descriptor (tests)
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -240,7 +240,7 @@ class FitResult:
 
 
 def selection_score(metric: str, ev: dict) -> float:
-    """The value of a :data:`SELECT_METRICS` metric for one validation.
+    """Return the value of a :data:`SELECT_METRICS` metric for one validation.
 
     Parameters
     ----------

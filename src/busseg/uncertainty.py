@@ -1,6 +1,6 @@
 """Uncertainty ranking: choose the image the annotator should correct next.
 
-Qt-free core of the active-learning ranking (the BUSI browser and ``busseg rank`` only display
+Qt-free core of the active-learning ranking (the Scan browser and ``busseg rank`` only display
 and sort what this module computes). One forward pass per image gives the plain and the
 left-right flipped prediction (:func:`busseg.inference.predict_logits_batch` with
 ``tta=True``); from them :func:`uncertainty_score` derives a scalar score in [0, 1] and its

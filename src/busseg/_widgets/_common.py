@@ -1,7 +1,7 @@
 """Small helpers shared by the napari-busseg dock widgets (napari side; imports no torch).
 
 - Layer names: :func:`prediction_name` (``"<image layer name> prediction"``, the editable Labels
-  layer the segment widget writes and the BUSI browser saves as a correction) and
+  layer the segment widget writes and the Scan browser saves as a correction) and
   :func:`ground_truth_name` (``"<image layer name> ground truth"``, written by the reader).
 - :func:`busseg_metadata`: the ``layer.metadata["busseg"]`` dict the reader and widgets attach.
 - :func:`find_layer`: a layer by name (and optionally kind) or ``None``.
@@ -9,14 +9,15 @@
   (one place for tests to monkeypatch).
 - :func:`ask_yes_no`: a modal yes/no question (tests monkeypatch it; it is never called without
   a display).
-- :func:`guarded` / :class:`WorkerError`: run a worker job so its errors reach ``errored``.
+- :func:`guarded` / :class:`WorkerError`: re-exported from :mod:`busseg.jobs`.
 - :func:`wrap_label`, :func:`connect_layer_changes`: small Qt/napari wiring shared by widgets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
 from typing import Any
+
+from busseg.jobs import WorkerError, guarded  # noqa: F401  (Qt-free; re-exported)
 
 #: Key of the plugin's entry in ``layer.metadata``.
 META_KEY = "busseg"
@@ -158,44 +159,6 @@ def ask_yes_no(title: str, text: str, parent: Any = None) -> bool:
         QMessageBox.StandardButton.No,
     )
     return answer == QMessageBox.StandardButton.Yes
-
-
-class WorkerError(Exception):
-    """An error raised inside a worker job, re-raised under a type the worker reports.
-
-    superqt's ``GeneratorWorker`` takes any ``RuntimeError`` from the generator (torch raises
-    those, e.g. when memory runs out) for a deleted Qt object and only warns; this type makes
-    it reach the ``errored`` signal and the widget's status line.
-    """
-
-
-def guarded(gen: Generator) -> Generator:
-    """Run a job generator, re-raising ``RuntimeError`` as :class:`WorkerError`.
-
-    Parameters
-    ----------
-    gen : generator
-        A job such as :func:`segment_job` or :func:`busseg.finetune.finetune_iter`.
-
-    Yields
-    ------
-    object
-        What ``gen`` yields.
-
-    Returns
-    -------
-    object
-        What ``gen`` returns.
-
-    Raises
-    ------
-    WorkerError
-        If ``gen`` raises a ``RuntimeError``.
-    """
-    try:
-        return (yield from gen)
-    except RuntimeError as exc:
-        raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def wrap_label(label: Any) -> None:

@@ -1,7 +1,9 @@
 """The "Segment lesions" dock widget: run a U-Net checkpoint on an Image layer.
 
 The widget is thin (DESIGN.md practices 2-4): on Run it snapshots the chosen layer and
-settings on the GUI thread, runs :func:`segment_job` (a generator: model loading and one
+settings on the GUI thread, runs :func:`busseg.jobs.segment_job` (Qt-free, like
+:func:`~busseg.jobs.prompt_job` and :func:`~busseg.jobs.prompt_region`, which this module
+re-exports; a generator: model loading and one
 prediction per 2D slice through :func:`busseg.inference.predict_stack_iter`) in a napari
 ``thread_worker``, and applies the result in the ``returned`` slot. The output is an editable
 Labels layer ``"<image name> prediction"`` (1 = lesion) and, optionally, an Image layer
@@ -22,6 +24,15 @@ step. Only the pixels the prompt affects change (:func:`prompt_region`): inside 
 boxes (grown by the box margin) and inside the connected lesions (old or new mask) that hold a
 changed click; brush edits elsewhere survive.
 
+Actions for keyboard shortcuts (the browser binds them on the viewer): :meth:`SegmentWidget.segment`
+(as Run), :meth:`~SegmentWidget.set_prompt_mode` (``"box"``, ``"click"``, ``"off"``),
+:meth:`~SegmentWidget.toggle_click_label` and :meth:`~SegmentWidget.clear_mask` (empty the shown
+slice of the prediction, one undoable edit). The Dice row follows every prompt and clear.
+
+The rows sit in a vertical scroll area, so a short dock (other docks beside it, a 900-pixel
+screen) scrolls instead of squashing wrapped lines; long rows wrap and show their full text as a
+tooltip.
+
 torch and :mod:`busseg.inference` are imported when the widget is built or run, never when napari
 starts.
 """
@@ -31,8 +42,8 @@ from __future__ import annotations
 import hashlib
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,14 +65,27 @@ from busseg._widgets._common import (
     GROUND_TRUTH_SUFFIX,
     META_KEY,
     PREDICTION_SUFFIX,
-    WorkerError,
     busseg_metadata,
     connect_layer_changes,
     find_layer,
     ground_truth_name,
-    guarded,
     prediction_name,
     wrap_label,
+)
+
+# The Qt-free jobs live in busseg.jobs; these names stay importable from here.
+from busseg.jobs import (  # noqa: F401
+    PromptRequest,
+    PromptResult,
+    SegmentResult,
+    WorkerError,
+    _read_slice,
+    _was_gated,
+    guarded,
+    prompt_job,
+    prompt_region,
+    segment_job,
+    slice_crop,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,6 +128,8 @@ BOXES_SUFFIX, CLICKS_SUFFIX = " boxes", " clicks"
 CLICK_COLOURS = {1: "lime", 0: "red"}
 #: Choices of the widget's "click label" toggle.
 LESION_CLICK, BACKGROUND_CLICK = "lesion (+)", "background (−)"
+#: Modes of :meth:`SegmentWidget.set_prompt_mode`.
+PROMPT_MODES = ("box", "click", "off")
 #: Keyboard modifiers that make a new click a background click whatever the toggle says.
 NEGATIVE_MODIFIERS = frozenset({"Shift", "Control"})
 #: The lesion probabilities are research output: shown with this note wherever they appear.
@@ -189,14 +215,6 @@ def stack_slices(layer: Any) -> list[dict] | None:
     return slices
 
 
-def slice_crop(slices: list[dict] | None, i: int) -> tuple[int, int] | None:
-    """Return the (H, W) of slice ``i`` without its padding, or None (the whole slice)."""
-    if slices is None:
-        return None
-    shp = slices[i].get("original_shape")
-    return (int(shp[0]), int(shp[1])) if shp else None
-
-
 #: Colour of lesion pixels (label 1) in prediction layers: distinct from the reader's
 #: ground-truth layers, which use napari's automatic label colours.
 PREDICTION_COLOUR = "#00c8ff"
@@ -227,6 +245,75 @@ def _image_name_of(layer: Any) -> str | None:
     return None
 
 
+class _TextRow(Label):
+    """A text row whose tooltip is its full text (set a custom tooltip after the value)."""
+
+    @property
+    def value(self) -> str:
+        """The text."""
+        return Label.value.fget(self)
+
+    @value.setter
+    def value(self, text: str) -> None:
+        Label.value.fset(self, text)
+        self.native.setToolTip(str(text or ""))
+
+
+def _scroll_rows(container: Any) -> None:
+    """Put a container's first child (the form of rows) into a vertical scroll area."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    form = container[0].native
+    scroll = QScrollArea()
+    scroll.setObjectName("busseg_segment_scroll")
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+    scroll.setMinimumHeight(120)
+    form.layout().addStretch(1)  # rows at the top when the dock is taller than they are
+    layout = container.native.layout()
+    layout.removeWidget(form)
+    scroll.setWidget(form)
+    layout.addWidget(scroll)
+    layout.setContentsMargins(0, 0, 0, 0)
+    form.setMinimumWidth(300)
+
+
+def _fit_label_column(form: Any) -> None:
+    """Widen a labelled form's label column to its widest label in the font it is shown in.
+
+    magicgui measures label widths in the application's default font; napari's stylesheet
+    (applied when the widget is docked) may be larger, which clipped e.g. "checkpoint".
+    """
+    labels = []
+    for w in form:
+        lw = w._labeled_widget() if hasattr(w, "_labeled_widget") else None
+        if lw is not None:
+            labels.append(lw._label_widget.native)
+    if labels:
+        width = max(lab.fontMetrics().horizontalAdvance(lab.text()) for lab in labels) + 6
+        for lab in labels:
+            lab.setMinimumWidth(width)
+
+
+def _fit_on_show(form: Any) -> None:
+    """Run :func:`_fit_label_column` whenever the form is shown or restyled."""
+    from qtpy.QtCore import QEvent, QObject
+
+    class _Filter(QObject):
+        def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
+            if event.type() in (QEvent.Type.Show, QEvent.Type.StyleChange,
+                                QEvent.Type.FontChange):
+                _fit_label_column(form)
+            return False
+
+    native = form.native
+    native._busseg_label_filter = _Filter(native)  # kept alive by the widget
+    native.installEventFilter(native._busseg_label_filter)
+
+
 def format_classes(classes: dict) -> str:
     """One line of class probabilities, e.g. ``"benign 0.81 · malignant 0.14 · normal 0.05"``.
 
@@ -244,343 +331,12 @@ def format_classes(classes: dict) -> str:
     return " · ".join(f"{k} {v:.2f}" for k, v in items) + f" ({CLASS_NOTE})"
 
 
-def _read_slice(data: Any, index: tuple[int, ...]) -> np.ndarray:
-    """One 2D (or 2D colour) slice of a layer's data as a numpy array (runs in the worker)."""
-    return np.asarray(data[index])
-
 
 def _spatial_shape(layer: Any) -> tuple[int, ...]:
     """Shape of a layer's data without colour channels (leading axes + (H, W))."""
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     shape = tuple(int(v) for v in np.shape(data))
     return shape[:-1] if getattr(layer, "rgb", False) else shape
-
-
-# --------------------------------------------------------------------------- the job
-
-
-@dataclass
-class SegmentResult:
-    """What :func:`segment_job` returns.
-
-    Attributes
-    ----------
-    labels : numpy.ndarray
-        uint8, the image's spatial shape (leading axes + (H, W)); 1 = lesion, 0 = background.
-    proba : numpy.ndarray or None
-        float32 in [0, 1], same shape, when asked for.
-    checkpoint : str
-        The checkpoint folder that was used.
-    device : str
-        Where the model ran (``"cpu"``, ``"cuda"``, ``"mps"``).
-    threshold : float
-        Probability threshold used.
-    elapsed : float
-        Wall time of the job in seconds (model loading included).
-    extra : dict
-        ``"gated"``: list of bool per slice (C order of the leading axes), True where the
-        normal-scan gate emptied the mask; ``"class_proba"`` (models with a class head only):
-        list of ``{"normal", "benign", "malignant"}`` probability dicts per slice (research
-        output, not a diagnosis).
-    """
-
-    labels: np.ndarray
-    proba: np.ndarray | None
-    checkpoint: str
-    device: str
-    threshold: float
-    elapsed: float
-    extra: dict = field(default_factory=dict)
-
-
-def segment_job(
-    data: Any,
-    *,
-    rgb: bool,
-    checkpoint: str | Path | None,
-    device: str = "auto",
-    threshold: float | None = None,
-    tta: bool | None = None,
-    fill_holes: bool = False,
-    keep: str = "all",
-    min_area: int = 0,
-    with_proba: bool = False,
-    crops: Sequence[tuple[int, int] | None] | None = None,
-) -> Generator[tuple, None, SegmentResult]:
-    """Segment every 2D slice of an image array, yielding progress (runs in a worker thread).
-
-    Parameters
-    ----------
-    data : array_like
-        (..., H, W) grey or (..., H, W, 3|4) colour (``rgb=True``); any leading axes are a
-        stack, segmented slice by slice. numpy, dask or zarr arrays (slices are read lazily).
-    rgb : bool
-        Whether the last axis holds colour channels (napari's ``layer.rgb``).
-    checkpoint : path or None
-        Checkpoint folder (or a file in it); None for the shipped default model.
-    device : str
-        ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
-    threshold : float or None
-        Probability threshold in (0, 1); None uses the checkpoint's.
-    tta : bool or None
-        Left-right flip test-time augmentation; None uses the checkpoint's setting.
-    fill_holes, keep, min_area
-        Post-processing (see :func:`busseg.postprocess.postprocess_mask`); ``min_area`` in
-        pixels.
-    with_proba : bool
-        Also return the probability map.
-    crops : sequence of (int, int) or None, optional
-        Per slice (in C order of the leading axes), the (H, W) of the image inside a
-        zero-padded slice (stacks of the plugin's folder reader); only that part is segmented
-        and the padding stays background. None: whole slices.
-
-    Yields
-    ------
-    tuple
-        ``("status", message)`` while loading the model, then ``("progress", done, total)``
-        after each slice.
-
-    Returns
-    -------
-    SegmentResult
-
-    Raises
-    ------
-    busseg.models.CheckpointError
-        If the checkpoint cannot be loaded.
-    ValueError
-        For an unknown or absent device, a threshold outside (0, 1), or a slice that is not
-        a valid image.
-    """
-    from busseg.inference import load_model, model_device, predict_stack_iter
-
-    t0 = time.perf_counter()
-    shape = tuple(np.shape(data))
-    spatial_ndim = 3 if rgb else 2
-    if len(shape) < spatial_ndim:
-        raise ValueError(f"the image has shape {shape}; expected (..., H, W) or (..., H, W, 3|4)")
-    leading = shape[: len(shape) - spatial_ndim]
-    out_shape = shape[:-1] if rgb else shape
-    indices = list(np.ndindex(*leading)) if leading else [()]
-    n = len(indices)
-    where = "the shipped default model" if checkpoint is None else str(checkpoint)
-    yield ("status", f"loading {where} …")
-    model = load_model(checkpoint, device=device)
-    dev = model_device(model)
-    cfg = model.busseg_config
-    t = float(threshold if threshold is not None else cfg["inference"].get("threshold", 0.5))
-    yield ("progress", 0, n)
-    labels = np.zeros(out_shape, dtype=np.uint8)
-    proba = np.zeros(out_shape, dtype=np.float32) if with_proba else None
-    if crops is not None and len(crops) != n:
-        raise ValueError(f"crops has {len(crops)} entries for {n} slices")
-
-    def crop(i: int) -> tuple[slice, slice]:
-        c = crops[i] if crops is not None else None
-        return (slice(None), slice(None)) if c is None else (slice(0, c[0]), slice(0, c[1]))
-
-    slices: Iterator[np.ndarray] = (
-        _read_slice(data, idx)[crop(i)] for i, idx in enumerate(indices)
-    )
-    results = predict_stack_iter(
-        slices, model, threshold=t, tta=tta, fill_holes=fill_holes, keep=keep,
-        min_area=int(min_area), batch_size=1 if dev.type == "cpu" else 4, with_class=True,
-    )
-    classes: list[dict | None] = [None] * n
-    gated = [False] * n
-    for i, mask, p, cp in results:
-        labels[indices[i]][crop(i)] = mask
-        if proba is not None:
-            proba[indices[i]][crop(i)] = p
-        classes[i] = cp
-        gated[i] = _was_gated(mask, p, t, cp, fill_holes, keep, min_area)
-        yield ("progress", i + 1, n)
-    extra = {"gated": gated}
-    if any(c is not None for c in classes):
-        extra["class_proba"] = classes
-    return SegmentResult(labels, proba, str(getattr(model, "busseg_checkpoint_path", where)),
-                         dev.type, t, time.perf_counter() - t0, extra)
-
-
-def _was_gated(mask: np.ndarray, proba: np.ndarray, threshold: float, classes: dict | None,
-               fill_holes: bool, keep: str, min_area: int) -> bool:
-    """Tell whether the normal-scan gate emptied a mask that thresholding had kept."""
-    if classes is None or mask.any():
-        return False
-    raw = proba >= threshold
-    if raw.any() and (fill_holes or keep != "all" or min_area > 0):
-        from busseg.postprocess import postprocess_mask
-
-        raw = postprocess_mask(raw, fill_holes=fill_holes, keep=keep, min_area=int(min_area))
-    return bool(raw.any())
-
-
-# --------------------------------------------------------------------------- prompts (Qt-free)
-
-
-def prompt_region(
-    old: np.ndarray,
-    new: np.ndarray,
-    *,
-    boxes: Any = (),
-    clicks: Any = (),
-    box_margin: float = 0.1,
-) -> np.ndarray:
-    """Pixels a prompt may change: inside its boxes and the lesions its clicks touch.
-
-    A box prompt may change the pixels inside the box grown by ``box_margin`` (the region
-    :func:`busseg.inference.predict` restricts its mask to). A click may change the connected
-    component (8-connectivity) of ``old | new`` holding the click: the lesion it extends,
-    shrinks, creates or removes. Everything else (e.g. brush edits elsewhere) is kept.
-
-    Parameters
-    ----------
-    old, new : numpy.ndarray
-        (H, W) bool: the mask before the prompt (the Labels layer's slice) and the prediction.
-    boxes : array-like, optional
-        (B, 4) ``(row_min, col_min, row_max, col_max)`` inclusive, in pixels: the boxes drawn,
-        moved (old and new position) or deleted.
-    clicks : array-like, optional
-        (P, 2) ``(row, col)`` in pixels: the clicks added, moved (old and new position) or
-        removed. Clicks outside the image are ignored.
-    box_margin : float, optional
-        Share of a box's side added on every side (>= 0).
-
-    Returns
-    -------
-    numpy.ndarray
-        (H, W) bool.
-
-    Raises
-    ------
-    ValueError
-        If ``old`` and ``new`` differ in shape.
-    """
-    from scipy import ndimage
-
-    from busseg.prompts import box_mask
-
-    old, new = np.asarray(old) > 0, np.asarray(new) > 0
-    if old.shape != new.shape:
-        raise ValueError(f"old {old.shape} and new {new.shape} masks differ in shape")
-    h, w = old.shape
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    region = box_mask(b, (h, w), box_margin) if len(b) else np.zeros((h, w), bool)
-    pts = np.round(np.asarray(clicks, np.float64).reshape(-1, 2)).astype(int)
-    pts = pts[(pts[:, 0] >= 0) & (pts[:, 0] < h) & (pts[:, 1] >= 0) & (pts[:, 1] < w)]
-    if len(pts):
-        lab, _ = ndimage.label(old | new, structure=np.ones((3, 3), bool))
-        ids = np.unique(lab[pts[:, 0], pts[:, 1]])
-        ids = ids[ids > 0]
-        if len(ids):
-            region |= np.isin(lab, ids)
-    return region
-
-
-@dataclass
-class PromptRequest:
-    """One prompt update of one 2D slice, snapshotted on the GUI thread.
-
-    Attributes
-    ----------
-    data : array_like
-        The image layer's data (numpy, dask, zarr); the slice is read in the worker.
-    index : tuple of int
-        The slice's position along the leading (stack) axes; ``()`` for a 2D image.
-    boxes : numpy.ndarray
-        (B, 4) float64, all boxes on the slice, ``(row_min, col_min, row_max, col_max)``.
-    points, point_labels : numpy.ndarray
-        (P, 2) float64 clicks ``(row, col)`` on the slice (inside a box when boxes exist) and
-        (P,) int8 labels (1 lesion, 0 background).
-    previous_mask : numpy.ndarray or None
-        (H, W) bool, the Labels slice the clicks correct (None without clicks).
-    changed_boxes, changed_clicks : numpy.ndarray
-        (b, 4) boxes and (p, 2) clicks that changed since the last update (both positions of
-        a moved one): they define :func:`prompt_region`.
-    checkpoint : path or None
-        Checkpoint folder; None for the shipped default model.
-    device : str
-        ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
-    threshold : float
-        Probability threshold in (0, 1).
-    box_margin : float
-        As in :func:`busseg.inference.predict`.
-    t0 : float
-        ``time.perf_counter()`` of the first prompt event this update answers.
-    """
-
-    data: Any
-    index: tuple
-    boxes: np.ndarray
-    points: np.ndarray
-    point_labels: np.ndarray
-    previous_mask: np.ndarray | None
-    changed_boxes: np.ndarray
-    changed_clicks: np.ndarray
-    checkpoint: str | Path | None = None
-    device: str = "auto"
-    threshold: float | None = None
-    box_margin: float = 0.1
-    t0: float = 0.0
-    image_name: str = ""
-    slice_shape: tuple = ()
-
-
-@dataclass
-class PromptResult:
-    """What :func:`prompt_job` returns.
-
-    Attributes
-    ----------
-    mask : numpy.ndarray
-        (H, W) bool, the prompted prediction of the slice (all False when no prompt is left).
-    seconds : float
-        Time of the prediction (model loading included on the first call).
-    """
-
-    mask: np.ndarray
-    seconds: float
-
-
-def prompt_job(req: PromptRequest) -> PromptResult:
-    """Predict one slice from its prompts (runs in a worker thread; no Qt).
-
-    With neither boxes nor clicks left on the slice the result is an empty mask, so deleting
-    the last prompt clears what it produced (inside :func:`prompt_region`).
-
-    Parameters
-    ----------
-    req : PromptRequest
-        The slice and its prompts.
-
-    Returns
-    -------
-    PromptResult
-
-    Raises
-    ------
-    ValueError
-        For malformed prompts (the message says which one) or a checkpoint without prompt
-        channels (:func:`busseg.inference.accepts_prompts`).
-    busseg.models.CheckpointError
-        If the checkpoint cannot be loaded.
-    WorkerError
-        Instead of a ``RuntimeError`` from torch (see :func:`guarded`).
-    """
-    from busseg.inference import load_model, predict
-
-    t0 = time.perf_counter()
-    image = _read_slice(req.data, req.index)
-    if not len(req.boxes) and not len(req.points):
-        return PromptResult(np.zeros(image.shape[:2], bool), time.perf_counter() - t0)
-    try:
-        model = load_model(req.checkpoint, device=req.device)
-        pred = predict(image, model, threshold=req.threshold, boxes=req.boxes,
-                       points=req.points, point_labels=req.point_labels,
-                       previous_mask=req.previous_mask, box_margin=req.box_margin)
-    except RuntimeError as exc:
-        raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
-    return PromptResult(pred.mask, time.perf_counter() - t0)
 
 
 def _shape_boxes(shapes: Any, lead: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
@@ -677,7 +433,7 @@ class SegmentWidget(Container):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__(labels=True)
+        super().__init__(labels=False)
         from busseg.devices import available_devices, get_device
 
         self._viewer = viewer
@@ -695,7 +451,7 @@ class SegmentWidget(Container):
             label="checkpoint", mode="d", nullable=True, enabled=False,
             tooltip="A checkpoint folder (model.safetensors + config.json) or a file in it",
         )
-        self._model_info = Label(value="")
+        self._model_info = _TextRow(value="")
         auto = get_device("auto").type
         present = {d.split(":")[0] for d in available_devices()}
         device_choices = [(f"auto ({auto})", "auto")] + [
@@ -709,26 +465,30 @@ class SegmentWidget(Container):
         self._fill_holes = CheckBox(text="fill holes", value=False)
         self._keep = ComboBox(label="keep", choices=["all", "largest"], value="all",
                               tooltip="Keep every lesion or only the largest one")
-        self._min_area = SpinBox(label="min area (px)", min=0, max=10_000_000, value=0,
-                                 tooltip="Remove predicted regions smaller than this (pixels)")
+        self._min_area = SpinBox(label="min area", min=0, max=10_000_000, value=0,
+                                 tooltip="Remove predicted regions smaller than this many pixels")
         self._with_proba = CheckBox(text="also add probability map", value=False)
         self._run_btn = PushButton(text="Run")
         self._cancel_btn = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", min=0, max=1, value=0)
-        self._status = Label(label="status", value="ready")
-        self._metrics = Label(label="vs ground truth", value="")
-        self._classes = Label(label="class", value="")
+        self._status = _TextRow(label="status", value="ready")
+        self._metrics = _TextRow(label="vs truth", value="")
+        self._classes = _TextRow(label="class", value="")
         self._click_label = RadioButtons(
             label="click label", choices=[LESION_CLICK, BACKGROUND_CLICK], value=LESION_CLICK,
             orientation="horizontal",
             tooltip="Label of new clicks in the “<image> clicks” layer; hold Shift or Ctrl "
                     "while clicking to place a background click",
         )
-        self._prompt_info = Label(value="")
+        self._prompt_info = _TextRow(value="")
         for lab in (self._model_info, self._status, self._metrics, self._classes,
                     self._prompt_info):
-            wrap_label(lab)
-        self.extend([
+            wrap_label(lab)  # in the scroll area below, wrapped lines keep their height
+        # the rows live in a form inside a vertical scroll area: when the dock is short (other
+        # docks above or below it, a 900-pixel-high screen) it scrolls instead of squashing
+        # the rows, and wrapped lines keep their full height
+        self._form = Container(labels=True)
+        self._form.extend([  # after construction, so the label column gets one width
             self._image, self._source, self._checkpoint, self._model_info, self._click_label,
             self._prompt_info, self._device,
             self._threshold, self._tta, self._fill_holes, self._keep, self._min_area,
@@ -736,6 +496,9 @@ class SegmentWidget(Container):
                                         layout="horizontal", labels=False),
             self._progress, self._status, self._metrics, self._classes,
         ])
+        self.append(self._form)
+        _scroll_rows(self)
+        _fit_on_show(self._form)
 
         # prompts: one worker at a time; events meanwhile are coalesced (latest wins)
         from qtpy.QtCore import QTimer
@@ -795,6 +558,148 @@ class SegmentWidget(Container):
     def running(self) -> bool:
         """Whether a segmentation is running."""
         return self._worker is not None
+
+    # ---------------------------------------------------------------- actions (keyboard)
+
+    def current_image(self) -> Any:
+        """Return the Image layer the widget works on (the chosen one, else the best guess).
+
+        Returns
+        -------
+        napari.layers.Image or None
+            The layer chosen in the widget; else the active image, the image of the active
+            derived layer, or the top Image layer; None when the viewer has no Image layer.
+        """
+        layer = self._image.value
+        if layer is not None and layer in self._viewer.layers:
+            return layer
+        return self._pick_image()
+
+    def segment(self) -> bool:
+        """Segment the current image, as the **Run** button does (shortcut action).
+
+        Returns
+        -------
+        bool
+            True when a run started (it finishes in a worker thread; see :attr:`running`);
+            False when it did not (no image, no checkpoint, already running, or cancelled),
+            with the reason in the status line.
+        """
+        if self.running:
+            self._set_status("a segmentation is already running")
+            return False
+        image = self.current_image()
+        if image is not None and self._image.value is not image:
+            self._image.value = image
+        self._on_run()
+        return self.running
+
+    def set_prompt_mode(self, mode: str) -> Any:
+        """Select the prompt layer of the current image and put it in its add mode.
+
+        Parameters
+        ----------
+        mode : {"box", "click", "off"}
+            ``"box"``: the ``"<image> boxes"`` Shapes layer in rectangle mode; ``"click"``: the
+            ``"<image> clicks"`` Points layer in add mode (both added if absent); ``"off"``:
+            both prompt layers back to pan/zoom and the prediction layer (else the image)
+            selected, ready for the brush.
+
+        Returns
+        -------
+        napari.layers.Layer or None
+            The layer now selected; None when there is no image.
+
+        Raises
+        ------
+        ValueError
+            For another ``mode``.
+        """
+        if mode not in PROMPT_MODES:
+            raise ValueError(f"mode must be one of {', '.join(PROMPT_MODES)}, not {mode!r}")
+        image = self.current_image()
+        if image is None:
+            self._set_status("add or open an Image layer first")
+            return None
+        if mode != "off":
+            self._ensure_prompt_layers(image, activate=False)
+        boxes, clicks = self.prompt_layers(image)
+        if mode == "box":
+            layer, layer_mode = boxes, "add_rectangle"
+        elif mode == "click":
+            layer, layer_mode = clicks, "add"
+        else:
+            for lay in (boxes, clicks):
+                if lay is not None:
+                    lay.mode = "pan_zoom"
+            layer = find_layer(self._viewer, prediction_name(image.name), "labels") or image
+            layer_mode = None
+        if layer is None:  # a layer of that name that is not Shapes / Points
+            self._set_status(f"“{image.name}{BOXES_SUFFIX if mode == 'box' else CLICKS_SUFFIX}"
+                             "” is not a prompt layer; rename it")
+            return None
+        self._viewer.layers.selection.active = layer
+        if layer_mode is not None:
+            layer.mode = layer_mode
+            if not self._takes_prompts:
+                self._set_status("the chosen checkpoint takes no box or click prompts; "
+                                 "choose a prompt model")
+        return layer
+
+    def toggle_click_label(self) -> int:
+        """Switch the label of new clicks between lesion (1) and background (0).
+
+        Returns
+        -------
+        int
+            The label new clicks now get: 1 lesion, 0 background.
+        """
+        lesion = self._click_label.value != LESION_CLICK
+        self._click_label.value = LESION_CLICK if lesion else BACKGROUND_CLICK
+        self._set_status(f"new clicks: {self._click_label.value}")
+        return int(lesion)
+
+    def clear_mask(self) -> Any:
+        """Empty the current image's prediction on the shown slice: one undoable edit.
+
+        An image without a prediction layer gets an empty one (a "no lesion" answer to
+        save). The Dice row follows.
+
+        Returns
+        -------
+        napari.layers.Labels or None
+            The prediction layer; None when there is no image (or the layer of that name is
+            not a Labels layer of the image's shape), with the reason in the status line.
+        """
+        image = self.current_image()
+        if image is None:
+            self._set_status("add or open an Image layer first")
+            return None
+        name = prediction_name(image.name)
+        layer = find_layer(self._viewer, name)
+        created = layer is None
+        if created:
+            layer = self._empty_prediction(image.name)
+        from napari.layers import Labels
+
+        if not isinstance(layer, Labels) or _spatial_shape(layer) != _spatial_shape(image):
+            self._set_status(f"⚠ “{name}” is not a Labels layer of the image's shape; "
+                             "nothing was cleared")
+            return None
+        index = self._current_index(image)
+        rr, cc = np.nonzero(np.asarray(layer.data[index]))
+        if len(rr):
+            idx = tuple(np.full(len(rr), i, np.intp) for i in index) + (rr, cc)
+            layer.data_setitem(idx, np.zeros(len(rr), layer.data.dtype))
+        if created:
+            meta = dict(busseg_metadata(layer))
+            meta["written_sha1"] = None  # the user's answer, not a model's output
+            layer.metadata = {**layer.metadata, META_KEY: meta}
+        where = f" (slice {', '.join(map(str, index))})" if index else ""
+        self._set_status(f"cleared {len(rr)} pixel(s) of “{layer.name}”{where}"
+                         + ("; Ctrl+Z undoes" if len(rr) else ""))
+        self._metrics_after_edit(image.name, layer, index)
+        return layer
 
     # ---------------------------------------------------------------- choices and model
 
@@ -868,9 +773,9 @@ class SegmentWidget(Container):
         size = cfg.get("preprocessing", {}).get("input_size")
         m = cfg.get("model", {})
         if m.get("encoder") not in (None, "plain"):
-            parts = [f"U-Net, {m['encoder']} encoder"]
+            parts = [f"U-Net ({m['encoder']})"]
         else:
-            parts = [f"U-Net base {m.get('base_channels', '?')} depth {m.get('depth', '?')}"]
+            parts = [f"U-Net {m.get('base_channels', '?')}×{m.get('depth', '?')}"]
         if size:
             parts.append(f"input {size[0]}×{size[1]}")
         metrics = cfg.get("metrics", {})
@@ -879,12 +784,18 @@ class SegmentWidget(Container):
             parts.append(f"fine-tuned on {len(cfg.get('lineage', {}).get('pairs', []))} pair(s)")
             dice, what = metrics.get("heldout_dice_after"), "held-out Dice"
         elif isinstance(test_lesion.get("dice"), (int, float)):  # e.g. the shipped default
-            dice, what = test_lesion["dice"], "BUSI test Dice (lesions)"
+            dice, what = test_lesion["dice"], "BUSI test Dice"
         else:
             dice, what = metrics.get("val_dice"), "validation Dice"
         if isinstance(dice, (int, float)):
             parts.append(f"{what} {dice:.3f}")
         self._model_info.value = ", ".join(parts)
+        tip = [f"{path}", f"architecture: {m.get('arch', 'unet')}, encoder "
+               f"{m.get('encoder') or 'plain'}, base {m.get('base_channels', '?')}, depth "
+               f"{m.get('depth', '?')}, input channels {m.get('in_channels', 1)}"]
+        if what == "BUSI test Dice":
+            tip.append("BUSI test Dice: mean over the test images with a lesion")
+        self._model_info.native.setToolTip("\n".join(tip))
 
     # ---------------------------------------------------------------- run
 
@@ -1016,12 +927,18 @@ class SegmentWidget(Container):
     def _show_prompt_info(self) -> None:
         if self._takes_prompts:
             self._prompt_info.value = (
-                "prompts: draw boxes in “<image> boxes”, click in “<image> clicks” (Shift- or "
-                "Ctrl-click: background); the mask updates at once, Ctrl+Z undoes")
+                "prompts: box or click a lesion (Shift-click: background); Ctrl+Z undoes")
+            self._prompt_info.native.setToolTip(
+                "Draw boxes in the “<image> boxes” layer and click in the “<image> clicks” "
+                "layer (Shift- or Ctrl-click, or the click label below: background). The mask "
+                "of the shown slice updates at once, inside the box or the lesion a click "
+                "touches; Ctrl+Z undoes.")
         else:
             self._prompt_info.value = (
-                "this checkpoint takes no box or click prompts (automatic only): press Run, "
-                "or choose a prompt model")
+                "this checkpoint takes no box or click prompts: press Run")
+            self._prompt_info.native.setToolTip(
+                "The checkpoint was trained without guidance channels (automatic "
+                "segmentation only); choose a prompt model for boxes and clicks.")
 
     def prompt_layers(self, image: Any) -> tuple[Any, Any]:
         """Return the ``"<image> boxes"`` Shapes and ``"<image> clicks"`` Points layers.
@@ -1043,8 +960,12 @@ class SegmentWidget(Container):
         return (boxes if isinstance(boxes, Shapes) else None,
                 clicks if isinstance(clicks, Points) else None)
 
-    def _ensure_prompt_layers(self, image: Any) -> None:
-        """Add the image's boxes and clicks layers if absent and listen to them."""
+    def _ensure_prompt_layers(self, image: Any, activate: bool = True) -> None:
+        """Add the image's boxes and clicks layers if absent and listen to them.
+
+        With ``activate`` (and a prompt model) a newly added boxes layer becomes the active
+        layer after this event-loop turn, ready to draw.
+        """
         boxes, clicks = self.prompt_layers(image)
         shape = _spatial_shape(image)
         size = max(4.0, round(max(shape[-2:]) / 60))
@@ -1079,7 +1000,7 @@ class SegmentWidget(Container):
                 layer.bind_key("Control-Z", self._undo_key, overwrite=True)
                 if layer is clicks:
                     layer.mouse_drag_callbacks.append(self._on_clicks_press)
-        if added and self._takes_prompts:
+        if added and activate and self._takes_prompts:
             # ready to draw a box; after the event loop turn, as napari activates the layer it
             # has just added (often the image that brought us here) when this returns
             from qtpy.QtCore import QTimer
@@ -1092,7 +1013,7 @@ class SegmentWidget(Container):
                     self._viewer.layers.selection.active = lay
 
             QTimer.singleShot(0, activate)
-        elif added and active is not None and active in self._viewer.layers:
+        elif added and activate and active is not None and active in self._viewer.layers:
             self._viewer.layers.selection.active = active
 
     def _on_clicks_press(self, _layer: Any, event: Any) -> None:
@@ -1249,21 +1170,26 @@ class SegmentWidget(Container):
         existing = find_layer(self._viewer, name)
         if existing is not None:
             return existing if isinstance(existing, Labels) else None
-        image = find_layer(self._viewer, req.image_name, "image")
+        return self._empty_prediction(req.image_name)
+
+    def _empty_prediction(self, image_name: str) -> Any:
+        """Add an all-zero ``"<image> prediction"`` Labels layer (None without the image)."""
+        image = find_layer(self._viewer, image_name, "image")
         if image is None:
             return None
         labels = np.zeros(_spatial_shape(image), np.uint8)
         active = self._viewer.layers.selection.active
         s = self._settings()
         layer = self._viewer.add_labels(
-            labels, name=name, scale=image.scale, translate=image.translate,
+            labels, name=prediction_name(image_name), scale=image.scale,
+            translate=image.translate,
             metadata={META_KEY: {
-                "written_by": WRITTEN_BY, "kind": "prediction", "image": req.image_name,
+                "written_by": WRITTEN_BY, "kind": "prediction", "image": image_name,
                 "checkpoint": str(s["checkpoint"]) if s["checkpoint"] else DEFAULT_MODEL,
                 "threshold": s["threshold"], "written_sha1": data_sha1(labels)}},
         )
         _prediction_colours(layer)
-        self._below_prompts(layer, req.image_name)
+        self._below_prompts(layer, image_name)
         if active is not None and active in self._viewer.layers:
             self._viewer.layers.selection.active = active  # keep clicking / drawing
         return layer
@@ -1305,6 +1231,7 @@ class SegmentWidget(Container):
             msg = f"prompt{where}: the model left the mask as it was"
         note = self._prompt_note
         self._set_status(msg + (f". {note}" if note else ""))
+        self._metrics_after_edit(req.image_name, layer, req.index)
 
     def _undo_key(self, layer: Any) -> None:
         """Ctrl+Z on a boxes / clicks layer: undo the last change of the prediction layer."""
@@ -1404,6 +1331,35 @@ class SegmentWidget(Container):
             self._viewer.layers.selection.active = pred
         return layer
 
+    def _metrics_after_edit(self, image_name: str, layer: Any, index: tuple) -> None:
+        """Recompute the Dice row after a prompt or a clear changed slice ``index``.
+
+        A 2D image: Dice of the whole mask; a stack: Dice of the edited slice (the one the
+        annotator looks at; a full pass over a long stack would stall the GUI).
+        """
+        if not index:
+            self._show_metrics(image_name, np.asarray(layer.data))
+            return
+        from busseg.metrics import dice_score, iou_score
+
+        gt = find_layer(self._viewer, ground_truth_name(image_name), "labels")
+        if gt is None:
+            self.last_metrics = None
+            self._metrics.value = ""
+            return
+        truth = gt.data[0] if gt.multiscale else gt.data
+        if tuple(np.shape(truth)) != _spatial_shape(layer):
+            self._metrics.value = (f"“{gt.name}” has shape {tuple(np.shape(truth))}, the "
+                                   f"prediction {_spatial_shape(layer)}; no Dice")
+            self.last_metrics = None
+            return
+        pred, true = np.asarray(layer.data[index]), np.asarray(truth[index])
+        d, i = dice_score(pred, true), iou_score(pred, true)
+        where = ", ".join(map(str, index))
+        self._metrics.value = f"slice {where}: Dice {d:.3f}, IoU {i:.3f}"
+        self._metrics.native.setToolTip(f"slice {where} vs “{gt.name}”")
+        self.last_metrics = {"dice": d, "iou": i, "ground_truth": gt.name, "slice": index}
+
     def _show_metrics(self, image_name: str, labels: np.ndarray) -> None:
         from busseg.metrics import dice_score, iou_score
 
@@ -1419,13 +1375,13 @@ class SegmentWidget(Container):
             return
         if labels.ndim == 2:
             d, i = dice_score(labels, truth), iou_score(labels, truth)
-            self._metrics.value = f"Dice {d:.3f}, IoU {i:.3f} (vs “{gt.name}”)"
+            self._metrics.value = f"Dice {d:.3f}, IoU {i:.3f}"
         else:
             idx = list(np.ndindex(*labels.shape[:-2]))
             d = float(np.mean([dice_score(labels[k], truth[k]) for k in idx]))
             i = float(np.mean([iou_score(labels[k], truth[k]) for k in idx]))
-            self._metrics.value = (f"mean over {len(idx)} slices: Dice {d:.3f}, IoU {i:.3f} "
-                                   f"(vs “{gt.name}”)")
+            self._metrics.value = f"mean over {len(idx)} slices: Dice {d:.3f}, IoU {i:.3f}"
+        self._metrics.native.setToolTip(f"{self._metrics.value} vs “{gt.name}”")
         self.last_metrics = {"dice": d, "iou": i, "ground_truth": gt.name}
 
     def _ask_overwrite_dialog(self, layer_name: str) -> str:

@@ -1,4 +1,4 @@
-"""Data: discovery of BUSI, image/mask pairs and plain folders, image and mask I/O, transforms, datasets and splits (numpy + torch)."""
+"""Data: discovery (BUSI, image/mask folder pairs, plain folders), I/O, transforms, splits."""
 
 from busseg.data.busi import BusiIndex, BusiRecord, discover_busi, is_busi_image
 from busseg.data.discover import ScanIndex, ScanRecord, detect_layout, discover

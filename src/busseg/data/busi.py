@@ -143,6 +143,45 @@ def _image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def size_problems(image: Path, masks: tuple[Path, ...], *,
+                  folders: bool = False) -> tuple[tuple[int, int] | None, list[str]]:
+    """Read the headers of an image and its masks and say what does not fit.
+
+    Parameters
+    ----------
+    image : pathlib.Path
+        The image file.
+    masks : tuple of pathlib.Path
+        Its mask files.
+    folders : bool
+        Name the files with their folder (``images/X.png``, ``masks/X.png``), for layouts
+        where image and mask have the same name.
+
+    Returns
+    -------
+    size : tuple of int or None
+        (width, height) of the image in pixels; None when its header cannot be read.
+    problems : list of str
+        ``"unreadable image: ..."``, ``"unreadable mask: ..."`` or ``"size mismatch: ..."``.
+    """
+    def name(p: Path) -> str:
+        return f"{p.parent.name}/{p.name}" if folders else p.name
+
+    size = _image_size(image)
+    if size is None:
+        return None, [f"unreadable image: {image}"]
+    problems = []
+    for mp in masks:
+        msize = _image_size(mp)
+        if msize is None:
+            problems.append(f"unreadable mask: {mp}")
+        elif msize != size:
+            problems.append(f"size mismatch: {name(image)} is {size[0]}x{size[1]} but "
+                            f"{name(mp)} is {msize[0]}x{msize[1]}"
+                            + (" (skipped for training and evaluation)" if folders else ""))
+    return size, problems
+
+
 def resolve_busi_root(root: str | os.PathLike) -> tuple[Path, list[Path]]:
     """Find the dataset root and the class folders to scan.
 
@@ -237,19 +276,8 @@ def discover_busi(root: str | os.PathLike, *, check_sizes: bool = True) -> BusiI
             if not mps:
                 problems.append(f"image without a mask: {img}")
             if check_sizes:
-                size = _image_size(img)
-                if size is None:
-                    problems.append(f"unreadable image: {img}")
-                else:
-                    for mp in mps:
-                        msize = _image_size(mp)
-                        if msize is None:
-                            problems.append(f"unreadable mask: {mp}")
-                        elif msize != size:
-                            problems.append(
-                                f"size mismatch: {img.name} is {size[0]}x{size[1]} but "
-                                f"{mp.name} is {msize[0]}x{msize[1]}"
-                            )
+                size, found = size_problems(img, mps)
+                problems += found
             rel = img.relative_to(base).as_posix()
             rec = BusiRecord(
                 name=stem,

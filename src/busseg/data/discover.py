@@ -40,6 +40,7 @@ from busseg.data.busi import (
     _image_size,
     _natural_key,
     discover_busi,
+    size_problems,
 )
 from busseg.data.io import IMAGE_SUFFIXES
 
@@ -264,21 +265,9 @@ def _discover_pairs(root: Path, layout: str, check_sizes: bool) -> BusiIndex:
         size = None
         if not mps:
             problems.append(f"image without a mask: {img}")
-        if check_sizes:
-            size = _image_size(img) if img.suffix.lower() != ".dcm" else None
-            if size is None and img.suffix.lower() != ".dcm":
-                problems.append(f"unreadable image: {img}")
-            elif size is not None:
-                for mp in mps:
-                    msize = _image_size(mp)
-                    if msize is None:
-                        problems.append(f"unreadable mask: {mp}")
-                    elif msize != size:
-                        problems.append(
-                            f"size mismatch: {img.parent.name}/{img.name} is "
-                            f"{size[0]}x{size[1]} but {mp.parent.name}/{mp.name} is "
-                            f"{msize[0]}x{msize[1]} (skipped for training and evaluation)"
-                        )
+        if check_sizes and img.suffix.lower() != ".dcm":
+            size, found = size_problems(img, mps, folders=True)
+            problems += found
         index.records.append(BusiRecord(
             name=stem, label=label, image_path=img, mask_paths=mps,
             rel_path=img.relative_to(root).as_posix(), size=size, problems=tuple(problems),
@@ -340,7 +329,7 @@ def _dataset_key(root: str | os.PathLike) -> str | None:
 
 
 def dataset_citation(root: str | os.PathLike) -> str:
-    """The citation of a known dataset folder (BUSI, BUS-UCLM, BUS-BRA), else its name.
+    """Return the citation of a known dataset folder (BUSI, BUS-UCLM, BUS-BRA), else its name.
 
     Parameters
     ----------
@@ -357,7 +346,7 @@ def dataset_citation(root: str | os.PathLike) -> str:
 
 
 def default_split(root: str | os.PathLike) -> Path:
-    """The committed split CSV of a known dataset folder (``training/splits/<name>.csv``).
+    """Return the committed split CSV of a dataset folder (``training/splits/<name>.csv``).
 
     Parameters
     ----------

@@ -1,4 +1,14 @@
-"""Image and mask I/O: any PNG/JPEG/TIFF/BMP -> grey uint8; masks -> bool; atomic mask writes."""
+"""Image and mask I/O: PNG/JPEG/TIFF/BMP (and DICOM with pydicom) -> grey uint8; masks -> bool.
+
+- :func:`read_image`: one 2D image as grey uint8; :func:`read_stack`: every page of a
+  multi-page TIFF or frame of a multi-frame (cine) DICOM as an (N, H, W) grey stack;
+  :func:`frame_count` reads only the header.
+- :func:`read_mask`: mask files merged by union.
+- :func:`write_mask_png`, :func:`atomic_write_bytes`, :func:`atomic_output`: atomic writes.
+
+DICOM (``.dcm``, or any file with the ``DICM`` preamble) needs the optional pydicom
+(``pip install "napari-busseg[dicom]"``); see :mod:`busseg.data.dicom`.
+"""
 
 from __future__ import annotations
 
@@ -93,9 +103,21 @@ def to_grey(image: np.ndarray) -> np.ndarray:
 
 def _frames_error(path: Path, n: int) -> ImageReadError:
     return ImageReadError(
-        f"{path} holds {n} pages (frames); busseg reads single 2D images. Save each page as "
-        "its own file, or open the stack in napari with a reader that keeps every page"
+        f"{path} holds {n} pages (frames), not one 2D image; read it with "
+        "busseg.data.io.read_stack, or open it in napari (the busseg reader opens it as a "
+        "stack and segments it slice by slice)"
     )
+
+
+def _dicom_frames(path: Path) -> np.ndarray:
+    """All frames of a DICOM file, (N, H, W) or (N, H, W, 3) (see busseg.data.dicom)."""
+    from busseg.data.dicom import read_dicom
+
+    try:
+        frames, _ = read_dicom(path)
+    except ImportError as exc:
+        raise ImageReadError(str(exc)) from None
+    return frames
 
 
 def _open_tiff_fallback(path: Path, cause: Exception) -> np.ndarray:
@@ -135,6 +157,12 @@ def _open(path: str | os.PathLike) -> np.ndarray:
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder, not an image file")
         raise FileNotFoundError(f"no such image file: {path}")
+    _check_not_empty(path)
+    if _is_dicom(path):
+        frames = _dicom_frames(path)
+        if len(frames) > 1:
+            raise _frames_error(path, len(frames))
+        return frames[0]
     try:
         return _decode(path)
     except ImageReadError:
@@ -159,6 +187,21 @@ def _open(path: str | os.PathLike) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             return _open_tiff_fallback(path, err)
         raise err from exc
+
+
+def _check_not_empty(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # the decoder reports it
+    if size == 0:
+        raise ImageReadError(f"{path} is empty (0 bytes); an interrupted copy or download?")
+
+
+def _is_dicom(path: Path) -> bool:
+    from busseg.data.dicom import is_dicom
+
+    return is_dicom(path)
 
 
 def _decode(path: Path) -> np.ndarray:
@@ -192,7 +235,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Parameters
     ----------
     path : str or os.PathLike
-        A PNG, JPEG, TIFF or BMP file: 1-bit, grey, grey+alpha, palette, RGB or RGBA, 8 or 16 bit.
+        A PNG, JPEG, TIFF or BMP file: 1-bit, grey, grey+alpha, palette, RGB or RGBA, 8 or 16
+        bit; or a single-frame DICOM file (with pydicom installed).
 
     Returns
     -------
@@ -204,12 +248,120 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     FileNotFoundError
         If the file does not exist (``IsADirectoryError`` if it is a folder).
     ImageReadError
-        A ``ValueError`` naming the file: not a decodable image (empty, truncated, corrupt,
-        another format, an absurd size in its header, unreadable), several pages or frames
-        (a stack), or pixels that are not a 2D grey / RGB / RGBA image. TIFFs that Pillow
+        A ``ValueError`` naming the file once: empty (0 bytes), not a decodable image
+        (truncated, corrupt, another format, an absurd size in its header, unreadable),
+        several pages or frames (a stack: see :func:`read_stack`), pixels that are not a 2D
+        grey / RGB / RGBA image, or a DICOM file without pydicom installed. TIFFs that Pillow
         cannot decode (float64, int64 ...) are read with ``tifffile``.
     """
     return to_grey(_open(path))
+
+
+def frame_count(path: str | os.PathLike) -> int:
+    """Count the pages (TIFF, GIF ...) or frames (DICOM) of an image file from its header.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        An image file.
+
+    Returns
+    -------
+    int
+        1 for a single 2D image; 0 when the header cannot be read (the readers report why
+        when they decode the file).
+    """
+    path = Path(path)
+    try:
+        if _is_dicom(path):
+            import pydicom
+
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return int(ds.get("NumberOfFrames", 1) or 1)
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                return int(getattr(im, "n_frames", 1))
+        except Exception:  # noqa: BLE001 - e.g. float64 TIFFs Pillow cannot open
+            if path.suffix.lower() not in (".tif", ".tiff"):
+                return 0
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return len(tif.pages)
+    except Exception:  # noqa: BLE001 - unreadable header, pydicom absent
+        return 0
+
+
+def read_stack(path: str | os.PathLike) -> np.ndarray:
+    """Read every page of a multi-page TIFF or frame of a DICOM cine loop as grey.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A multi-page TIFF, a multi-frame (or single-frame) DICOM, or any single image.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N, H, W) uint8 grey, one slice per page or frame (N = 1 for a single image); colour
+        frames are reduced as in :func:`to_grey`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ImageReadError
+        If it cannot be decoded, its pages differ in size, or (DICOM) pydicom is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder, not an image file")
+        raise FileNotFoundError(f"no such image file: {path}")
+    _check_not_empty(path)
+    if _is_dicom(path):
+        frames = [to_grey(f) for f in _dicom_frames(path)]
+    else:
+        frames = _tiff_pages(path) if path.suffix.lower() in (".tif", ".tiff") else None
+        if frames is None:
+            frames = [read_image(path)] if frame_count(path) <= 1 else _pil_pages(path)
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise ImageReadError(f"{path}: its pages differ in size ({sorted(shapes)}); busseg "
+                             "stacks pages of one size only")
+    return np.stack(frames)
+
+
+def _tiff_pages(path: Path) -> list[np.ndarray] | None:
+    """Grey pages of a TIFF with tifffile (None: not a multi-page TIFF, or tifffile absent)."""
+    try:
+        import tifffile
+    except ImportError:  # pragma: no cover - tifffile comes with napari / scikit-image
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) <= 1:
+                return None
+            return [to_grey(np.asarray(page.asarray())) for page in tif.pages]
+    except ValueError as exc:  # to_grey: not a 2D page
+        raise ImageReadError(f"{path}: {exc}") from exc
+    except Exception:  # noqa: BLE001 - tifffile cannot read it: Pillow's error via read_image
+        return None
+
+
+def _pil_pages(path: Path) -> list[np.ndarray]:
+    """Grey frames of a multi-frame Pillow image (GIF, multi-page TIFF)."""
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(path) as im:
+            return [to_grey(np.asarray(f.convert("RGB") if f.mode not in ("L", "RGB", "RGBA")
+                                       else f)) for f in ImageSequence.Iterator(im)]
+    except Exception as exc:  # noqa: BLE001
+        raise ImageReadError(f"cannot read the pages of {path} ({type(exc).__name__}: "
+                             f"{exc})") from exc
 
 
 def read_mask(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> np.ndarray:
