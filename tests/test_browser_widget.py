@@ -1,6 +1,8 @@
-"""The BUSI browser dock widget, loaded through the manifest (GUI; needs Xvfb)."""
+"""The Scan browser dock widget, loaded through the manifest (GUI; needs Xvfb)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ def notes(monkeypatch):
 @pytest.fixture
 def browser(make_napari_viewer, notes, busseg_plugin):
     viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "BUSI browser")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
     assert isinstance(widget, browser_mod.BusiBrowserWidget)
     return viewer, widget
 
@@ -34,10 +36,11 @@ def _names(viewer, visible_only=False):
     return [layer.name for layer in viewer.layers if layer.visible or not visible_only]
 
 
-def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path, monkeypatch):
+def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path):
     viewer, widget = browser
     widget.set_root(fake_busi)
     assert len(widget.records) == 6
+    assert list(widget._class_combo.choices) == ["all", "benign", "malignant", "normal"]
     widget.set_class_filter("benign")
     assert [r.name for r in widget.records] == ["benign (1)", "benign (2)", "benign (3)"]
 
@@ -46,8 +49,7 @@ def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path, mon
     assert _names(viewer) == ["benign (1)", "benign (1) ground truth"]
     widget.next_case()
     assert widget.current_record().name == "benign (2)"
-    assert _names(viewer, visible_only=True) == ["benign (2)", "benign (2) ground truth"]
-    assert len(viewer.layers) == 4  # the previous case is hidden, not deleted
+    assert _names(viewer) == ["benign (2)", "benign (2) ground truth"]  # the previous is closed
 
     # the user's (corrected) prediction layer, as the segment widget names it
     rec = widget.current_record()
@@ -72,24 +74,23 @@ def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path, mon
     )
     assert widget.status_of(rec) == "corrected"
     assert "[corrected]" in widget._cases.native.item(1).text()
+    assert widget._progress_label.value == "1 of 6 corrected"
     assert [r.rel_path for r in discover_busi(corr).usable] == ["benign/benign (2).png"]
 
-    # an existing correction is replaced only after a Yes
+    # saving again keeps the earlier correction as a version (no question asked)
     layer.data = np.zeros_like(layer.data)
-    asked = []
-    cls = browser_mod.BusiBrowserWidget  # patched on the class: magicgui owns instance attrs
-    monkeypatch.setattr(cls, "_confirm_overwrite", lambda self, p: asked.append(p) or False)
-    assert widget.save_correction() is None
-    assert asked == [saved] and read_mask(saved).any()
-    monkeypatch.setattr(cls, "_confirm_overwrite", lambda self, p: True)
     assert widget.save_correction() == saved
     assert not read_mask(saved).any()
+    version = corr / "versions" / "benign" / "benign (2)_mask.v1.png"
+    np.testing.assert_array_equal(read_mask(version), mask)
+    assert "kept as benign (2)_mask.v1.png" in notes[-1][1]
 
     # Previous/Next stop at the ends of the list
     widget.previous_case()
     widget.previous_case()
     assert widget.current_record().name == "benign (1)"
     assert notes[-1] == ("info", "That was the first case.")
+    assert _names(viewer) == ["benign (1)", "benign (1) ground truth"]
 
 
 def test_predict_on_open_never_replaces_a_prediction(
@@ -117,13 +118,15 @@ def test_predict_on_open_never_replaces_a_prediction(
 def test_uses_the_folder_the_reader_opened(make_napari_viewer, notes, fake_busi, busseg_plugin):
     viewer = make_napari_viewer()
     viewer.open(str(fake_busi / "malignant"), plugin="napari-busseg")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "BUSI browser")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
     assert widget.root == fake_busi
     assert len(widget.records) == 6
     assert widget._cases.native.count() == 6  # docking did not clear the list
-    widget.set_root(fake_busi.parent.parent)  # not BUSI-like: said in the widget, no traceback
+    empty = fake_busi.parent.parent / "empty"
+    empty.mkdir()
+    widget.set_root(empty)  # no scans: said in the widget, no traceback
     assert widget.records == [] and widget.root is None
-    assert "Not a BUSI-layout folder" in widget._status.value
+    assert "No scans to browse" in widget._status.value
 
 
 # --------------------------------------------------------------------------- uncertainty ranking
@@ -191,7 +194,7 @@ def test_sort_by_uncertainty_scores_and_next_suggested(
     assert "[corrected]" in widget._cases.native.item(0).text()
     assert widget.next_suggested() == second
     assert widget.current_record() == second
-    assert viewer.layers[second.name].visible and not viewer.layers[top.name].visible
+    assert second.name in _names(viewer) and top.name not in _names(viewer)  # closed
     assert widget.next_suggested() == third  # the selected case is skipped: moves on
     # the class filter applies: only malignant cases are suggested then
     widget.set_class_filter("malignant")
@@ -208,7 +211,7 @@ def test_reranks_when_segment_widget_switches_checkpoint(
     default_cache().clear()
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "BUSI browser")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
     seg.use_checkpoint(tiny_checkpoint)
     widget._model_edit.value = tmp_path  # ignored: the Segment lesions widget's checkpoint wins
     widget.set_root(fake_busi)
@@ -262,3 +265,396 @@ def test_cancel_keeps_the_scores_so_far(browser, notes, fake_busi, tiny_checkpoi
     assert 0 < n < 6
     assert "cancelled" in widget._status.value and widget._rank_btn.enabled
     assert sum("u=" in widget._cases.native.item(i).text() for i in range(6)) == n
+
+
+# --------------------------------------------------------------------------- one case at a time
+
+
+def _write_scans(root, n, size=(40, 48), seed=0):
+    """A plain folder of n unlabeled grey scans (no masks)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(root / f"scan {i:02d}.png")
+    return root
+
+
+def _press(viewer, key):
+    """Call what a key is bound to on the viewer (as napari does on a key press)."""
+    from napari.utils.key_bindings import KeyBinding
+
+    viewer.keymap[KeyBinding.from_str(key)](viewer)
+
+
+def test_plain_folder_browse_paint_next_autosaves_every_case(
+    make_napari_viewer, notes, busseg_plugin, tiny_checkpoint, tmp_path, qtbot
+):
+    """Issue 14's "Done when": 12 scans, paint, Next through all without Save."""
+    scans = _write_scans(tmp_path / "scans", 12)
+    corr = tmp_path / "corrections"
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget.set_root(scans)
+    widget.set_corrections(corr)
+    assert len(widget.records) == 12 and widget.session.layouts == ["folder"]
+    assert list(widget._class_combo.choices) == ["all", "unknown"]
+    assert widget._progress_label.value == "0 of 12 corrected"
+    widget._model_edit.value = tiny_checkpoint
+    widget._predict_check.value = True
+
+    expected = {}
+    widget.select(0)
+    widget.open_current()
+    for i in range(12):
+        rec = widget.open_record
+        assert rec.name == f"scan {i:02d}"
+        pred_name = f"{rec.name} prediction"
+        qtbot.waitUntil(lambda n=pred_name: n in _names(viewer), timeout=60_000)
+        pred = viewer.layers[pred_name]
+        # the segment widget's prompt layers of this case, as it names them
+        viewer.add_shapes(name=f"{rec.name} boxes",
+                          metadata={"busseg": {"kind": "box prompts", "image": rec.name}})
+        viewer.add_points(name=f"{rec.name} clicks",
+                          metadata={"busseg": {"kind": "click prompts", "image": rec.name}})
+        pred.brush_size = 5
+        pred.paint((10 + i, 12 + i), 1)  # the annotator paints
+        pred.paint((30, 30 - i), 0)
+        expected[rec.name] = np.asarray(pred.data) > 0
+        assert len(viewer.layers) <= 6
+        if i % 2:
+            _press(viewer, "N")  # the keyboard shortcut
+        else:
+            widget.next_case()
+    assert notes[-1][0] == "info" and "That was the last case" in notes[-1][1]
+    assert not [n for n in notes if n[0] == "error"]
+
+    masks = sorted(p.name for p in (corr / "unknown").glob("*_mask.png"))
+    assert masks == [f"scan {i:02d}_mask.png" for i in range(12)]
+    for name, mask in expected.items():
+        np.testing.assert_array_equal(read_mask(corr / "unknown" / f"{name}_mask.png"), mask)
+    assert len(viewer.layers) <= 6
+    assert set(_names(viewer)) <= {"scan 11", "scan 11 prediction", "scan 11 boxes",
+                                   "scan 11 clicks"}
+    assert widget._progress_label.value == "12 of 12 corrected"
+    assert widget._progress.value == 12
+
+    # a new viewer shows all 12 corrected (read back from the corrections folder)
+    viewer2 = make_napari_viewer()
+    _, again = viewer2.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    again.set_corrections(corr)
+    again.set_root(scans)
+    assert again._progress_label.value == "12 of 12 corrected"
+    assert [again.status_of(r) for r in again.records] == ["corrected"] * 12
+    assert all("[corrected]" in again._cases.native.item(i).text() for i in range(12))
+    again.select(3)
+    again.open_current()  # the stored correction is loaded for further editing
+    np.testing.assert_array_equal(viewer2.layers["scan 03 prediction"].data > 0,
+                                  expected["scan 03"])
+
+
+def test_busbra_layout_opens_with_ground_truth(browser, notes, tmp_path):
+    from PIL import Image
+
+    viewer, widget = browser
+    root = tmp_path / "busbra"
+    (root / "Images").mkdir(parents=True)
+    (root / "Masks").mkdir()
+    rng = np.random.default_rng(0)
+    truth = {}
+    for stem in ("0001-l", "0001-r", "0002-s"):
+        Image.fromarray(rng.integers(0, 255, (30, 36), dtype=np.uint8)).save(
+            root / "Images" / f"bus_{stem}.png")
+        m = np.zeros((30, 36), np.uint8)
+        m[5:15, 8:20] = 255
+        Image.fromarray(m).save(root / "Masks" / f"mask_{stem}.png")
+        truth[stem] = m > 0
+    (root / "bus_data.csv").write_text(
+        "ID,Case,Pathology\nbus_0001-l,1,benign\nbus_0001-r,1,malignant\nbus_0002-s,2,benign\n")
+    widget.set_root(root)
+    widget.set_corrections(tmp_path / "corr")
+    assert widget.session.layouts == ["busbra"]
+    assert [r.name for r in widget.records] == ["bus_0001-l", "bus_0001-r", "bus_0002-s"]
+    assert list(widget._class_combo.choices) == ["all", "benign", "malignant"]
+    widget.select(1)
+    widget.open_current()
+    assert _names(viewer) == ["bus_0001-r", "bus_0001-r ground truth"]
+    np.testing.assert_array_equal(viewer.layers["bus_0001-r ground truth"].data > 0,
+                                  truth["0001-r"])
+    widget.next_case()
+    assert _names(viewer) == ["bus_0002-s", "bus_0002-s ground truth"]
+
+
+@pytest.mark.realdata
+def test_real_busbra_folder_opens_with_ground_truth(browser, notes, busbra_root, tmp_path):
+    viewer, widget = browser
+    widget.set_root(busbra_root)
+    widget.set_corrections(tmp_path / "corr")
+    assert len(widget.records) == 376 and widget.session.layouts == ["busbra"]
+    widget.select(0)
+    widget.open_current()
+    rec = widget.open_record
+    gt = viewer.layers[f"{rec.name} ground truth"]
+    assert gt.data.shape == viewer.layers[rec.name].data.shape and gt.data.any()
+
+
+def test_closing_napari_saves_the_open_case(make_napari_viewer, notes, busseg_plugin, tmp_path):
+    scans = _write_scans(tmp_path / "scans", 3)
+    corr = tmp_path / "corrections"
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget.set_root(scans)
+    widget.set_corrections(corr)
+    widget.select(1)
+    widget.open_current()
+    layer = viewer.add_labels(np.zeros((40, 48), np.uint8), name="scan 01 prediction")
+    layer.data[5:9, 5:9] = 1
+    viewer.close()  # napari removes the layers first: the edit is saved then
+    np.testing.assert_array_equal(read_mask(corr / "unknown" / "scan 01_mask.png"),
+                                  layer.data > 0)
+
+
+def test_closing_the_window_saves_the_open_case(make_napari_viewer, notes, busseg_plugin,
+                                                tmp_path):
+    scans = _write_scans(tmp_path / "scans", 2)
+    corr = tmp_path / "corrections"
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget.set_root(scans)
+    widget.set_corrections(corr)
+    widget.select(0)
+    widget.open_current()
+    layer = viewer.add_labels(np.zeros((40, 48), np.uint8), name="scan 00 prediction")
+    layer.data[1:4, 2:9] = 1
+    viewer.window._qt_window.close()  # the window's close button (layers still there)
+    np.testing.assert_array_equal(read_mask(corr / "unknown" / "scan 00_mask.png"),
+                                  layer.data > 0)
+
+
+def test_keyboard_shortcuts(browser, notes, tmp_path, monkeypatch):
+    import napari.layers
+    from napari.utils.key_bindings import KeyBinding
+    from napari.utils.shortcuts import default_shortcuts
+
+    viewer, widget = browser
+    # none of them is a napari default, nor a layer's own key
+    napari_keys = {str(k) for keys in default_shortcuts.values() for k in keys}
+    for cls in (napari.layers.Labels, napari.layers.Shapes, napari.layers.Points,
+                napari.layers.Image):
+        napari_keys |= {str(k) for k in cls.class_keymap}
+    ours = {str(KeyBinding.from_str(k)) for k in browser_mod.SHORTCUTS}
+    assert not ours & napari_keys
+    assert ours <= {str(k) for k in viewer.keymap}
+    for key in browser_mod.SHORTCUTS:
+        assert key.replace("-", "+") in widget.tooltip
+
+    scans = _write_scans(tmp_path / "scans", 3)
+    corr = tmp_path / "corr"
+    widget.set_root(scans)
+    widget.set_corrections(corr)
+    widget.select(0)
+    widget.open_current()
+    _press(viewer, "N")
+    assert widget.open_record.name == "scan 01"
+    _press(viewer, "Shift-N")
+    assert widget.open_record.name == "scan 00"
+    _press(viewer, "H")  # no lesion: an empty mask recorded as a normal scan
+    assert not read_mask(corr / "normal" / "scan 00_mask.png").any()
+    assert not viewer.layers["scan 00 prediction"].data.any()
+    assert widget.status_of(widget.open_record) == "corrected"
+    viewer.layers["scan 00 prediction"].data[2:5, 2:5] = 1
+    _press(viewer, "Shift-S")  # save now: the lesion moves the case out of normal/
+    assert read_mask(corr / "unknown" / "scan 00_mask.png").any()
+    assert (corr / "versions" / "normal" / "scan 00_mask.v1.png").is_file()
+
+    # the Segment lesions keys are forwarded to that widget
+    calls = []
+
+    class FakeSegment:
+        def segment(self):
+            calls.append("segment")
+
+        def set_prompt_mode(self, mode):
+            calls.append(mode)
+
+        def toggle_click_label(self):
+            calls.append("toggle")
+
+    import busseg._widgets.segment as seg_mod
+
+    monkeypatch.setattr(seg_mod, "find_segment_widget", lambda v: None)
+    _press(viewer, "G")
+    assert "Segment lesions" in notes[-1][1] and not calls
+    monkeypatch.setattr(seg_mod, "find_segment_widget", lambda v: FakeSegment())
+    for key in ("G", "Q", "W", "J"):
+        _press(viewer, key)
+    assert calls == ["segment", "box", "click", "toggle"]
+    assert viewer.layers.selection.active.name == "scan 00"  # G segments the open image
+
+
+def test_unedited_prediction_is_not_saved(browser, notes, tiny_checkpoint, tmp_path, qtbot):
+    viewer, widget = browser
+    scans = _write_scans(tmp_path / "scans", 3)
+    corr = tmp_path / "corr"
+    widget.set_root(scans)
+    widget.set_corrections(corr)
+    widget._model_edit.value = tiny_checkpoint
+    widget._predict_check.value = True
+    widget.select(0)
+    widget.open_current()
+    qtbot.waitUntil(lambda: "scan 00 prediction" in _names(viewer), timeout=60_000)
+    widget.next_case()  # accepted as predicted: not a correction
+    assert not corr.exists() or not list(corr.rglob("*_mask.png"))
+    assert widget._progress_label.value == "0 of 3 corrected"
+    assert _names(viewer)[0] == "scan 01"
+
+
+def test_resume_opens_the_first_uncorrected_case(browser, notes, tmp_path):
+    viewer, widget = browser
+    scans = _write_scans(tmp_path / "scans", 4)
+    corr = tmp_path / "corr"
+    widget.set_corrections(corr)
+    widget.set_root(scans)
+    for i in (0, 1):
+        widget.select(i)
+        widget.open_current()
+        viewer.add_labels(np.ones((40, 48), np.uint8), name=f"scan {i:02d} prediction")
+    widget.next_case()
+    # another session on the same folders continues where the user stopped
+    widget.set_root(tmp_path)  # elsewhere first
+    widget.set_root(scans)
+    assert widget.current_record().name == "scan 02"  # selected on opening the folder
+    assert widget.resume().name == "scan 02"
+    assert widget._progress_label.value == "2 of 4 corrected"
+
+
+def test_learn_as_you_go_switches_segment_lesions(
+    make_napari_viewer, notes, busseg_plugin, tiny_checkpoint, tmp_path, qtbot, monkeypatch
+):
+    import busseg.finetune
+    from busseg.finetune import FinetuneResult
+
+    dice = {"before": 0.4, "after": 0.6}
+
+    def fake_finetune(images, masks, base=None, *, out_dir=None, **kwargs):
+        yield "progress"
+        ck = Path(out_dir) / "best"
+        ck.mkdir(parents=True)
+        from shutil import copytree
+
+        copytree(tiny_checkpoint, ck, dirs_exist_ok=True)
+        return FinetuneResult(ck, None, dice["before"], dice["after"], len(images) - 1, 1)
+
+    monkeypatch.setattr(busseg.finetune, "finetune_iter", fake_finetune)
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    seg.use_checkpoint(tiny_checkpoint)
+    assert not widget._learn_check.value  # off by default
+    widget.set_learning(True, every=2)
+    scans = _write_scans(tmp_path / "scans", 6)
+    widget.set_corrections(tmp_path / "corr")
+    widget.set_root(scans)
+    widget.select(0)
+    widget.open_current()
+    for i in range(2):
+        viewer.add_labels(np.ones((40, 48), np.uint8), name=f"scan {i:02d} prediction")
+        widget.next_case()
+    qtbot.waitUntil(lambda: not widget.finetune_running and "adopted" in widget._status.value,
+                    timeout=30_000)
+    assert widget._status.value.startswith("New checkpoint adopted: held-out Dice 0.400 -> 0.600")
+    new = widget.session.checkpoint
+    assert new is not None and new != tiny_checkpoint
+    assert seg.current_checkpoint() == new
+
+    dice.update(before=0.6, after=0.5)  # worse: kept
+    for i in range(2, 4):
+        viewer.add_labels(np.ones((40, 48), np.uint8), name=f"scan {i:02d} prediction")
+        widget.next_case()
+    qtbot.waitUntil(lambda: not widget.finetune_running and "not adopted" in widget._status.value,
+                    timeout=30_000)
+    assert seg.current_checkpoint() == new and widget.session.checkpoint == new
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_over_200_cases(make_napari_viewer, notes, busseg_plugin, tmp_path):
+    """RSS after 200 cases is at most 300 MB above RSS after 10 (issue 14).
+
+    Each case: open, paint into its prediction layer, Next (autosave, close). Between cases
+    Qt runs its deferred deletions, as napari's event loop does between two key presses
+    (without that, napari's closed layer controls pile up until the loop runs). About 1 s per
+    case on a busy 2-core machine, most of it napari creating and removing layers.
+    """
+    import gc
+    import time
+
+    import psutil
+    from qtpy.QtCore import QCoreApplication, QEvent
+    from qtpy.QtWidgets import QApplication
+
+    n, size = 200, (512, 512)
+    scans = _write_scans(tmp_path / "scans", n, size=size)
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget.set_root(scans)
+    widget.set_corrections(tmp_path / "corr")
+    proc = psutil.Process()
+    rss = {}
+    t0 = time.perf_counter()
+    widget.select(0)
+    widget.open_current()
+    for i in range(n):
+        rec = widget.open_record
+        layer = viewer.add_labels(np.zeros(size, np.uint8), name=f"{rec.name} prediction")
+        layer.brush_size = 20
+        layer.paint((100 + i, 200), 1)
+        widget.next_case()
+        QApplication.processEvents()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+        if i + 1 in (10, 100, 200):
+            gc.collect()
+            rss[i + 1] = proc.memory_info().rss / 2**20
+    seconds = time.perf_counter() - t0
+    print(f"RSS after 10 / 100 / 200 cases: {rss[10]:.0f} / {rss[100]:.0f} / {rss[200]:.0f} "
+          f"MiB ({seconds:.0f} s for {n} cases of {size[1]}x{size[0]})")
+    assert len(list((tmp_path / "corr" / "unknown").glob("*_mask.png"))) == n
+    assert len(viewer.layers) <= 6
+    assert rss[200] - rss[10] <= 300
+
+
+def test_keys_drive_the_segment_lesions_widget(
+    make_napari_viewer, notes, busseg_plugin, tiny_checkpoint, tmp_path, qtbot
+):
+    from napari.layers import Points, Shapes
+
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    seg.use_checkpoint(tiny_checkpoint)
+    scans = _write_scans(tmp_path / "scans", 2)
+    corr = tmp_path / "corr"
+    widget.set_root(scans)
+    widget.set_corrections(corr)
+    widget.select(0)
+    widget.open_current()
+    _press(viewer, "G")
+    qtbot.waitUntil(lambda: "scan 00 prediction" in _names(viewer) and not seg.running,
+                    timeout=60_000)
+    _press(viewer, "Q")
+    assert isinstance(viewer.layers.selection.active, Shapes)
+    assert viewer.layers.selection.active.name == "scan 00 boxes"
+    _press(viewer, "W")
+    assert isinstance(viewer.layers.selection.active, Points)
+    before = seg._click_label.value
+    _press(viewer, "J")
+    assert seg._click_label.value != before
+    pred = viewer.layers["scan 00 prediction"]
+    pred.data = np.ones_like(pred.data)  # an edit ...
+    _press(viewer, "H")  # ... then "no lesion": cleared and recorded as a normal scan
+    assert not viewer.layers["scan 00 prediction"].data.any()
+    assert not read_mask(corr / "normal" / "scan 00_mask.png").any()
+    _press(viewer, "N")
+    # the image, prediction and prompt layers of scan 00 are closed
+    assert "scan 01" in _names(viewer) and not [n for n in _names(viewer) if "scan 00" in n]
+    assert widget._progress_label.value == "1 of 2 corrected"

@@ -69,7 +69,8 @@ def finetune_config(**overrides: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def split_pairs(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+def split_pairs(n: int, val_fraction: float = 0.2, seed: int = 0,
+                strata: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
     """Choose the indices of the pairs to train on and to hold out.
 
     Parameters
@@ -81,6 +82,11 @@ def split_pairs(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[
         ``val_fraction > 0`` and ``n >= 2``; at least one is always trained on.
     seed : int
         Seed of the permutation.
+    strata : sequence of bool, optional
+        (n,) True for pairs whose mask has a lesion. The held-out pairs are then drawn from
+        both kinds in proportion, with at least one lesion pair whenever two or more pairs
+        have a lesion: a held-out set of normal scans only would reward a model that has
+        learned to predict nothing.
 
     Returns
     -------
@@ -100,8 +106,22 @@ def split_pairs(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[
     if val_fraction > 0 and n >= 2:
         k = max(1, k)
     k = min(k, n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    return sorted(int(i) for i in perm[k:]), sorted(int(i) for i in perm[:k])
+    rng = np.random.default_rng(seed)
+    if strata is None or k == 0:
+        perm = rng.permutation(n)
+        return sorted(int(i) for i in perm[k:]), sorted(int(i) for i in perm[:k])
+    if len(strata) != n:
+        raise ValueError(f"strata has {len(strata)} entries for {n} pairs")
+    lesion = [i for i in range(n) if strata[i]]
+    other = [i for i in range(n) if not strata[i]]
+    k_lesion = int(round(k * len(lesion) / n))
+    if len(lesion) >= 2:
+        k_lesion = max(1, k_lesion)
+    k_lesion = min(k_lesion, len(lesion), k)
+    k_other = min(k - k_lesion, len(other))
+    val = [lesion[i] for i in rng.permutation(len(lesion))[:k_lesion]]
+    val += [other[i] for i in rng.permutation(len(other))[:k_other]]
+    return sorted(set(range(n)) - set(val)), sorted(val)
 
 
 def default_output_dir(root: str | os.PathLike | None = None) -> Path:
@@ -224,7 +244,8 @@ def finetune_iter(
     aug = FINETUNE_DEFAULTS["augment"] if augment is None else augment
     cfg = cfg or finetune_config()
     names = list(names) if names is not None else [f"pair {i}" for i in range(len(images))]
-    tr, va = split_pairs(len(images), vf, cfg.seed)
+    has_lesion = [bool(np.asarray(m).any()) for m in masks]
+    tr, va = split_pairs(len(images), vf, cfg.seed, strata=has_lesion)
     base_path = Path(base) if base is not None else default_checkpoint_path()
     dev = get_device(device)
     model, base_cfg = load_checkpoint(base_path, device=dev)
@@ -235,8 +256,12 @@ def finetune_iter(
     val_set = (SegmentationDataset([images[i] for i in va], [masks[i] for i in va], size,
                                    names=[names[i] for i in va]) if va else None)
     before = None
+    heldout: dict[str, Any] = {}
     if val_set is not None:
-        before = evaluate_dataset(model, val_set, dev, cfg.batch_size, cfg.threshold)["mean_dice"]
+        ev = evaluate_dataset(model, val_set, dev, cfg.batch_size, cfg.threshold,
+                              box_prompts=False)
+        before = ev["mean_dice"]
+        heldout["before"] = _heldout_summary(ev)
     out = Path(out_dir) if out_dir is not None else default_output_dir()
     if out.exists():
         raise FileExistsError(f"{out} exists; fine-tuning writes a new folder, choose another")
@@ -269,12 +294,53 @@ def finetune_iter(
         yield ev
     after = fit.best_val_dice if val_set is not None else None
     ckpt = fit.checkpoint  # the engine writes out/best whenever a step was taken
+    if ckpt is not None and val_set is not None:
+        best_model, _ = load_checkpoint(ckpt, device=dev)
+        heldout["after"] = _heldout_summary(evaluate_dataset(
+            best_model, val_set, dev, cfg.batch_size, cfg.threshold, box_prompts=False))
     if ckpt is not None:
-        _record_after(ckpt, before, after)
-    return FinetuneResult(ckpt, fit, before, after, len(tr), len(va))
+        _record_after(ckpt, before, after, heldout)
+    return FinetuneResult(ckpt, fit, before, after, len(tr), len(va), extra={"heldout": heldout})
 
 
-def _record_after(ckpt: Path, before: float | None, after: float | None) -> None:
+def _heldout_summary(ev: dict) -> dict:
+    """Lesion Dice, normal-scan FP rate and counts of one held-out evaluation (JSON-safe)."""
+    import math
+
+    dice = np.asarray(ev["dice"], dtype=float)
+    lesion = ev["mean_dice_lesion"]
+    fp = ev["fp_rate_normal"]
+    return {"mean_dice": float(ev["mean_dice"]),
+            "dice_lesion": None if not math.isfinite(lesion) else float(lesion),
+            "fp_rate_normal": None if not math.isfinite(fp) else float(fp),
+            "n": int(dice.size)}
+
+
+def lesions_kept(result: FinetuneResult, tolerance: float = 0.0) -> bool | None:
+    """Whether a fine-tune kept the lesion Dice of the held-out pairs that have a lesion.
+
+    Parameters
+    ----------
+    result : FinetuneResult
+        From :func:`finetune_iter`.
+    tolerance : float
+        Allowed drop of the held-out lesion Dice, >= 0.
+
+    Returns
+    -------
+    bool or None
+        None when no held-out pair has a lesion (nothing to check: a model that learned to
+        predict nothing would look perfect on normal scans alone).
+    """
+    h = result.extra.get("heldout", {})
+    b, a = h.get("before", {}).get("dice_lesion"), h.get("after", {}).get("dice_lesion")
+    if b is None or a is None:
+        return None
+    return a >= b - tolerance
+
+
+def _record_after(ckpt: Path, before: float | None, after: float | None,
+                  heldout: dict | None = None) -> None:
     import json
 
     from busseg.data.io import atomic_write_bytes
@@ -282,6 +348,8 @@ def _record_after(ckpt: Path, before: float | None, after: float | None) -> None
     p = Path(ckpt) / "config.json"
     cfg = json.loads(p.read_text())
     cfg.setdefault("metrics", {}).update(heldout_dice_before=before, heldout_dice_after=after)
+    if heldout:
+        cfg["metrics"]["heldout"] = heldout
     atomic_write_bytes(p, json.dumps(cfg, indent=2).encode(), overwrite=True)
 
 

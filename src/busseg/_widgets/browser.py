@@ -1,37 +1,56 @@
-"""The "BUSI browser" dock widget: step through a BUSI-layout dataset and save corrections.
+"""The "Scan browser" dock widget: annotate a folder of scans one case at a time.
 
-Thin by design (DESIGN practice 3): reading cases is :func:`busseg._reader.read_case`, file
-logic (where corrections go, status, atomic saving) is :class:`busseg.corrections.CorrectionStore`,
-and prediction is :func:`busseg.predict_mask` run in a ``thread_worker``. This module only wires
-them to napari layers.
+Thin by design (DESIGN practice 3): the case list, the current case, autosave, progress and the
+learning-as-you-go schedule are :class:`busseg.session.AnnotationSession` (Qt-free, driven
+headless by ``benchmarks/annotation_session.py`` too); folders are read by
+:func:`busseg.data.discover` (BUSI, BUS-BRA ``Images/`` + ``Masks/``, BUS-UCLM-style
+``images/`` + ``masks/`` and plain folders of scans without masks); reading a case is
+:func:`busseg._reader.read_case`; prediction and fine-tuning run in thread workers. This
+module only wires them to napari layers.
 
-Layers it manages for a case ``<stem>`` (e.g. ``benign (4)``):
+One case at a time. The viewer holds the open case's layers only: for a case ``<stem>``
 
-- ``"<stem>"``: the grey image; ``"<stem> ground truth"``: the expert masks (when present);
-- ``"<stem> prediction"``: the editable Labels layer, made by "Predict on open" or by the
-  "Segment lesions" widget (which names its output ``"<image layer name> prediction"``). An
-  existing prediction layer is never replaced, since the user may have corrected it.
+- ``"<stem>"``: the grey image; ``"<stem> ground truth"``: the expert masks, where the folder
+  has them;
+- ``"<stem> prediction"``: the editable Labels layer (made by "Predict on open", by the
+  "Segment lesions" widget, or loaded from the corrections folder when the case was corrected
+  before), and the Segment lesions widget's ``"<stem> boxes"``, ``"<stem> clicks"`` and
+  ``"<stem> probability"`` layers.
 
-Ranking (active learning): "Rank by uncertainty" scores every case of the dataset with the
-checkpoint of the "Segment lesions" widget (or, without one, the browser's own "Model") through
+Moving to another case (Next, Previous, a double-click, Open, Next suggested) saves the open
+case's prediction layer to the corrections folder when it was edited (autosave; an unedited
+automatic prediction is not a correction), keeping an earlier correction of the case under
+``versions/``, then **closes** the case's layers. Removing the prediction layer and closing
+napari save it too. When no corrections folder is chosen, one is made under
+``~/.busseg/corrections/`` for the dataset (``BUSSEG_HOME`` overrides ``~/.busseg``), so
+reopening the same folder later shows every case's status and "Resume" continues at the
+first uncorrected case.
+
+Keyboard shortcuts (bound on the viewer, see :data:`SHORTCUTS`): N next case, Shift+N previous
+case, Shift+S save, G segment, Q box prompts, W click prompts, J toggle lesion/background click,
+H no lesion (clear the mask and record a normal scan). None of them is one of napari's default
+keys for the viewer or for Image, Labels, Shapes or Points layers.
+
+Learning as you go (off by default): after every N new corrections the current checkpoint is
+fine-tuned on all corrections in a worker; the Segment lesions widget switches to the new
+checkpoint only when its held-out Dice is not worse, and the status line says so.
+
+Ranking (active learning): "Rank by uncertainty" scores every case with the checkpoint of the
+"Segment lesions" widget (or, without one, the browser's own "Model") through
 :func:`busseg.uncertainty.rank_iter` in a ``thread_worker`` (progress bar, Cancel). Each case
 shows its score beside its status; "Sort" orders the list by name or by uncertainty (highest
 first); "Next suggested" opens the most uncertain case of the list that has no saved
 correction yet. Scores are cached per (checkpoint, image), and the list is re-ranked by itself
-when the "Segment lesions" widget switches checkpoint (the widget is polled, since it has no
-signal for that; the check is two ``stat`` calls).
-
-"Save correction" writes the prediction layer of the selected case as
-``<corrections>/<class>/<stem>_mask.png`` (0/255) and the image as
-``<corrections>/<class>/<stem>.png``, so the corrections folder is itself a BUSI-layout
-dataset for the fine-tune widget and ``training/train.py``. It refuses a corrections folder
-that overlaps the dataset and asks before replacing an existing correction.
+when the "Segment lesions" widget switches checkpoint (polled; two ``stat`` calls).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +64,10 @@ from magicgui.widgets import (
     ProgressBar,
     PushButton,
     Select,
+    SpinBox,
 )
 
 from busseg._widgets._common import (
-    ask_yes_no,
     busseg_metadata,
     find_layer,
     guarded,
@@ -56,15 +75,58 @@ from busseg._widgets._common import (
     notify_info,
     notify_warning,
     prediction_name,
+    wrap_label,
 )
-from busseg.corrections import CORRECTED, NOT_SEGMENTED, PREDICTED, CorrectionStore
-from busseg.data.busi import CLASSES, BusiRecord
+from busseg.corrections import CORRECTED, NOT_SEGMENTED, PREDICTED
+from busseg.data.busi import BusiRecord
+from busseg.session import DEFAULT_LEARN_EVERY, AnnotationSession, mask_fingerprint
 
 ALL = "all"
 _STATUS_MARK = {NOT_SEGMENTED: "", PREDICTED: "  [predicted]", CORRECTED: "  [corrected]"}
 #: Choices of the "Sort" box.
 SORT_NAME = "name"
 SORT_UNCERTAINTY = "uncertainty (highest first)"
+#: Who wrote a prediction layer the browser made (prediction on open, a loaded correction).
+WRITTEN_BY = "scan browser"
+#: Suffixes of the layers of one case, besides the image layer itself.
+CASE_LAYER_SUFFIXES = (" ground truth", " prediction", " boxes", " clicks", " probability")
+#: Keyboard shortcuts bound on the viewer: key -> (action, method of the browser).
+SHORTCUTS: dict[str, tuple[str, str]] = {
+    "N": ("next case (saves the edited mask)", "next_case"),
+    "Shift-N": ("previous case (saves the edited mask)", "previous_case"),
+    "Shift-S": ("save the correction now", "save_correction"),
+    "G": ("segment the open case (Segment lesions)", "segment_current"),
+    "Q": ("box prompt mode", "box_mode"),
+    "W": ("click prompt mode", "click_mode"),
+    "J": ("toggle lesion / background click", "toggle_click_label"),
+    "H": ("no lesion: clear the mask and record a normal scan", "no_lesion"),
+}
+
+
+def shortcut_help() -> str:
+    """Return the keyboard shortcuts as text, one ``key: action`` per line."""
+    return "\n".join(f"{k.replace('-', '+')}: {action}" for k, (action, _) in SHORTCUTS.items())
+
+
+def default_corrections_dir(root: str | os.PathLike) -> Path:
+    """Corrections folder used for a dataset when none is chosen.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        The dataset folder.
+
+    Returns
+    -------
+    pathlib.Path
+        ``~/.busseg/corrections/<folder name>-<8 hex digits of its absolute path>``
+        (``BUSSEG_HOME`` overrides ``~/.busseg``): the same folder every time the same
+        dataset is opened, so the status of its cases survives a restart.
+    """
+    root = Path(root).expanduser().resolve()
+    home = Path(os.environ.get("BUSSEG_HOME", Path.home() / ".busseg"))
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:8]
+    return home / "corrections" / f"{root.name}-{digest}"
 
 
 def _path_or_none(value: Any) -> Path | None:
@@ -113,6 +175,41 @@ def rank_job(paths: list[Path], checkpoint: Path | None, cache: Any = True):
     return (yield from rank_iter(paths, checkpoint, cache=cache))
 
 
+def layer_edited(layer: Any) -> bool | None:
+    """Whether a prediction layer's data differs from what the plugin last wrote into it.
+
+    Parameters
+    ----------
+    layer : napari.layers.Labels
+        A ``"<case> prediction"`` layer.
+
+    Returns
+    -------
+    bool or None
+        Compared with the browser's fingerprint (``session_fp``: a loaded correction, a
+        prediction on open, a save) or else the Segment lesions widget's ``written_sha1``
+        (an automatic segmentation; a prompt edit changes the data, so it counts as an edit).
+        None when the layer carries neither (a layer the user made: then any lesion pixel
+        is an edit).
+    """
+    meta = busseg_metadata(layer)
+    if meta.get("session_fp"):
+        return mask_fingerprint(layer.data) != meta["session_fp"]
+    if meta.get("written_sha1"):
+        from busseg._widgets.segment import data_sha1
+
+        return data_sha1(layer.data) != meta["written_sha1"]
+    return None
+
+
+def _mark_saved(layer: Any, case_name: str) -> None:
+    """Record in a prediction layer's metadata that its data is what is stored now."""
+    meta = dict(busseg_metadata(layer))
+    meta.update(session_fp=mask_fingerprint(layer.data), kind="prediction", name=case_name)
+    meta.setdefault("written_by", WRITTEN_BY)
+    layer.metadata = {**layer.metadata, "busseg": meta}
+
+
 class _CaseList(Select):
     """A list whose items the browser owns.
 
@@ -126,7 +223,10 @@ class _CaseList(Select):
 
 
 class BusiBrowserWidget(Container):
-    """Browse a BUSI-layout dataset case by case and save corrected masks.
+    """Annotate a folder of scans case by case: autosave, progress, learning as you go.
+
+    Shown as "Scan browser". Opens BUSI, BUS-BRA- and BUS-UCLM-style image/mask folder pairs
+    and plain folders of scans (:func:`busseg.data.discover`).
 
     Parameters
     ----------
@@ -135,11 +235,13 @@ class BusiBrowserWidget(Container):
 
     Notes
     -----
-    Public methods mirror the buttons, for scripts and tests: :meth:`set_root`,
-    :meth:`set_class_filter`, :meth:`select`, :meth:`open_current`, :meth:`next_case`,
-    :meth:`previous_case`, :meth:`save_correction`, :meth:`rank`, :meth:`cancel_ranking`,
-    :meth:`set_sort`, :meth:`next_suggested`; :attr:`records` lists the cases shown and
-    :meth:`score_of` a case's uncertainty.
+    Public methods mirror the buttons and keys, for scripts and tests: :meth:`set_root`,
+    :meth:`set_corrections`, :meth:`set_class_filter`, :meth:`select`, :meth:`open_current`,
+    :meth:`next_case`, :meth:`previous_case`, :meth:`resume`, :meth:`save_correction`,
+    :meth:`no_lesion`, :meth:`save_open_case`, :meth:`set_learning`, :meth:`rank`,
+    :meth:`cancel_ranking`, :meth:`set_sort`, :meth:`next_suggested`; :attr:`records` lists
+    the cases shown, :attr:`session` is the :class:`~busseg.session.AnnotationSession`,
+    :meth:`status_of` a case's status and :meth:`score_of` its uncertainty.
     """
 
     #: How often (ms) the Segment lesions widget's checkpoint is compared with the ranked one.
@@ -148,6 +250,7 @@ class BusiBrowserWidget(Container):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
         self._viewer = napari_viewer
+        self._session: AnnotationSession | None = None
         self._root: Path | None = None
         self._all: list[BusiRecord] = []
         self._shown: list[int] = []
@@ -160,10 +263,19 @@ class BusiBrowserWidget(Container):
         self._rank_worker: Any = None
         self._suggest_after_rank = False
         self._last_list_refresh = 0.0
+        self._open_index: int | None = None  # the case whose layers are in the viewer
+        self._closing_case = False
+        self._store_error: str | None = None
+        self._finetune_worker: Any = None
+        #: Keyword arguments of :func:`busseg.finetune.finetune_iter` for learning as you go
+        #: (see :class:`busseg.session.AnnotationSession`); applied to the next folder opened.
+        self.finetune_options: dict = {}
 
-        self._root_edit = FileEdit(mode="d", label="Dataset", nullable=True)
+        self._root_edit = FileEdit(mode="d", label="Scans", nullable=True,
+                                   tooltip="a folder of scans: BUSI, Images/ + Masks/ "
+                                           "(BUS-BRA), images/ + masks/ (BUS-UCLM) or plain")
         self._from_layer_btn = PushButton(text="Use folder of the opened layer")
-        self._class_combo = ComboBox(label="Class", choices=[ALL, *CLASSES], value=ALL)
+        self._class_combo = ComboBox(label="Class", choices=self._class_choices, value=ALL)
         self._cases = _CaseList(label="Cases")
         self._sort_combo = ComboBox(label="Sort", choices=[SORT_NAME, SORT_UNCERTAINTY],
                                     value=SORT_NAME)
@@ -178,14 +290,24 @@ class BusiBrowserWidget(Container):
         self._prev_btn = PushButton(text="< Previous")
         self._open_btn = PushButton(text="Open")
         self._next_btn = PushButton(text="Next >")
+        self._resume_btn = PushButton(text="Resume")
         self._corr_edit = FileEdit(mode="d", label="Corrections", nullable=True)
         self._save_btn = PushButton(text="Save correction")
-        self._status = Label(value="Choose a dataset folder.")
+        self._no_lesion_btn = PushButton(text="No lesion")
+        self._progress_label = Label(value="0 of 0 corrected")
+        self._progress = ProgressBar(label="Corrected", min=0, max=1, value=0)
+        self._learn_check = CheckBox(text="Learn as you go, every", value=False)
+        self._learn_spin = SpinBox(label="every", value=DEFAULT_LEARN_EVERY, min=2, max=1000,
+                                   tooltip="fine-tune after this many new corrections")
+        self._keys_label = Label(value="Keys: " + " · ".join(
+            f"{k.replace('-', '+')} {a.split(' (')[0].split(':')[0]}"
+            for k, (a, _) in SHORTCUTS.items()))
+        self._status = Label(value="Choose a folder of scans.")
 
         nav = Container(
             layout="horizontal",
             labels=False,
-            widgets=[self._prev_btn, self._open_btn, self._next_btn],
+            widgets=[self._prev_btn, self._open_btn, self._next_btn, self._resume_btn],
         )
         nav.margins = (0, 0, 0, 0)
         ranking = Container(
@@ -194,6 +316,13 @@ class BusiBrowserWidget(Container):
             widgets=[self._rank_btn, self._rank_cancel_btn, self._suggest_btn],
         )
         ranking.margins = (0, 0, 0, 0)
+        saving = Container(layout="horizontal", labels=False,
+                           widgets=[self._save_btn, self._no_lesion_btn])
+        saving.margins = (0, 0, 0, 0)
+        learning = Container(layout="horizontal", labels=False,
+                             widgets=[self._learn_check, self._learn_spin,
+                                      Label(value="corrections")])
+        learning.margins = (0, 0, 0, 0)
         self.extend(
             [
                 self._root_edit,
@@ -207,7 +336,11 @@ class BusiBrowserWidget(Container):
                 self._model_edit,
                 nav,
                 self._corr_edit,
-                self._save_btn,
+                saving,
+                self._progress_label,
+                self._progress,
+                learning,
+                self._keys_label,
                 self._status,
             ]
         )
@@ -228,7 +361,25 @@ class BusiBrowserWidget(Container):
         self._suggest_btn.tooltip = (
             "Open the most uncertain case of the list that has no saved correction yet"
         )
-        self._status.native.setWordWrap(True)
+        self._next_btn.tooltip = "Save the edited mask and open the next case (key N)"
+        self._prev_btn.tooltip = "Save the edited mask and open the previous case (Shift+N)"
+        self._resume_btn.tooltip = "Open the first case without a saved correction"
+        self._save_btn.tooltip = (
+            "Save the open case's prediction layer now (Shift+S); moving on saves an edited "
+            "mask by itself. An earlier correction is kept under versions/.")
+        self._no_lesion_btn.tooltip = "Clear the mask and record the case as a normal scan (H)"
+        self._corr_edit.tooltip = (
+            "where corrected masks go (BUSI layout: <class>/<case>_mask.png); default: "
+            "~/.busseg/corrections/<folder>-<id>")
+        self._learn_check.tooltip = (
+            "After every N new corrections, fine-tune the current checkpoint on all corrections "
+            "in the background; Segment lesions switches to it only when its held-out Dice is "
+            "not worse")
+        self.tooltip = "Keyboard shortcuts (in the viewer):\n" + shortcut_help()
+        self._keys_label.tooltip = self.tooltip
+        wrap_label(self._status)
+        wrap_label(self._keys_label)
+        wrap_label(self._progress_label)
         self._cases.native.itemDoubleClicked.connect(lambda *_: self.open_current())
 
         self._root_edit.changed.connect(self._on_root_changed)
@@ -237,8 +388,12 @@ class BusiBrowserWidget(Container):
         self._open_btn.changed.connect(self.open_current)
         self._prev_btn.changed.connect(self.previous_case)
         self._next_btn.changed.connect(self.next_case)
+        self._resume_btn.changed.connect(self.resume)
         self._corr_edit.changed.connect(self._on_corrections_changed)
         self._save_btn.changed.connect(self.save_correction)
+        self._no_lesion_btn.changed.connect(self.no_lesion)
+        self._learn_check.changed.connect(self._on_learning_changed)
+        self._learn_spin.changed.connect(self._on_learning_changed)
         self._sort_combo.changed.connect(self._on_sort_changed)
         self._rank_btn.changed.connect(self.rank)
         self._rank_cancel_btn.changed.connect(self.cancel_ranking)
@@ -249,7 +404,9 @@ class BusiBrowserWidget(Container):
         self._poll.setInterval(self.CHECKPOINT_POLL_MS)
         self._poll.timeout.connect(self._on_checkpoint_poll)
         self._viewer.layers.events.inserted.connect(self._on_layers_changed)
-        self._viewer.layers.events.removed.connect(self._on_layers_changed)
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._bind_keys()
+        self._watch_window_close()
 
         root = self._root_from_layers()
         if root is not None:
@@ -258,17 +415,27 @@ class BusiBrowserWidget(Container):
     # ---------------------------------------------------------------- public API
 
     @property
+    def session(self) -> AnnotationSession | None:
+        """The annotation session of the folder browsed now (None before one is chosen)."""
+        return self._session
+
+    @property
     def records(self) -> list[BusiRecord]:
         """The cases listed now (after the class filter), in list order."""
         return [self._all[i] for i in self._shown]
 
     @property
     def root(self) -> Path | None:
-        """The dataset root being browsed (as resolved by ``discover_busi``), or None."""
+        """The folder being browsed (as resolved by :func:`busseg.data.discover`), or None."""
         return self._root
 
+    @property
+    def open_record(self) -> BusiRecord | None:
+        """The case whose layers are in the viewer, or None."""
+        return self._all[self._open_index] if self._open_index is not None else None
+
     def set_root(self, path: str | Path) -> None:
-        """Browse the BUSI-layout dataset at ``path`` (root, parent or one class folder)."""
+        """Browse the folder of scans at ``path`` (a layout :func:`busseg.data.discover` reads)."""
         self._root_edit.value = Path(path)  # emits changed -> _on_root_changed
 
     def set_corrections(self, path: str | Path) -> None:
@@ -276,8 +443,14 @@ class BusiBrowserWidget(Container):
         self._corr_edit.value = Path(path)
 
     def set_class_filter(self, label: str) -> None:
-        """Show ``"all"`` cases or one class (``"benign"``, ``"malignant"``, ``"normal"``)."""
+        """Show ``"all"`` cases or one class present in the folder (``"benign"``, ``"unknown"``)."""
         self._class_combo.value = label
+
+    def set_learning(self, on: bool, every: int | None = None) -> None:
+        """Switch learning as you go on or off; ``every``: new corrections between fine-tunes."""
+        if every is not None:
+            self._learn_spin.value = int(every)
+        self._learn_check.value = bool(on)
 
     def current_record(self) -> BusiRecord | None:
         """Return the selected case, or None."""
@@ -295,56 +468,68 @@ class BusiBrowserWidget(Container):
 
     def status_of(self, record: BusiRecord) -> str:
         """``"corrected"``, ``"predicted"`` or ``"not segmented"`` for a case."""
+        if self._session is not None and self._session.store is not None:
+            try:
+                if self._session.is_corrected(record):
+                    return CORRECTED
+            except ValueError:
+                pass
         predicted = find_layer(self._viewer, prediction_name(record.name), "labels") is not None
-        store = self._store(quiet=True)
-        if store is None:
-            return PREDICTED if predicted else NOT_SEGMENTED
-        return store.status(record, predicted=predicted)
+        return PREDICTED if predicted else NOT_SEGMENTED
 
     def open_current(self) -> None:
-        """Add the selected case's image and ground truth; predict it if asked."""
+        """Open the selected case (saving and closing the open one); predict it if asked."""
         rec = self.current_record()
         if rec is None:
             notify_warning("Select a case in the list first.")
             return
-        from napari.layers import Layer
-
-        from busseg._reader import read_case
-
-        image_layer = find_layer(self._viewer, rec.name, "image")
-        if image_layer is None:
-            try:
-                layer_data = read_case(
-                    rec.image_path, rec.mask_paths, label=rec.label, root=self._root
-                )
-            except (OSError, ValueError) as exc:
-                notify_error(f"cannot open {rec.image_path.name}: {exc}")
-                return
-            for data, kwargs, kind in layer_data:
-                existing = find_layer(self._viewer, kwargs["name"])
-                if existing is None:
-                    self._viewer.add_layer(Layer.create(data, kwargs, kind))
-                else:
-                    existing.visible = True
-            image_layer = find_layer(self._viewer, rec.name, "image")
-        self._show_only(rec.name)
-        if image_layer is not None:
-            self._viewer.layers.selection.active = image_layer
-        self._viewer.reset_view()
-        self._status.value = f"{rec.rel_path}: {self.status_of(rec)}"
-        if self._predict_check.value and image_layer is not None:
-            self._start_prediction(rec, np.asarray(image_layer.data))
+        self._open_index_(self._all.index(rec))
 
     def next_case(self) -> None:
-        """Select and open the next case in the list."""
+        """Save the open case if edited, close it and open the next case of the list."""
         self._step(+1)
 
     def previous_case(self) -> None:
-        """Select and open the previous case in the list."""
+        """Save the open case if edited, close it and open the previous case of the list."""
         self._step(-1)
 
+    def resume(self) -> BusiRecord | None:
+        """Open the first listed case without a saved correction (where the user stopped).
+
+        Returns
+        -------
+        BusiRecord or None
+            The case opened, or None when every listed case is corrected.
+        """
+        if self._session is None:
+            notify_warning("Choose a folder of scans first.")
+            return None
+        for pos, i in enumerate(self._shown):
+            if not self._session.is_corrected(i):
+                self.select(pos)
+                self.open_current()
+                return self._all[i]
+        notify_info("Every case of the list is corrected.")
+        return None
+
+    def save_open_case(self) -> Path | None:
+        """Autosave: store the open case's prediction layer if it was edited.
+
+        Returns
+        -------
+        pathlib.Path or None
+            The written mask file; None when nothing needed saving or saving failed (then a
+            notification says why).
+        """
+        ok, path = self._autosave()
+        return path
+
     def save_correction(self) -> Path | None:
-        """Save the selected case's prediction layer as a correction.
+        """Save the open (else the selected) case's prediction layer as a correction now.
+
+        An earlier correction of the case is kept under ``versions/`` in the corrections
+        folder; the mask is saved even when it equals the automatic prediction (pressing
+        Save accepts it).
 
         Returns
         -------
@@ -352,12 +537,9 @@ class BusiBrowserWidget(Container):
             The written mask file, or None when nothing was saved (the reason is shown as a
             notification).
         """
-        rec = self.current_record()
+        rec = self.open_record or self.current_record()
         if rec is None:
             notify_warning("Select the case to save in the list first.")
-            return None
-        store = self._store(quiet=False)
-        if store is None:
             return None
         layer = find_layer(self._viewer, prediction_name(rec.name), "labels")
         if layer is None:
@@ -366,29 +548,202 @@ class BusiBrowserWidget(Container):
                 "('Predict on open', or the 'Segment lesions' widget), correct it, then save."
             )
             return None
-        from busseg.data.io import read_image
+        if not self._has_store(quiet=False):
+            return None
+        result = self._save_layer(self._all.index(rec), layer, force=True)
+        if result is None:
+            return None
+        note = f" (the earlier one is kept as {result.version.name})" if result.version else ""
+        notify_info(f"Saved the correction of {rec.name} to {result.paths.mask}{note}")
+        self._after_save()
+        return result.paths.mask
 
-        try:
-            image = read_image(rec.image_path)
-        except (OSError, ValueError) as exc:
-            notify_error(f"cannot read the image {rec.image_path}: {exc}")
+    def no_lesion(self) -> Path | None:
+        """Clear the open case's mask and record it as a normal scan (an empty mask).
+
+        Returns
+        -------
+        pathlib.Path or None
+            The written (empty) mask file in ``<corrections>/normal/``, or None.
+        """
+        rec = self.open_record
+        if rec is None:
+            notify_warning("Open a case first.")
             return None
-        mask = np.asarray(layer.data)
-        overwrite = False
-        target = store.path_for(rec).mask
-        if store.is_corrected(rec):
-            if not self._confirm_overwrite(target):
-                notify_info(f"Not saved: {target} kept as it was.")
-                return None
-            overwrite = True
-        try:
-            paths = store.save(rec, None, image, mask, overwrite=overwrite)
-        except (OSError, ValueError) as exc:
-            notify_error(f"Correction not saved: {exc}")
+        if not self._has_store(quiet=False):
             return None
-        notify_info(f"Saved the correction of {rec.name} to {paths.mask}")
-        self._refresh_list()
-        return paths.mask
+        image = find_layer(self._viewer, rec.name, "image")
+        layer = None
+        from busseg._widgets.segment import find_segment_widget
+
+        seg = find_segment_widget(self._viewer)
+        if seg is not None and hasattr(seg, "clear_mask") and image is not None:
+            self._viewer.layers.selection.active = image
+            layer = seg.clear_mask()  # one undoable edit; makes an empty layer if absent
+            if layer is not None and layer.name != prediction_name(rec.name):
+                layer = None
+        if layer is None:
+            layer = find_layer(self._viewer, prediction_name(rec.name), "labels")
+        if layer is None:
+            shape = (np.asarray(image.data).shape[:2] if image is not None
+                     else self._session.current.image.shape)
+            layer = self._add_prediction_layer(rec, np.zeros(shape, np.uint8))
+        elif np.any(np.asarray(layer.data)):
+            layer.data = np.zeros_like(np.asarray(layer.data))
+        session = self._ensure_session_case(self._open_index)
+        try:
+            result = session.mark_no_lesion()
+        except (OSError, ValueError, RuntimeError) as exc:
+            notify_error(f"Not saved: {exc}")
+            return None
+        _mark_saved(layer, rec.name)
+        self._status.value = f"{rec.rel_path}: no lesion, recorded as a normal scan."
+        self._after_save()
+        return result.paths.mask if result is not None else None
+
+    # ---------------------------------------------------------------- keyboard
+
+    def segment_current(self) -> None:
+        """Run the Segment lesions widget on the open case (key G)."""
+        seg = self._segment_widget("segment")
+        if seg is None:
+            return
+        rec = self.open_record
+        if rec is not None:
+            image = find_layer(self._viewer, rec.name, "image")
+            if image is not None:
+                self._viewer.layers.selection.active = image
+        seg.segment()
+
+    def box_mode(self) -> None:
+        """Switch the Segment lesions widget to box prompts (key Q)."""
+        seg = self._segment_widget("set_prompt_mode")
+        if seg is not None:
+            seg.set_prompt_mode("box")
+
+    def click_mode(self) -> None:
+        """Switch the Segment lesions widget to click prompts (key W)."""
+        seg = self._segment_widget("set_prompt_mode")
+        if seg is not None:
+            seg.set_prompt_mode("click")
+
+    def toggle_click_label(self) -> None:
+        """Toggle new clicks between lesion and background (key J)."""
+        seg = self._segment_widget("toggle_click_label")
+        if seg is not None:
+            seg.toggle_click_label()
+
+    def _segment_widget(self, method: str) -> Any:
+        from busseg._widgets.segment import find_segment_widget
+
+        seg = find_segment_widget(self._viewer)
+        if seg is None or not hasattr(seg, method):
+            notify_warning("Open the 'Segment lesions' widget (Plugins > BUS Seg) for this key.")
+            return None
+        return seg
+
+    def _bind_keys(self) -> None:
+        """Bind :data:`SHORTCUTS` on the viewer (not globally); a later browser rebinds them."""
+        ref = weakref.ref(self)
+        for key, (_, method) in SHORTCUTS.items():
+            def action(_viewer: Any, method: str = method) -> None:
+                widget = ref()
+                if widget is not None:
+                    getattr(widget, method)()
+
+            action.__doc__ = SHORTCUTS[key][0]
+            self._viewer.bind_key(key, action, overwrite=True)
+
+    def _watch_window_close(self) -> None:
+        """Autosave when the napari window closes (the layers are still there then)."""
+        viewer = getattr(self._viewer, "__wrapped__", self._viewer)  # napari's PublicOnlyProxy
+        qt_window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        qt_window = getattr(qt_window, "__wrapped__", qt_window)
+        if qt_window is None:
+            return
+        from qtpy.QtCore import QEvent, QObject
+
+        ref = weakref.ref(self)
+
+        class _CloseFilter(QObject):
+            def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt API
+                if event.type() == QEvent.Type.Close:
+                    widget = ref()
+                    if widget is not None:
+                        widget._autosave()
+                return False
+
+        self._close_filter = _CloseFilter(qt_window)
+        qt_window.installEventFilter(self._close_filter)
+
+    # ---------------------------------------------------------------- learning as you go
+
+    @property
+    def finetune_running(self) -> bool:
+        """Whether a learning-as-you-go fine-tune is running."""
+        return self._finetune_worker is not None
+
+    def _on_learning_changed(self, *_: Any) -> None:
+        if self._session is not None:
+            self._session.learn = bool(self._learn_check.value)
+            self._session.learn_every = int(self._learn_spin.value)
+            self._maybe_finetune()
+
+    def _current_checkpoint(self) -> Path | None:
+        from busseg._widgets.segment import find_segment_widget
+
+        seg = find_segment_widget(self._viewer)
+        if seg is not None:
+            return seg.current_checkpoint()
+        return _path_or_none(self._model_edit.value)
+
+    def _maybe_finetune(self) -> bool:
+        """Start a fine-tune in a worker when the session says one is due."""
+        s = self._session
+        if s is None or self._finetune_worker is not None:
+            return False
+        s.learn = bool(self._learn_check.value)
+        s.learn_every = int(self._learn_spin.value)
+        if not s.finetune_due():
+            return False
+        from napari.qt.threading import create_worker
+
+        s.checkpoint = self._current_checkpoint()
+        worker = create_worker(guarded, s.finetune_job(), _start_thread=False,
+                               _ignore_errors=True)
+        worker.yielded.connect(self._on_finetune_yielded)
+        worker.returned.connect(self._on_finetune_returned)
+        worker.errored.connect(self._on_finetune_errored)
+        worker.finished.connect(self._on_finetune_finished)
+        self._finetune_worker = worker
+        self._status.value = (f"Learning as you go: fine-tuning on the corrections in the "
+                              f"background ({s.progress_text()}) …")
+        worker.start()
+        return True
+
+    def _on_finetune_yielded(self, event: Any) -> None:
+        msg = getattr(event, "message", None)
+        if msg and getattr(event, "kind", "") != "step":
+            self._status.value = f"Learning as you go: {msg}"
+
+    def _on_finetune_returned(self, outcome: Any) -> None:
+        self._status.value = outcome.message
+        if outcome.adopted and outcome.checkpoint is not None:
+            from busseg._widgets.segment import find_segment_widget
+
+            seg = find_segment_widget(self._viewer)
+            if seg is not None:
+                seg.use_checkpoint(outcome.checkpoint)
+            else:
+                self._model_edit.value = outcome.checkpoint
+            notify_info(outcome.message)
+
+    def _on_finetune_errored(self, exc: BaseException) -> None:
+        self._status.value = f"Learning as you go: fine-tune failed: {exc}"
+        notify_error(f"Fine-tune failed: {exc}")
+
+    def _on_finetune_finished(self) -> None:
+        self._finetune_worker = None
 
     # ---------------------------------------------------------------- ranking
 
@@ -489,7 +844,7 @@ class BusiBrowserWidget(Container):
         return rec
 
     def _suggestion(self) -> BusiRecord | None:
-        store = self._store(quiet=True)
+        session = self._session if self._has_store(quiet=True) else None
         current = self.current_record()
         best: list[tuple[float, int, BusiRecord]] = []
         for i in self._shown:
@@ -497,7 +852,7 @@ class BusiBrowserWidget(Container):
             score = self.score_of(rec)
             if score is None or not math.isfinite(score):
                 continue
-            if store is not None and store.is_corrected(rec):
+            if session is not None and session.is_corrected(i):
                 continue
             best.append((-score, i, rec))
         best.sort(key=lambda t: t[:2])
@@ -583,25 +938,170 @@ class BusiBrowserWidget(Container):
 
     # ---------------------------------------------------------------- internals
 
-    def _confirm_overwrite(self, path: Path) -> bool:
-        return ask_yes_no(
-            "Replace correction?",
-            f"A correction already exists:\n{path}\n\nReplace it with the current layer?",
-            parent=self.native,
-        )
+    def _has_store(self, *, quiet: bool) -> bool:
+        if self._session is None:
+            if not quiet:
+                notify_error("Choose a folder of scans first.")
+            return False
+        if self._session.store is None:
+            if not quiet:
+                notify_error(self._store_error
+                             or "Choose a corrections folder (outside the dataset) first.")
+            return False
+        return True
 
-    def _store(self, *, quiet: bool) -> CorrectionStore | None:
-        corr = _path_or_none(self._corr_edit.value)
-        if corr is None:
-            if not quiet:
-                notify_error("Choose a corrections folder (outside the dataset) first.")
-            return None
+    def _ensure_session_case(self, index: int) -> AnnotationSession:
+        s = self._session
+        if s.current is None or s.current.index != index:
+            s.open(index)
+        return s
+
+    def _save_layer(self, index: int, layer: Any, *, force: bool) -> Any:
+        """Hand a prediction layer's data to the session and save it (raises on failure)."""
+        s = self._ensure_session_case(index)
+        s.set_mask(np.asarray(layer.data), edited=layer_edited(layer))
+        result = s.save(force=force)
+        if result is not None:
+            _mark_saved(layer, self._all[index].name)
+        return result
+
+    def _autosave(self) -> tuple[bool, Path | None]:
+        """Save the open case's prediction layer if edited: ``(ok, written mask or None)``."""
+        if self._open_index is None or self._session is None:
+            return True, None
+        rec = self._all[self._open_index]
+        layer = find_layer(self._viewer, prediction_name(rec.name), "labels")
+        if layer is None:
+            return True, None
+        if self._session.store is None:
+            edited = layer_edited(layer)
+            if edited is False or (edited is None and not np.any(np.asarray(layer.data))):
+                return True, None
+            notify_error(f"The edits of {rec.name} are not saved: "
+                         f"{self._store_error or 'choose a corrections folder'}. "
+                         "Its layers stay open.")
+            return False, None
         try:
-            return CorrectionStore(corr, dataset_root=self._root)
-        except ValueError as exc:
-            if not quiet:
-                notify_error(str(exc))
-            return None
+            result = self._save_layer(self._open_index, layer, force=False)
+        except (OSError, ValueError, RuntimeError) as exc:
+            notify_error(f"The edits of {rec.name} are not saved: {exc}. Its layers stay open.")
+            return False, None
+        if result is None:
+            return True, None
+        self._after_save()
+        return True, result.paths.mask
+
+    def _after_save(self) -> None:
+        self._refresh_list()
+        self._maybe_finetune()
+
+    def _leave_open_case(self) -> None:
+        """Autosave the open case, then close its layers (hide them if saving failed)."""
+        if self._open_index is None:
+            return
+        name = self._all[self._open_index].name
+        ok, _ = self._autosave()
+        if ok:
+            self._close_case_layers(name)
+        else:
+            for layer in self._case_layers(name):
+                layer.visible = False
+        self._open_index = None
+
+    def _case_layers(self, name: str) -> list:
+        names = {name, *(name + s for s in CASE_LAYER_SUFFIXES)}
+        out = []
+        for layer in self._viewer.layers:
+            meta = busseg_metadata(layer)
+            if meta.get("kind") == "stack":
+                continue
+            if (layer.name in names or meta.get("image") == name
+                    or (meta.get("name") == name and meta.get("kind") in ("case", "prediction"))):
+                out.append(layer)
+        return out
+
+    def _close_case_layers(self, name: str) -> None:
+        doomed = self._case_layers(name)
+        if not doomed:
+            return
+        self._closing_case = True
+        try:
+            # one batch: napari cleans its scene graph (a full gc.collect) once, not per layer
+            with self._viewer.layers.batched_update():
+                for layer in doomed:
+                    if layer in self._viewer.layers:
+                        self._viewer.layers.remove(layer)
+        finally:
+            self._closing_case = False
+
+    def _open_index_(self, index: int) -> None:
+        """Open case ``index`` of ``self._all``: autosave and close the open one first."""
+        if self._session is None:
+            return
+        rec = self._all[index]
+        if self._open_index is not None and self._open_index != index:
+            self._leave_open_case()
+        from napari.layers import Layer
+
+        from busseg._reader import read_case
+
+        self._closing_case = True  # one list refresh at the end, not one per layer
+        try:
+            image_layer = find_layer(self._viewer, rec.name, "image")
+            if image_layer is None:
+                try:
+                    layer_data = read_case(
+                        rec.image_path, rec.mask_paths, label=rec.label, root=self._root
+                    )
+                except (OSError, ValueError) as exc:
+                    notify_error(f"cannot open {rec.image_path.name}: {exc}")
+                    return
+                for data, kwargs, kind in layer_data:
+                    existing = find_layer(self._viewer, kwargs["name"])
+                    if existing is None:
+                        self._viewer.add_layer(Layer.create(data, kwargs, kind))
+                    else:
+                        existing.visible = True
+                image_layer = find_layer(self._viewer, rec.name, "image")
+            for layer in self._case_layers(rec.name):
+                layer.visible = True
+            if self._session.current is None or self._session.current.index != index:
+                self._session.open(index)
+            self._open_index = index
+            pred = find_layer(self._viewer, prediction_name(rec.name), "labels")
+            correction = self._session.current.correction
+            if pred is None and correction is not None:
+                pred = self._add_prediction_layer(rec, correction.astype(np.uint8))
+        finally:
+            self._closing_case = False
+        active = pred if pred is not None else image_layer
+        if active is not None:
+            self._viewer.layers.selection.active = active
+        self._viewer.reset_view()
+        self._refresh_list()
+        status = self.status_of(rec)
+        if status == CORRECTED:
+            label = self._session.correction_label(index)
+            status += " (no lesion)" if label == "normal" and not correction.any() else ""
+            status += "; the stored correction is loaded"
+        self._status.value = f"{rec.rel_path}: {status}"
+        if self._predict_check.value and image_layer is not None:
+            self._start_prediction(rec, np.asarray(image_layer.data))
+
+    def _add_prediction_layer(self, rec: BusiRecord, data: np.ndarray) -> Any:
+        data = np.asarray(data, dtype=np.uint8)
+        meta = {
+            "kind": "prediction",
+            "written_by": WRITTEN_BY,
+            "name": rec.name,
+            "image": rec.name,
+            "label": rec.label,
+            "source": str(rec.image_path),
+            "root": str(self._root) if self._root else None,
+            "session_fp": mask_fingerprint(data),
+        }
+        return self._viewer.add_labels(data, name=prediction_name(rec.name), opacity=0.5,
+                                       metadata={"busseg": meta})
 
     def _root_from_layers(self) -> Path | None:
         layers = list(self._viewer.layers)
@@ -617,49 +1117,117 @@ class BusiBrowserWidget(Container):
     def _on_from_layer(self, *_: Any) -> None:
         root = self._root_from_layers()
         if root is None:
-            notify_warning("No opened layer comes from a BUSI folder; choose the dataset folder.")
+            notify_warning("No opened layer comes from a folder of scans; choose the folder.")
             return
         self.set_root(root)
 
     def _on_root_changed(self, value: Any) -> None:
-        from busseg.data.busi import discover_busi
-
         path = _path_or_none(value)
-        self._all, self._root = [], None
+        self._leave_open_case()
+        self._all, self._root, self._session = [], None, None
         self._scores.clear()  # keyed by path; a ranking of another folder does not apply
         if path is None or not path.is_dir():
-            self._status.value = "Choose a dataset folder."
+            self._status.value = "Choose a folder of scans."
+            self._set_class_choices([])
             self._refresh_list()
             return
         try:
-            index = discover_busi(path, check_sizes=False)
+            session = AnnotationSession(path, None, learn=bool(self._learn_check.value),
+                                        learn_every=int(self._learn_spin.value),
+                                        finetune_options=self.finetune_options)
         except (OSError, ValueError) as exc:
             # shown in the widget, not as a notification: the line edit reports every keystroke
-            self._status.value = f"Not a BUSI-layout folder: {exc}"
+            self._status.value = f"No scans to browse: {exc}"
+            self._set_class_choices([])
             self._refresh_list()
             return
-        self._all, self._root = list(index.records), index.root
-        counts = ", ".join(f"{n} {label}" for label, n in index.counts().items())
-        self._status.value = f"{len(self._all)} cases ({counts})"
-        if index.problems:
-            notify_warning(f"{len(index.problems)} problem(s), e.g. {index.problems[0]}")
+        self._session = session
+        self._all, self._root = list(session.records), session.roots[0]
+        labels = [r.label for r in self._all]
+        self._set_class_choices(labels)
+        counts = ", ".join(f"{labels.count(c)} {c}" for c in dict.fromkeys(labels))
+        layout = session.layouts[0] if session.layouts else "?"
+        self._status.value = f"{len(self._all)} scans ({counts}; layout: {layout})"
+        if session.problems:
+            notify_warning(f"{len(session.problems)} problem(s), e.g. {session.problems[0]}")
+        corr = _path_or_none(self._corr_edit.value)
+        if corr is None:
+            # emits changed -> _on_corrections_changed
+            self._corr_edit.value = default_corrections_dir(self._root)
+        else:
+            self._apply_corrections(corr)
         self._refresh_list()
         if self._shown:
-            self.select(0)
+            first = session.first_uncorrected() if session.store is not None else None
+            pos = self._shown.index(first) if first in self._shown else 0
+            self.select(pos)
+
+    def _class_choices(self, _widget: Any = None) -> list[str]:
+        """``"all"`` and the labels present in the folder (a callable: survives reset_choices)."""
+        order = ["benign", "malignant", "normal", "unknown"]
+        present = sorted({r.label for r in self._all},
+                         key=lambda c: (order.index(c) if c in order else 9, c))
+        return [ALL, *present]
+
+    def _set_class_choices(self, _labels: Any = None) -> None:
+        current = self._class_combo.value
+        with self._class_combo.changed.blocked():
+            self._class_combo.reset_choices()
+            self._class_combo.value = current if current in self._class_combo.choices else ALL
+
+    def _apply_corrections(self, path: Path | None) -> None:
+        s = self._session
+        if s is None:
+            return
+        self._store_error = None
+        if path is None:
+            s.store = None
+            self._store_error = "Choose a corrections folder (outside the dataset) first."
+            return
+        try:
+            s.set_corrections(path)
+        except ValueError as exc:
+            s.store = None
+            self._store_error = str(exc)
+            self._status.value = f"Corrections folder refused: {exc}"
 
     def _on_filter_changed(self, *_: Any) -> None:
         self._refresh_list()
         if self._shown and self.current_record() is None:
             self.select(0)
 
-    def _on_corrections_changed(self, *_: Any) -> None:
+    def _on_corrections_changed(self, value: Any = None) -> None:
+        self._apply_corrections(_path_or_none(self._corr_edit.value))
         self._refresh_list()
 
     def _on_layers_changed(self, *_: Any) -> None:
-        self._refresh_list()
+        if not self._closing_case:
+            self._refresh_list()
+
+    def _on_layer_removed(self, event: Any) -> None:
+        """Save a removed prediction layer of the open case (also when the viewer closes)."""
+        if self._closing_case:
+            return
+        layer = getattr(event, "value", None)
+        rec = self.open_record
+        if (layer is not None and rec is not None and self._session is not None
+                and layer.name == prediction_name(rec.name)):
+            from napari.layers import Labels
+
+            if isinstance(layer, Labels) and self._session.store is not None:
+                try:
+                    if self._save_layer(self._open_index, layer, force=False) is not None:
+                        notify_info(f"Saved the edits of {rec.name} (its prediction layer "
+                                    "was removed).")
+                except (OSError, ValueError, RuntimeError) as exc:
+                    notify_error(f"The edits of {rec.name} could not be saved: {exc}")
+        try:
+            self._refresh_list()
+        except RuntimeError:  # the Qt widget is gone (the viewer is closing)
+            pass
 
     def _refresh_list(self) -> None:
-        """Rebuild the list (filter and status marks), keeping the selection."""
+        """Rebuild the list (filter and status marks) and the progress, keeping the selection."""
         if self._refreshing:
             return
         self._refreshing = True
@@ -669,28 +1237,33 @@ class BusiBrowserWidget(Container):
             self._shown = [i for i, r in enumerate(self._all) if label == ALL or r.label == label]
             if self._sort_combo.value == SORT_UNCERTAINTY:
                 self._shown.sort(key=self._uncertainty_order)
-            store = self._store(quiet=True)
+            s = self._session
+            has_store = s is not None and s.store is not None
             predicted = {
                 layer.name for layer in self._viewer.layers if layer.name.endswith(" prediction")
             }
             choices = []
             for i in self._shown:
                 rec = self._all[i]
-                is_pred = prediction_name(rec.name) in predicted
-                if store is not None:
-                    status = store.status(rec, predicted=is_pred)
+                if has_store and s.is_corrected(i):
+                    status = CORRECTED
                 else:
-                    status = PREDICTED if is_pred else NOT_SEGMENTED
+                    status = PREDICTED if prediction_name(rec.name) in predicted else NOT_SEGMENTED
                 score = self.score_of(rec)
                 shown = "" if score is None else (
                     "  u=?" if not math.isfinite(score) else f"  u={score:.2f}"
                 )
-                choices.append((f"{rec.name}{_STATUS_MARK[status]}{shown}", i))
+                name = s.names[i] if s is not None else rec.name  # unique: items need it
+                choices.append((f"{name}{_STATUS_MARK[status]}{shown}", i))
             self._cases.choices = []  # clear first: keeps the order when marks change
             self._cases.choices = choices
             keep = [i for i in current if i in self._shown]
             if keep:
                 self._cases.value = keep
+            n, total = s.progress() if has_store else (0, len(self._all))
+            self._progress_label.value = f"{n} of {total} corrected"
+            self._progress.max = max(total, 1)
+            self._progress.value = n
         finally:
             self._refreshing = False
 
@@ -703,29 +1276,22 @@ class BusiBrowserWidget(Container):
 
     def _step(self, delta: int) -> None:
         if not self._shown:
-            notify_warning("No case to show: choose a dataset folder (and class).")
+            notify_warning("No case to show: choose a folder of scans (and class).")
             return
-        value = self._cases.value
-        pos = self._shown.index(value[0]) if value and value[0] in self._shown else -1
+        if self._open_index is not None and self._open_index in self._shown:
+            pos = self._shown.index(self._open_index)
+        else:
+            value = self._cases.value
+            pos = self._shown.index(value[0]) if value and value[0] in self._shown else -1
         new = pos + delta if pos >= 0 else 0
         if not 0 <= new < len(self._shown):
-            notify_info("That was the last case." if delta > 0 else "That was the first case.")
+            ok, path = self._autosave()  # the last case's edits are saved all the same
+            end = "last" if delta > 0 else "first"
+            note = f"; its edits are saved to {path}" if path is not None else ""
+            notify_info(f"That was the {end} case{note}.")
             return
         self.select(new)
         self.open_current()
-
-    def _show_only(self, name: str) -> None:
-        """Hide the layers of other cases (never delete them: they may hold corrections)."""
-        other_names = {r.name for r in self._all} - {name}
-        for layer in self._viewer.layers:
-            meta = busseg_metadata(layer)
-            case = meta.get("name") if meta.get("kind") != "stack" else None
-            if case is None and layer.name.endswith(" prediction"):
-                case = layer.name[: -len(" prediction")]
-            if case in other_names:
-                layer.visible = False
-            elif case == name:
-                layer.visible = True
 
     def _start_prediction(self, rec: BusiRecord, image: np.ndarray) -> None:
         name = prediction_name(rec.name)
@@ -753,20 +1319,14 @@ class BusiBrowserWidget(Container):
 
     def _on_prediction(self, rec: BusiRecord, mask: np.ndarray) -> None:
         name = prediction_name(rec.name)
+        if self.open_record != rec:  # the user moved on meanwhile: the case is closed
+            return
         if find_layer(self._viewer, name) is not None:  # made meanwhile (e.g. segment widget)
             notify_info(f"'{name}' appeared meanwhile and is kept; the new prediction is dropped.")
             return
-        meta = {
-            "kind": "prediction",
-            "name": rec.name,
-            "label": rec.label,
-            "source": str(rec.image_path),
-            "root": str(self._root) if self._root else None,
-        }
-        self._viewer.add_labels(
-            np.asarray(mask, dtype=np.uint8),
-            name=name,
-            opacity=0.5,
-            metadata={"busseg": meta},
-        )
-        self._status.value = f"{rec.rel_path}: predicted; correct it, then save."
+        self._add_prediction_layer(rec, mask)
+        self._status.value = f"{rec.rel_path}: predicted; correct it, then move on (saved)."
+
+
+#: The widget's display name is "Scan browser"; both class names work.
+ScanBrowserWidget = BusiBrowserWidget
