@@ -21,6 +21,15 @@ is scored by the AUC of malignant vs benign (lesion images, score P(malignant) /
 (P(benign) + P(malignant)); BUSI and BUS-BRA) and of lesion vs normal (score
 1 - P(normal); BUSI), with 95 % stratified bootstrap intervals, and by a reliability
 diagram of P(lesion) = 1 - P(normal) with its expected calibration error (10 bins).
+BUS-UCLM (a third hospital, Siemens scanner, many normal scans): the test patients of the
+committed patient split ``training/splits/busuclm.csv`` of ``../shared/data/busuclm-dev``
+(records from :func:`busseg.data.discover`), with the default settings (gate on) and gate off
+from the same pass: lesion Dice with a 95 % bootstrap CI, separately on the scans without
+caliper marks (``INFO.csv`` ``Marks`` = No: the sonographer's crosses burnt into the image
+can teach "crosses = lesion"), the FP rate on normal scans (share with any predicted pixel)
+and the AUC of lesion vs normal; scans of those patients that cannot be scored (e.g. an
+image smaller than its mask) are listed with the reason, never dropped silently. A summary
+table at the top compares the headline numbers with the targets of issue 13.
 A second table places published U-Net-family figures on BUSI beside ours, with each
 source's protocol. Writes ``accuracy.md``, ``accuracy.json`` (with every per-image row) and
 ``accuracy.png`` into ``--out``.
@@ -29,9 +38,12 @@ source's protocol. Writes ``accuracy.md``, ``accuracy.json`` (with every per-ima
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -324,9 +336,12 @@ def _fp_ci(rows: Sequence[dict], key: str, groups: Sequence[str], n_boot: int) -
 
 
 def make_figure(busi_rows: list[dict], busbra_rows: list[dict], busi_summary: dict | None,
-                calibration: dict | None = None):
+                calibration: dict | None = None, *, busuclm_rows: Sequence[dict] = (),
+                busuclm: dict | None = None):
     """Dice and HD95 box plots; with ``calibration`` ({name: reliability curve}) a third
-    panel with the reliability diagrams of P(lesion) = 1 - P(normal)."""
+    panel with the reliability diagrams of P(lesion) = 1 - P(normal). BUS-UCLM lesion
+    scans (all, and those without caliper marks) get their own boxes."""
+    uclm_lesion = [r for r in busuclm_rows if r["true_area"] > 0]
     fig, axes = C.new_figure(1, 3 if calibration else 2, size=(6.5, 4.2))
     # per-image Dice, lesion images only (normal images are scored by the FP rate)
     groups, data = [], []
@@ -344,6 +359,13 @@ def make_figure(busi_rows: list[dict], busbra_rows: list[dict], busi_summary: di
                 "BUS-BRA\n" + dev.split("@")[0].strip().replace(" ", "\n", 1) + f"\n(n={len(vals)})"
             )
             data.append(vals)
+    if uclm_lesion:
+        groups.append(f"BUS-UCLM\nlesion\n(n={len(uclm_lesion)})")
+        data.append([r["dice"] for r in uclm_lesion])
+        vals = [r["dice"] for r in uclm_lesion if r.get("marks") is False]
+        if vals:
+            groups.append(f"BUS-UCLM\nno marks\n(n={len(vals)})")
+            data.append(vals)
     ax = axes[0][0]
     if data:
         ax.boxplot(data, showmeans=True)
@@ -353,12 +375,15 @@ def make_figure(busi_rows: list[dict], busbra_rows: list[dict], busi_summary: di
     title = "Dice on images with a lesion"
     if busi_summary and busi_summary.get("normal"):
         title += f"\nBUSI normal: FP rate {busi_summary['normal']['fp_rate']:.2f}"
+    if busuclm and busuclm["fp_rate_normal"]["gate_on"]["n"]:
+        title += f"; BUS-UCLM normal: {busuclm['fp_rate_normal']['gate_on']['mean']:.2f}"
     ax.set_title(title, fontsize=9)
     ax = axes[0][1]
     hd, hd_groups = [], []
     for name, rows in (
         ("BUSI lesion", [r for r in busi_rows if r["label"] != "normal"]),
         ("BUS-BRA", busbra_rows),
+        ("BUS-UCLM", uclm_lesion),
     ):
         vals = [r["hd95"] for r in rows if r["hd95"] is not None and math.isfinite(r["hd95"])]
         if vals:
@@ -457,6 +482,283 @@ def head_markdown(busi_gate, busi_head, busbra_gate, busbra_head, stored_gate,
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- BUS-UCLM
+
+#: Issue 13's targets on the headline numbers: (key, description, ">=" or "<=", limit).
+TARGETS: list[tuple[str, str, str, float]] = [
+    ("busi_lesion_dice", "BUSI test lesion Dice", ">=", 0.72),
+    ("busi_fp_normal", "BUSI test normal scans with any predicted lesion", "<=", 0.15),
+    ("uclm_fp_normal", "BUS-UCLM test patients: normal scans with any predicted lesion", "<=",
+     0.10),
+    ("uclm_lesion_dice", "BUS-UCLM test patients: lesion Dice", ">=", 0.78),
+    ("busbra_lesion_dice", "BUS-BRA fold 1 zero-shot lesion Dice (never below 0.77)", ">=",
+     0.78),
+    ("busi_auc_lesion_normal", "AUC lesion vs normal, BUSI test", ">=", 0.97),
+    ("uclm_auc_lesion_normal", "AUC lesion vs normal, BUS-UCLM test patients", ">=", 0.97),
+]
+
+
+def _yes_no(value: str | None) -> bool | None:
+    v = (value or "").strip().lower()
+    if v in ("yes", "y", "1", "true"):
+        return True
+    if v in ("no", "n", "0", "false"):
+        return False
+    return None
+
+
+def read_info_flags(root: str | Path) -> dict[str, dict[str, bool | None]]:
+    """Per-scan yes/no flags of a BUS-UCLM ``INFO.csv`` beside ``images/`` and ``masks/``.
+
+    Parameters
+    ----------
+    root : path
+        The dataset folder (e.g. ``../shared/data/busuclm-dev``); ``INFO.csv`` is
+        ``;``-separated with columns ``Image;Resolution;Label;Doppler;Marks;Combined``
+        (Vallez et al., Scientific Data 12, 2025).
+
+    Returns
+    -------
+    dict
+        ``{image stem: {"marks": bool or None, "doppler": ..., "combined": ...}}``; None
+        where the cell is neither yes nor no; ``{}`` without an ``INFO.csv``. The scans
+        themselves come from :func:`busseg.data.discover`; this only adds the flags.
+    """
+    root = Path(root)
+    table = next((root / n for n in ("INFO.csv", "info.csv") if (root / n).is_file()), None)
+    if table is None:
+        return {}
+    text = table.read_text(encoding="utf-8-sig")
+    head = text.splitlines()[:1]
+    delim = ";" if head and head[0].count(";") > head[0].count(",") else ","
+    out: dict[str, dict[str, bool | None]] = {}
+    for raw in csv.DictReader(io.StringIO(text), delimiter=delim):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items() if k}
+        name = row.get("Image")
+        if name:
+            out[Path(name).stem] = {k.lower(): _yes_no(row.get(k))
+                                    for k in ("Marks", "Doppler", "Combined")}
+    return out
+
+
+def busuclm_items(root: Path, split_csv: Path, split: str, limit: int | None
+                  ) -> tuple[list[dict], list[dict]]:
+    """Items of one split of BUS-UCLM for :func:`evaluate`, and the scans that were skipped.
+
+    Returns
+    -------
+    items : list of dict
+        ``dataset``, ``name``, ``label``, ``patient`` (the file prefix), ``marks`` and
+        ``doppler`` (bool or None, from ``INFO.csv``), ``image_path``, ``mask_paths``; at
+        most ``limit`` per label when given.
+    skipped : list of dict
+        ``{"image", "label", "problems"}`` of the split's scans that cannot be scored
+        (:func:`_common.split_records`).
+    """
+    records, skipped = C.split_records(root, split_csv, split)
+    flags = read_info_flags(root)
+    if limit is not None:
+        per: dict[str, int] = {}
+        kept = []
+        for r in records:
+            if per.get(r.label, 0) < limit:
+                kept.append(r)
+                per[r.label] = per.get(r.label, 0) + 1
+        records = kept
+    items = []
+    for r in records:
+        f = flags.get(r.name, {})
+        items.append({
+            "dataset": "BUS-UCLM",
+            "name": r.name,
+            "label": r.label,
+            "patient": r.group,
+            "marks": f.get("marks"),
+            "doppler": f.get("doppler"),
+            "image_path": r.image_path,
+            "mask_paths": list(r.mask_paths),
+        })
+    return items, skipped
+
+
+def _reason(problem: str) -> str:
+    """The kind of a discovery problem: ``"size mismatch: a is ..."`` -> ``"size mismatch"``."""
+    return problem.split(":", 1)[0].strip() or problem
+
+
+def _mean_ci(values: Sequence[float], n_boot: int) -> dict:
+    from busseg.metrics import bootstrap_ci
+
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    lo, hi = bootstrap_ci(vals, n_boot=n_boot, seed=0) if vals else (math.nan, math.nan)
+    return {"n": len(vals), "mean": float(np.mean(vals)) if vals else math.nan,
+            "ci_low": lo, "ci_high": hi, "sum": float(np.sum(vals)) if vals else 0.0}
+
+
+def busuclm_results(rows: list[dict], skipped: list[dict], head: bool, stored_gate,
+                    n_boot: int) -> dict:
+    """Summary of the BUS-UCLM rows: lesion Dice (all, without / with caliper marks) and
+    the FP rate on normal scans, each with the gate on and off, with 95 % bootstrap CIs;
+    per-class table; class-head AUCs; the skipped scans by reason."""
+    from busseg.metrics import summarize
+
+    lesion = [r for r in rows if r["true_area"] > 0]
+    normal = [r for r in rows if r["true_area"] == 0]
+    ungated = bool(rows) and "dice_ungated" in rows[0]
+    d_off, a_off = ("dice_ungated", "any_pred_ungated") if ungated else ("dice", "any_pred")
+
+    def both(rs, on_key, off_key):
+        return {"gate_on": _mean_ci([r[on_key] for r in rs], n_boot),
+                "gate_off": _mean_ci([r[off_key] for r in rs], n_boot)}
+
+    no_marks = [r for r in lesion if r.get("marks") is False]
+    marks = [r for r in lesion if r.get("marks") is True]
+    gate, class_head = _head_results(rows, head, stored_gate, n_boot)
+    return {
+        "n": len(rows),
+        "n_lesion": len(lesion),
+        "n_normal": len(normal),
+        "patients": sorted({str(r.get("patient")) for r in rows}),
+        "n_lesion_marks_unknown": len(lesion) - len(no_marks) - len(marks),
+        "n_normal_with_marks": sum(r.get("marks") is True for r in normal),
+        "lesion_dice": both(lesion, "dice", d_off),
+        "lesion_dice_no_marks": both(no_marks, "dice", d_off),
+        "lesion_dice_marks": both(marks, "dice", d_off),
+        "fp_rate_normal": both(normal, "any_pred", a_off),
+        "summary": summarize(rows, by="label", metrics=METRICS, ci=0.95, n_boot=n_boot,
+                             seed=0) if rows else {},
+        "gate": gate,
+        "class_head": class_head,
+        "skipped": skipped,
+        "skipped_by_reason": dict(Counter(_reason(p) for s in skipped
+                                          for p in (s["problems"][:1] or ["unknown"]))),
+    }
+
+
+def _ci_cell(st: dict, digits: int = 3, count: bool = False) -> str:
+    if not st or st["n"] == 0 or not math.isfinite(st["mean"]):
+        return "–"
+    cell = (f"{st['mean']:.{digits}f} [{C.fmt(st['ci_low'], digits)}, "
+            f"{C.fmt(st['ci_high'], digits)}]")
+    if count:
+        cell += f" ({int(round(st['sum']))}/{st['n']})"
+    return cell
+
+
+def busuclm_markdown(res: dict, split_name: str, gate_on: bool, n_boot: int) -> str:
+    """The BUS-UCLM section of accuracy.md."""
+    on = "gate on (default)" if gate_on else "default (no gate stored)"
+    lines = [
+        f"## BUS-UCLM {split_name} patients (third hospital, Siemens scanner; never used for "
+        "training or tuning)", "",
+        f"busuclm-dev, patients {', '.join(res['patients']) or '–'} of the committed patient "
+        f"split (training/splits/busuclm.csv): {res['n_lesion']} lesion and {res['n_normal']} "
+        "normal scans scored. Caliper marks from INFO.csv `Marks` (the sonographer's crosses "
+        "burnt into the image); 'without marks' is the honest lesion figure for a model that "
+        f"may have learnt crosses = lesion ({res['n_normal_with_marks']} of the normal scans "
+        "carry marks). Mean [95 % bootstrap CI, "
+        f"{n_boot} resamples]; FP rate = share of normal scans with any predicted pixel "
+        "(count). Gate on and off come from the same forward pass.", "",
+        f"| BUS-UCLM {split_name} | n | {on} | gate off |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, title in (("lesion_dice", "lesion Dice, all lesion scans"),
+                       ("lesion_dice_no_marks", "lesion Dice, scans without caliper marks"),
+                       ("lesion_dice_marks", "lesion Dice, scans with caliper marks")):
+        st = res[key]
+        lines.append(f"| {title} | {st['gate_on']['n']} | {_ci_cell(st['gate_on'])} | "
+                     f"{_ci_cell(st['gate_off']) if gate_on else '(same)'} |")
+    fp = res["fp_rate_normal"]
+    lines.append(f"| FP rate, normal scans | {fp['gate_on']['n']} | "
+                 f"{_ci_cell(fp['gate_on'], count=True)} | "
+                 f"{_ci_cell(fp['gate_off'], count=True) if gate_on else '(same)'} |")
+    g = res.get("gate")
+    if g:
+        lines.append(f"| lesion masks the gate empties | {g['n_lesion']} | "
+                     f"{g['n_lesion_gated']} ({C.fmt(100 * g['share_lesion_gated'], 1)} %) "
+                     "| – |" if gate_on else f"| lesion masks the gate empties | "
+                     f"{g['n_lesion']} | – | – |")
+    h = res.get("class_head")
+    lines.append("")
+    if h:
+        lines += [
+            "Class head (research output, not a diagnosis): AUC lesion vs normal "
+            f"(1 - P(normal)) {_auc_cell(h.get('auc_lesion_vs_normal'))}; malignant vs benign "
+            f"{_auc_cell(h.get('auc_malignant_vs_benign'))}; expected calibration error of "
+            f"P(lesion) {C.fmt(h['calibration']['ece'])} over {h['calibration']['n']} scans.",
+            "",
+        ]
+    if res["skipped"]:
+        reasons = "; ".join(f"{n} x {k}" for k, n in res["skipped_by_reason"].items())
+        lines += [f"Skipped (not scored, reported): {len(res['skipped'])} scan(s) of these "
+                  f"patients: {reasons}: "
+                  + ", ".join(s["image"] for s in res["skipped"]) + ".", ""]
+    else:
+        lines += ["Skipped: none (every scan of these patients has an image and a mask of "
+                  "the same size, as discovery reports).", ""]
+    lines += ["Per class, default settings:", "",
+              summary_table(res["summary"], ["benign", "malignant", "lesion", "normal"],
+                            label_title="Class"), ""]
+    return "\n".join(lines) + "\n"
+
+
+def headline(busi_summary: dict | None, busi_head: dict | None, busbra_summary: dict | None,
+             busbra_gate: dict | None, uclm: dict | None) -> dict:
+    """The headline numbers (default settings) that :data:`TARGETS` refers to."""
+    def mean(summary, group):
+        try:
+            return summary[group]["metrics"]["dice"]["mean"]
+        except (KeyError, TypeError):
+            return None
+
+    def auc(h):
+        e = (h or {}).get("auc_lesion_vs_normal")
+        return e["auc"] if e and e.get("auc") is not None and math.isfinite(e["auc"]) else None
+
+    out = {
+        "busi_lesion_dice": mean(busi_summary, "lesion"),
+        "busi_fp_normal": (busi_summary or {}).get("normal", {}).get("fp_rate"),
+        "busbra_lesion_dice": mean(busbra_summary, "all"),
+        "busi_auc_lesion_normal": auc(busi_head),
+        "busbra_gate_emptied": (busbra_gate or {}).get("n_lesion_gated"),
+        "busbra_gate_emptied_share": (busbra_gate or {}).get("share_lesion_gated"),
+    }
+    if uclm:
+        out.update({
+            "uclm_lesion_dice": uclm["lesion_dice"]["gate_on"]["mean"],
+            "uclm_lesion_dice_no_marks": uclm["lesion_dice_no_marks"]["gate_on"]["mean"],
+            "uclm_fp_normal": uclm["fp_rate_normal"]["gate_on"]["mean"],
+            "uclm_auc_lesion_normal": auc(uclm.get("class_head")),
+        })
+    return out
+
+
+def targets_markdown(values: dict) -> str:
+    """Headline numbers against issue 13's targets (default settings)."""
+    lines = ["## Summary against the targets of issue 13 (default settings)", "",
+             "| | measured | target | met |", "|---|---:|---:|---|"]
+    for key, title, op, limit in TARGETS:
+        v = values.get(key)
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            lines.append(f"| {title} | – | {op} {limit:.2f} | not measured |")
+            continue
+        met = v >= limit if op == ">=" else v <= limit
+        if key == "busbra_lesion_dice" and not met and v >= 0.77:
+            verdict = "**no** (above the 0.77 floor)"
+        else:
+            verdict = "yes" if met else "**no**"
+        lines.append(f"| {title} | {v:.3f} | {op} {limit:.2f} | {verdict} |")
+    if values.get("uclm_lesion_dice_no_marks") is not None:
+        lines.append(f"| BUS-UCLM test lesion Dice, scans without caliper marks | "
+                     f"{C.fmt(values['uclm_lesion_dice_no_marks'])} | (reported) | – |")
+    if values.get("busbra_gate_emptied") is not None:
+        lines.append(f"| BUS-BRA fold 1 lesion masks the normal-scan gate empties | "
+                     f"{values['busbra_gate_emptied']} "
+                     f"({C.fmt(100 * values['busbra_gate_emptied_share'], 1)} %) | "
+                     "(reported; must not empty real lesions) | – |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -480,10 +782,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-busbra", action="store_true", help="skip the BUS-BRA evaluation")
     p.add_argument(
+        "--busuclm",
+        default=str(C.DEFAULT_BUSUCLM),
+        help="BUS-UCLM folder (default ../shared/data/busuclm-dev; skipped with a note when "
+        "the default is absent)",
+    )
+    p.add_argument(
+        "--busuclm-split",
+        default=str(C.DEFAULT_BUSUCLM_SPLIT),
+        help="BUS-UCLM patient split CSV (default training/splits/busuclm.csv); its "
+        "--split-name patients are scored",
+    )
+    p.add_argument("--no-busuclm", action="store_true", help="skip the BUS-UCLM evaluation")
+    p.add_argument(
         "--limit",
         type=int,
         default=None,
-        help="at most N images per BUSI class and N BUS-BRA images (quick checks)",
+        help="at most N images per BUSI class, N BUS-BRA images and N BUS-UCLM images per "
+        "class (quick checks)",
     )
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument(
@@ -589,6 +905,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if g in busbra_by_label:
                 busbra_summary[f"pathology: {g}"] = busbra_by_label[g]
 
+    busuclm_rows: list[dict] = []
+    busuclm = busuclm_path = None
+    if not args.no_busuclm:
+        root = Path(args.busuclm).expanduser()
+        if not root.is_dir() and Path(args.busuclm) == Path(str(C.DEFAULT_BUSUCLM)):
+            C.log(f"BUS-UCLM not found at {root}: section skipped (pass --busuclm)", args.quiet)
+        else:
+            busuclm_path = C.require_dir(root, "BUS-UCLM", "--busuclm (or give --no-busuclm)")
+            items, skipped = busuclm_items(busuclm_path, Path(args.busuclm_split),
+                                           args.split_name, args.limit)
+            C.log(f"BUS-UCLM {args.split_name}: {len(items)} images ({len(skipped)} skipped)",
+                  args.quiet)
+            busuclm_rows = evaluate(items, predict, quiet=args.quiet, what="BUS-UCLM",
+                                    threshold=threshold)
+            busuclm = busuclm_results(busuclm_rows, skipped, head, stored_gate, args.n_boot)
+            busuclm.update({"root": str(busuclm_path),
+                            "split_file": str(Path(args.busuclm_split).resolve()),
+                            "split": args.split_name})
+
     seconds = time.perf_counter() - t_start
     lesion = busi_summary.get("lesion")
     ours = None
@@ -613,7 +948,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     busi_groups = ["benign", "malignant", "lesion", "normal"]
     md = [
-        f"# Accuracy: BUSI {args.split_name} split and BUS-BRA (zero-shot)",
+        f"# Accuracy: BUSI {args.split_name} split, BUS-BRA (zero-shot)"
+        + (f" and BUS-UCLM {args.split_name} patients" if busuclm is not None else ""),
         "",
         C.hardware_markdown(hw),
         "",
@@ -623,6 +959,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ]
     if args.limit is not None:
         md += [f"**Quick run: at most {args.limit} images per group; not a result.**", ""]
+    values = headline(busi_summary, busi_head, busbra_summary, busbra_gate, busuclm)
+    md += [targets_markdown(values), ""]
     md += [
         f"## BUSI {args.split_name} split (duplicate-aware, never used for training or tuning)",
         "",
@@ -650,6 +988,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ),
             "",
         ]
+    if busuclm is not None:
+        md += [busuclm_markdown(busuclm, args.split_name, bool(stored_gate), args.n_boot), ""]
     if head:
         md += [head_markdown(busi_gate, busi_head, busbra_gate, busbra_head, stored_gate,
                              args.n_boot), ""]
@@ -693,14 +1033,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if busbra_summary is not None
             else None
         ),
+        "busuclm": busuclm,
+        "headline": values,
         "class_head": head,
         "normal_gate": stored_gate,
         "published": {"rows": PUBLISHED, "sources": PUBLISHED_SOURCES, "note": LEAK_NOTE},
-        "per_image": busi_rows + busbra_rows,
+        "per_image": busi_rows + busbra_rows + busuclm_rows,
     }
-    curves = {name: h["calibration"] for name, h in (("BUSI", busi_head),
-                                                     ("BUS-BRA", busbra_head)) if h}
-    fig = make_figure(busi_rows, busbra_rows, busi_summary, curves)
+    curves = {name: h["calibration"] for name, h in (
+        ("BUSI", busi_head), ("BUS-BRA", busbra_head),
+        ("BUS-UCLM", (busuclm or {}).get("class_head"))) if h}
+    fig = make_figure(busi_rows, busbra_rows, busi_summary, curves, busuclm_rows=busuclm_rows,
+                      busuclm=busuclm)
     paths = C.write_results(args.out, NAME, markdown, payload, fig)
     print(markdown)
     C.log(f"wrote {', '.join(str(p) for p in paths.values())}", args.quiet)

@@ -162,7 +162,9 @@ def render(result: dict) -> str:
         f"k corrected pool images (ground truth standing in for the user's corrections) with "
         f"the fine-tune widget's defaults: {ft['max_steps']} steps, batch {ft['batch_size']}, "
         f"lr {ft['lr']}, held-out fraction {ft['val_fraction']}, augmentation "
-        f"{'on' if ft['augment'] else 'off'}. *Uncertainty*: the k pool images ranked most "
+        f"{'on' if ft['augment'] else 'off'}, "
+        f"{'encoder frozen' if ft.get('freeze_encoder') else 'whole network'}, loss "
+        f"{ft.get('loss', '?')}. *Uncertainty*: the k pool images ranked most "
         f"uncertain by `busseg.uncertainty.rank` with the base model (ranking the pool took "
         f"{result['rank_seconds']:.1f} s; one fine-tune per k). *Random*: {a['draws']} random "
         "orders of the pool (nested over k; mean ± sd over draws).",

@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
     python benchmarks/annotation_loop.py                 # shipped default model, full run
     python benchmarks/annotation_loop.py --checkpoint runs/x/best --quick
+    python benchmarks/annotation_loop.py --compare-frozen --threads 2   # + frozen encoder
 
 Simulates a user of the *Fine-tune* widget at a site the model has not seen (BUS-BRA fold 1:
 other scanners, another hospital). Patients (``Case``) are split at random (``--seed``) into
@@ -12,14 +13,20 @@ half). For each draw (``--draws``, different random orders of the pool) and each
 ``--ks``: the first ``k`` pool images of that order are predicted by the base model, the user
 "corrects" them to the ground truth, and the base model is fine-tuned on those ``k`` pairs
 with the widget's defaults (:data:`busseg.finetune.FINETUNE_DEFAULTS`: 100 steps, batch 4,
-learning rate 3e-4, 20 % of the pairs held out to pick the best step, augmentation on). The
-orders are nested: a draw's 10 images include its 5. ``k = 0`` is the base model.
+learning rate 3e-4, 20 % of the pairs held out to pick the best step, augmentation on, the
+whole network trained, BCE on every pair + Dice on pairs with a lesion). The orders are
+nested: a draw's 10 images include its 5. ``k = 0`` is the base model. With
+``--compare-frozen`` every fine-tune is repeated on the same pairs with the encoder frozen
+(the widget's "freeze the encoder" option, the default before issue 13), so both modes are
+shown side by side; the issue's targets are Dice gains over the base model of >= +0.04 at
+k = 10 and >= +0.06 at k = 40 with the widget defaults.
 
 Reported per ``k`` (mean and standard deviation over draws): Dice and IoU on the evaluation
 set; correction effort (``|pred XOR truth| / lesion area``,
 :func:`busseg.metrics.correction_effort`) on the evaluation set after fine-tuning, and on the
-``k`` pool images before it (what the user had to repaint); fine-tuning wall time; and Dice
-on the BUSI test split after fine-tuning (forgetting). Writes ``annotation_loop.md``,
+``k`` pool images before it (what the user had to repaint); fine-tuning wall time (per k
+and mode, checkpoint writing included); and Dice on the BUSI test split after fine-tuning
+(forgetting). Writes ``annotation_loop.md``,
 ``annotation_loop.json`` and ``annotation_loop.png`` into ``--out``.
 """
 
@@ -41,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 NAME = "annotation_loop"
+#: Issue 13's targets: Dice gain over the base model at BUS-BRA fold 1, widget defaults.
+TARGET_GAIN = {10: 0.04, 40: 0.06}
+DEFAULT, FROZEN = "default", "frozen"
 
 
 # --------------------------------------------------------------------------- data
@@ -60,26 +70,41 @@ def load_pairs(paths: Sequence[tuple[Path, Sequence[Path]]]) -> tuple[list, list
 def score(model, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict:
     """Per-image Dice, IoU, correction effort and any-prediction flags of ``model``.
 
+    Masks are those of the default settings (``busseg.inference.predict``, the normal-scan
+    gate included, as ``predict_mask``); the same pass gives the ungated Dice and whether
+    the gate emptied the mask, so a fine-tune that shifts the class head is seen.
+
     Returns
     -------
     dict
-        ``dice``, ``iou``, ``effort`` (lists of float), ``any_pred``, ``has_lesion``
-        (lists of bool), and their means ``mean_dice``, ``mean_iou``, ``mean_effort``.
+        ``dice``, ``iou``, ``effort``, ``dice_ungated`` (lists of float), ``any_pred``,
+        ``has_lesion``, ``gated`` (lists of bool), their means ``mean_dice``, ``mean_iou``,
+        ``mean_effort``, ``mean_dice_ungated``, and ``n_gated_lesion`` (lesion images whose
+        mask the gate emptied).
     """
-    from busseg.inference import predict_mask
+    from busseg.inference import predict
     from busseg.metrics import correction_effort, dice_score, iou_score
 
-    out: dict[str, list] = {"dice": [], "iou": [], "effort": [], "any_pred": [], "has_lesion": []}
+    threshold = float(getattr(model, "busseg_config", {}).get("inference", {})
+                      .get("threshold", 0.5))
+    out: dict[str, list] = {"dice": [], "iou": [], "effort": [], "any_pred": [],
+                            "has_lesion": [], "dice_ungated": [], "gated": []}
     for image, truth in zip(images, masks, strict=True):
-        pred = predict_mask(image, model)
+        res = predict(image, model)
+        pred = res.mask
         out["dice"].append(dice_score(pred, truth))
         out["iou"].append(iou_score(pred, truth))
         out["effort"].append(correction_effort(pred, truth))
         out["any_pred"].append(bool(pred.any()))
         out["has_lesion"].append(bool(truth.any()))
+        out["gated"].append(bool(res.gated))
+        out["dice_ungated"].append(dice_score(res.proba >= threshold, truth) if res.gated
+                                   else out["dice"][-1])
     res: dict[str, Any] = dict(out)
-    for key in ("dice", "iou", "effort"):
+    for key in ("dice", "iou", "effort", "dice_ungated"):
         res[f"mean_{key}"] = float(np.mean(out[key])) if out[key] else math.nan
+    res["n_gated_lesion"] = sum(g and h for g, h in zip(out["gated"], out["has_lesion"],
+                                                         strict=True))
     lesion = [d for d, h in zip(out["dice"], out["has_lesion"], strict=True) if h]
     normal = [a for a, h in zip(out["any_pred"], out["has_lesion"], strict=True) if not h]
     res["mean_dice_lesion"] = float(np.mean(lesion)) if lesion else math.nan
@@ -120,25 +145,90 @@ def _cell(values: Sequence[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if math.isfinite(sd) else "")
 
 
-def summary_rows(runs: list[dict], ks: Sequence[int]) -> list[dict]:
+def summary_rows(runs: list[dict], ks: Sequence[int], mode: str = DEFAULT,
+                 base_dice: float | None = None) -> list[dict]:
+    """One row per k of the runs of ``mode`` (``k = 0``, the base model, belongs to every
+    mode); ``gain`` is the mean Dice minus the base model's (``base_dice``, default the
+    k = 0 run's)."""
     rows = []
+    if base_dice is None:
+        base = [r["eval"]["mean_dice"] for r in runs if r["k"] == 0]
+        base_dice = float(base[0]) if base else math.nan
     for k in ks:
-        rs = [r for r in runs if r["k"] == k]
+        rs = [r for r in runs if r["k"] == k and (k == 0 or r.get("mode", DEFAULT) == mode)]
+        if not rs:
+            continue
+        dice = _agg([r["eval"]["mean_dice"] for r in rs])
         rows.append(
             {
                 "k": k,
+                "mode": mode,
+                "gain": dice[0] - base_dice,
                 "n_models": len(rs),
                 "dice": _agg([r["eval"]["mean_dice"] for r in rs]),
                 "iou": _agg([r["eval"]["mean_iou"] for r in rs]),
+                "dice_ungated": _agg([r["eval"].get("mean_dice_ungated", math.nan)
+                                      for r in rs]),
+                "n_gated_lesion": _agg([r["eval"].get("n_gated_lesion", math.nan) for r in rs]),
                 "effort_eval_after": _agg([r["eval"]["mean_effort"] for r in rs]),
                 "effort_pool_before": _agg([r["pool_effort_before"] for r in rs]),
                 "busi_dice_lesion": _agg([r["busi"]["mean_dice_lesion"] for r in rs if r["busi"]]),
                 "busi_fp_rate": _agg([r["busi"]["fp_rate_normal"] for r in rs if r["busi"]]),
                 "finetune_s": _agg([r["finetune_s"] for r in rs]),
+                "finetune_s_median": float(np.median([r["finetune_s"] for r in rs])),
                 "raw": rs,
             }
         )
     return rows
+
+
+def _gain(row: dict) -> str:
+    g = row.get("gain")
+    return "–" if g is None or not math.isfinite(g) else f"{g:+.3f}"
+
+
+def target_lines(summary: Sequence[dict]) -> list[str]:
+    """Issue 13's gain targets (k = 10, 40) against the rows measured, as Markdown lines."""
+    rows = {r["k"]: r for r in summary}
+    out = []
+    for k, limit in TARGET_GAIN.items():
+        if k in rows and math.isfinite(rows[k]["gain"]):
+            g = rows[k]["gain"]
+            met = "yes" if g >= limit else "**no**"
+            out.append(f"- Target: Dice gain over the base model at k = {k} >= +{limit:.2f} "
+                       f"(widget defaults): {g:+.3f} measured, met: {met} "
+                       f"({rows[k]['n_models']} draw(s)).")
+    return out + ([""] if out else [])
+
+
+def compare_lines(summary: Sequence[dict], frozen: Sequence[dict]) -> list[str]:
+    """Side-by-side table of the default fine-tune and the frozen-encoder one."""
+    fz = {r["k"]: r for r in frozen}
+    md = [
+        "### Widget default vs frozen encoder (same pairs, same steps)",
+        "",
+        "| k | Dice, default | gain | Dice, frozen encoder | gain | BUSI lesion Dice, default "
+        "/ frozen | Fine-tune time (s), default | Fine-tune time (s), frozen | Dice gate off, "
+        "default / frozen |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary:
+        k = row["k"]
+        if k == 0 or k not in fz:
+            continue
+        f = fz[k]
+        rd, rf = row["raw"], f["raw"]
+        md.append(
+            f"| {k} | {_cell([r['eval']['mean_dice'] for r in rd])} | {_gain(row)} | "
+            f"{_cell([r['eval']['mean_dice'] for r in rf])} | {_gain(f)} | "
+            f"{_cell([r['busi']['mean_dice_lesion'] for r in rd if r['busi']])} / "
+            f"{_cell([r['busi']['mean_dice_lesion'] for r in rf if r['busi']])} | "
+            f"{_cell([r['finetune_s'] for r in rd], 1)} | "
+            f"{_cell([r['finetune_s'] for r in rf], 1)} | "
+            f"{_cell([r['eval'].get('mean_dice_ungated', math.nan) for r in rd])} / "
+            f"{_cell([r['eval'].get('mean_dice_ungated', math.nan) for r in rf])} |"
+        )
+    return md + [""]
 
 
 def render(result: dict) -> str:
@@ -162,29 +252,39 @@ def render(result: dict) -> str:
         "draw(s) of the pool per k (nested: a draw's larger k contains its smaller k). "
         f"Fine-tuning from the base model with the fine-tune widget's defaults: "
         f"{ft['max_steps']} steps, batch {ft['batch_size']}, lr {ft['lr']}, held-out fraction "
-        f"{ft['val_fraction']}, augmentation {'on' if ft['augment'] else 'off'}. "
-        "k = 0 is the base model.",
+        f"{ft['val_fraction']}, augmentation {'on' if ft['augment'] else 'off'}, "
+        f"{'encoder frozen (decoder only)' if ft.get('freeze_encoder') else 'whole network'}, "
+        f"loss {ft.get('loss', '?')}. k = 0 is the base model."
+        + (" Frozen-encoder fine-tunes on the same pairs are compared below."
+           if result.get("frozen_summary") else ""),
         "",
         "Cells: mean ± sd over draws of the per-image means. Correction effort = "
         "|pred XOR truth| / lesion area (0 = nothing to repaint). *Pool, before*: the base "
         "model's effort on the k images the user corrected. BUSI: test split after "
         "fine-tuning (forgetting).",
         "",
-        "| k | models | Dice (eval) | IoU (eval) | Effort (eval, after) | Effort (pool, before)"
-        " | BUSI Dice (lesion) | BUSI FP rate (normal) | Fine-tune time (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| k | models | Dice (eval) | gain over base | IoU (eval) | Effort (eval, after) | "
+        "Effort (pool, before) | BUSI Dice (lesion) | BUSI FP rate (normal) | "
+        "Fine-tune time (s) | Dice (eval, gate off) | eval masks the gate empties |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["summary"]:
         rs = row["raw"]
         md.append(
             f"| {row['k']} | {row['n_models']} | {_cell([r['eval']['mean_dice'] for r in rs])} | "
+            f"{_gain(row) if row['k'] else '–'} | "
             f"{_cell([r['eval']['mean_iou'] for r in rs])} | "
             f"{_cell([r['eval']['mean_effort'] for r in rs], 2)} | "
             f"{_cell([r['pool_effort_before'] for r in rs], 2) if row['k'] else '–'} | "
             f"{_cell([r['busi']['mean_dice_lesion'] for r in rs if r['busi']])} | "
             f"{_cell([r['busi']['fp_rate_normal'] for r in rs if r['busi']], 2)} | "
-            f"{_cell([r['finetune_s'] for r in rs], 0) if row['k'] else '–'} |"
+            f"{_cell([r['finetune_s'] for r in rs], 0) if row['k'] else '–'} | "
+            f"{_cell([r['eval'].get('mean_dice_ungated', math.nan) for r in rs])} | "
+            f"{_cell([r['eval'].get('n_gated_lesion', math.nan) for r in rs], 1)} |"
         )
+    md += [""] + target_lines(result["summary"])
+    if result.get("frozen_summary"):
+        md += compare_lines(result["summary"], result["frozen_summary"])
     md += [
         "",
         f"Estimated time of this configuration on this machine: "
@@ -213,6 +313,11 @@ def make_figure(result: dict):
     ax = axes[0][0]
     line(ax, lambda r: r["eval"]["mean_dice"], "Dice")
     line(ax, lambda r: r["eval"]["mean_iou"], "IoU", "s--")
+    frozen = result.get("frozen_summary") or []
+    if frozen:
+        ax.errorbar([r["k"] for r in frozen], [r["dice"][0] for r in frozen],
+                    yerr=[0.0 if math.isnan(r["dice"][1]) else r["dice"][1] for r in frozen],
+                    fmt="v:", capsize=3, label="Dice, frozen encoder")
     ax.set_xlabel("k corrected images")
     ax.set_ylabel("evaluation set (other patients)")
     ax.set_title("BUS-BRA: accuracy vs k", fontsize=9)
@@ -296,6 +401,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="at most N BUSI test images per class for the forgetting check",
     )
     p.add_argument("--no-busi", action="store_true", help="skip the forgetting check")
+    p.add_argument(
+        "--compare-frozen",
+        action="store_true",
+        help="also fine-tune with the encoder frozen (the widget's option) on the same pairs "
+        "at every k, reported side by side with the default",
+    )
     p.add_argument(
         "--max-steps",
         type=int,
@@ -420,7 +531,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "finetune_s": 0.0,
             }
         )
-    n_ft = len([k for k in args.ks if k > 0]) * args.draws
+    modes = [(DEFAULT, {})]
+    if args.compare_frozen and not cfg.freeze_encoder:
+        modes.append((FROZEN, {"freeze_encoder": True}))
+    mode_cfgs = {m: finetune_config(**{**overrides, **extra}) for m, extra in modes}
+    n_ft = len([k for k in args.ks if k > 0]) * args.draws * len(modes)
     estimate = time.perf_counter() - t_start
     tmp = None
     work = Path(args.work_dir) if args.work_dir else None
@@ -430,16 +545,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         done = 0
         for d, order in enumerate(orders):
-            for k in [k for k in args.ks if k > 0]:
+            for k, (mode, _) in [(k, m) for k in args.ks if k > 0 for m in modes]:
                 idx = [int(i) for i in order[:k]]
                 ids = [pool[i].id for i in idx]
-                out_dir = work / f"draw{d}_k{k}"
+                out_dir = work / (f"draw{d}_k{k}" + ("" if mode == DEFAULT else f"_{mode}"))
                 t0 = time.perf_counter()
                 res = finetune(
                     [pool_images[i] for i in idx],
                     [pool_masks[i] for i in idx],
                     ckpt,
-                    cfg=cfg,
+                    cfg=mode_cfgs[mode],
                     out_dir=out_dir,
                     names=ids,
                     device=str(device),
@@ -456,6 +571,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     {
                         "k": k,
                         "draw": d,
+                        "mode": mode,
+                        "freeze_encoder": bool(mode_cfgs[mode].freeze_encoder),
                         "ids": ids,
                         "eval": ev,
                         "busi": bu,
@@ -473,7 +590,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 done += 1
                 per = (time.perf_counter() - t_start - estimate) / done
                 C.log(
-                    f"draw {d} k {k}: fine-tune {ft_s:.0f} s, eval Dice {ev['mean_dice']:.3f}"
+                    f"draw {d} k {k} {mode}: fine-tune {ft_s:.0f} s, eval Dice "
+                    f"{ev['mean_dice']:.3f}"
                     f" ({done}/{n_ft}; about {per * (n_ft - done) / 60:.0f} min left)",
                     args.quiet,
                 )
@@ -482,7 +600,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             tmp.cleanup()
 
     seconds = time.perf_counter() - t_start
-    summary = summary_rows(runs, args.ks)
+    base_dice = base_eval["mean_dice"]
+    summary = summary_rows(runs, args.ks, base_dice=base_dice)
+    frozen_summary = (summary_rows(runs, args.ks, FROZEN, base_dice=base_dice)
+                      if len(modes) > 1 else [])
     ft_times = [r["finetune_s"] + r.get("score_s", 0.0) for r in runs if r["k"] > 0]
     per_model = float(np.median(ft_times)) if ft_times else 0.0
     result = {
@@ -502,17 +623,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "n_eval_patients": len({r.case for r in evalset}),
             "n_busi": len(busi_images) if busi_images else 0,
             "finetune": ft_settings,
+            "compare_frozen": len(modes) > 1,
             "device": str(device),
             "threads": threads,
         },
         "eval_ids": [r.id for r in evalset],
         "pool_ids": [r.id for r in pool],
         "base_pool_effort": {pool[i].id: pool_effort[i] for i in needed},
+        "base_dice": base_dice,
         "summary": [{k: v for k, v in row.items() if k != "raw"} for row in summary],
+        "frozen_summary": [{k: v for k, v in row.items() if k != "raw"}
+                           for row in frozen_summary],
+        "targets": {str(k): {"gain": next((r["gain"] for r in summary if r["k"] == k), None),
+                             "limit": lim} for k, lim in TARGET_GAIN.items()},
         "runs": runs,
     }
-    markdown = render({**result, "summary": summary})
-    fig = make_figure({**result, "summary": summary})
+    full = {**result, "summary": summary, "frozen_summary": frozen_summary}
+    markdown = render(full)
+    fig = make_figure(full)
     paths = C.write_results(args.out, NAME, markdown, result, fig)
     print(markdown)
     C.log(f"wrote {', '.join(str(p) for p in paths.values())}", args.quiet)

@@ -21,7 +21,9 @@ Issue targets, each measured in one run:
   <= 0.8; the two are timed alternately, image after image, so load swings hit both;
 - fine-tuning (``busseg.finetune.finetune``, the widget's settings) on 10 corrected images
   (BUSI test images with their masks), 100 steps, 2 torch threads: <= 30 s wall time,
-  checkpoint writing included.
+  checkpoint writing included; the median of ``--finetune-repeats`` runs with the widget's
+  default (the whole network since issue 13), alternating with the same fine-tune with the
+  encoder frozen (the widget's option) for comparison.
 
 Measured in one run, on the same inputs and thread count:
 
@@ -605,20 +607,8 @@ def _finetune_pairs(args, n: int) -> tuple[list, list, list[str]]:
             [r.rel_path for r in recs])
 
 
-def finetune_time(checkpoint: Path, images, masks, names, steps: int, threads: int,
-                  device, quiet: bool) -> dict:
-    """Wall time of :func:`busseg.finetune.finetune` (the widget's settings, ``steps`` steps).
-
-    Runs with ``threads`` torch threads (restored afterwards) and writes the new checkpoint
-    into a temporary folder, deleted afterwards; the time includes building the datasets,
-    the held-out Dice before and after, and writing the checkpoint, as a user waits for it.
-
-    Returns
-    -------
-    dict
-        ``seconds``, ``steps`` (taken), ``n_images``, ``n_train``, ``n_val``, ``threads``,
-        ``target`` (30 s; meaningful for 10 images, 100 steps, 2 threads) and ``passed``.
-    """
+def _finetune_once(checkpoint: Path, images, masks, names, steps: int, threads: int, device,
+                   freeze_encoder: bool | None) -> tuple[float, float, Any]:
     import shutil
     import tempfile
 
@@ -626,24 +616,85 @@ def finetune_time(checkpoint: Path, images, masks, names, steps: int, threads: i
 
     from busseg.finetune import finetune, finetune_config
 
+    overrides: dict[str, Any] = {"max_steps": steps}
+    if freeze_encoder is not None:
+        overrides["freeze_encoder"] = bool(freeze_encoder)
     before = torch.get_num_threads()
     tmp = Path(tempfile.mkdtemp(prefix="busseg_speed_ft_"))
     try:
         torch.set_num_threads(threads)
-        t = time.perf_counter()
-        res = finetune(images, masks, checkpoint, cfg=finetune_config(max_steps=steps),
+        t, c = time.perf_counter(), time.process_time()
+        res = finetune(images, masks, checkpoint, cfg=finetune_config(**overrides),
                        out_dir=tmp / "run", names=names, device=str(device))
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
     finally:
         torch.set_num_threads(before)
         shutil.rmtree(tmp, ignore_errors=True)
-    steps_taken = getattr(res.fit, "steps", None)
-    C.log(f"  fine-tune {len(images)} images, {steps} steps, {threads} threads: "
-          f"{seconds:.1f} s (target <= {TARGET_FINETUNE_S:.0f} s)", quiet)
-    return {"seconds": seconds, "steps": steps_taken if steps_taken is not None else steps,
-            "steps_asked": steps, "n_images": len(images), "n_train": res.n_train,
-            "n_val": res.n_val, "threads": threads, "target": TARGET_FINETUNE_S,
-            "passed": bool(seconds <= TARGET_FINETUNE_S)}
+    return seconds, cpu, res
+
+
+def finetune_times(checkpoint: Path, images, masks, names, steps: int, threads: int,
+                   device, quiet: bool, *, frozen: bool = True, repeats: int = 1
+                   ) -> dict[str, dict]:
+    """Wall time of :func:`busseg.finetune.finetune` with the widget's defaults and, with
+    ``frozen``, with the encoder frozen (the widget's option), ``repeats`` times each,
+    the two modes alternating so that load swings of a shared host hit both.
+
+    Each run uses ``threads`` torch threads (restored afterwards) and writes its checkpoint
+    into a temporary folder, deleted afterwards; the time includes building the datasets,
+    the held-out Dice before and after, and writing the checkpoint, as a user waits for it.
+
+    Returns
+    -------
+    dict
+        ``{"default": row, "frozen": row}`` (``frozen`` only when asked and the default
+        does not freeze already). A row: ``seconds`` (median over repeats), ``seconds_all``,
+        ``repeats``, ``cpu_seconds`` (median process CPU time, all threads: on a busy
+        shared host, CPU time / threads bounds the wall time of an idle machine from below),
+        ``cpu_seconds_all``, ``freeze_encoder``, ``steps`` (taken), ``steps_asked``, ``n_images``,
+        ``n_train``, ``n_val``, ``threads``, ``target`` (30 s; meaningful for 10 images, 100
+        steps, 2 threads, the default mode) and ``passed``.
+    """
+    from busseg.finetune import FINETUNE_DEFAULTS
+
+    default_frozen = bool(FINETUNE_DEFAULTS.get("freeze_encoder", False))
+    modes = {"default": None}
+    if frozen and not default_frozen:
+        modes["frozen"] = True
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu_times: dict[str, list[float]] = {m: [] for m in modes}
+    last: dict[str, Any] = {}
+    for rep in range(max(1, int(repeats))):
+        for mode, freeze in modes.items():
+            seconds, cpu, res = _finetune_once(checkpoint, images, masks, names, steps,
+                                               threads, device, freeze)
+            times[mode].append(seconds)
+            cpu_times[mode].append(cpu)
+            last[mode] = res
+            C.log(f"  fine-tune ({mode}) {len(images)} images, {steps} steps, {threads} "
+                  f"threads, run {rep + 1}: {seconds:.1f} s wall, {cpu:.1f} s CPU (target <= "
+                  f"{TARGET_FINETUNE_S:.0f} s wall)", quiet)
+    out = {}
+    for mode, freeze in modes.items():
+        res = last[mode]
+        med = float(np.median(times[mode]))
+        steps_taken = getattr(res.fit, "steps", None)
+        out[mode] = {
+            "seconds": med, "seconds_all": times[mode], "repeats": len(times[mode]),
+            "cpu_seconds": float(np.median(cpu_times[mode])), "cpu_seconds_all": cpu_times[mode],
+            "freeze_encoder": default_frozen if freeze is None else bool(freeze),
+            "steps": steps_taken if steps_taken is not None else steps, "steps_asked": steps,
+            "n_images": len(images), "n_train": res.n_train, "n_val": res.n_val,
+            "threads": threads, "target": TARGET_FINETUNE_S,
+            "passed": bool(med <= TARGET_FINETUNE_S)}
+    return out
+
+
+def finetune_time(checkpoint: Path, images, masks, names, steps: int, threads: int,
+                  device, quiet: bool) -> dict:
+    """One fine-tune with the widget's defaults (:func:`finetune_times`'s ``default`` row)."""
+    return finetune_times(checkpoint, images, masks, names, steps, threads, device, quiet,
+                          frozen=False)["default"]
 
 
 def _find_run_button(widget):
@@ -794,7 +845,8 @@ def _ratio(peer: float, ours: float) -> str:
     return f"{peer / ours:.2f}"
 
 
-def target_markdown(target: dict | None, ft: dict | None) -> list[str]:
+def target_markdown(target: dict | None, ft: dict | None,
+                    ft_frozen: dict | None = None) -> list[str]:
     """The issue's two targets as Markdown lines (empty when neither was measured)."""
     if target is None and ft is None:
         return []
@@ -809,14 +861,31 @@ def target_markdown(target: dict | None, ft: dict | None) -> list[str]:
             f"({_ms(q50)} ms / {_ms(r50)} ms; per-pair median "
             f"{target['pair_ratio_median']:.2f}) | {target['ratio']:.2f} | "
             f"<= {target['target']} | {'yes' if target['passed'] else '**no**'} |")
+    def reps(row):
+        n = row.get("repeats", 1)
+        if n <= 1:
+            return ""
+        return (f"; median of {n} runs: "
+                + ", ".join(f"{v:.1f}" for v in row.get("seconds_all", [])) + " s")
+
+    def cpu(row):
+        return (f"; CPU time {row['cpu_seconds']:.1f} s" if row.get("cpu_seconds") is not None
+                else "")
+
     if ft is not None:
+        whole = "encoder frozen" if ft.get("freeze_encoder") else "whole network"
         md.append(
-            f"| fine-tune (`busseg.finetune`, widget settings) on {ft['n_images']} corrected "
-            f"images ({ft['n_train']} train / {ft['n_val']} held out), {ft['steps_asked']} "
-            f"steps, {ft['threads']} threads, checkpoint written | {ft['seconds']:.1f} s | "
+            f"| fine-tune (`busseg.finetune`, widget settings: {whole}) on {ft['n_images']} "
+            f"corrected images ({ft['n_train']} train / {ft['n_val']} held out), "
+            f"{ft['steps_asked']} steps, {ft['threads']} threads, checkpoint written"
+            f"{reps(ft)}{cpu(ft)} | {ft['seconds']:.1f} s | "
             f"<= {ft['target']:.0f} s | {'yes' if ft['passed'] else '**no**'}"
             + ("" if (ft["n_images"], ft["steps_asked"], ft["threads"]) == (10, 100, 2)
                else " (not the target's setting)") + " |")
+    if ft_frozen is not None:
+        md.append(
+            "| for comparison: the same with the encoder frozen (the widget's option)"
+            f"{reps(ft_frozen)}{cpu(ft_frozen)} | {ft_frozen['seconds']:.1f} s | (none) | – |")
     return md
 
 
@@ -918,7 +987,8 @@ def render(result: dict) -> str:
         ):
             q50, q25, q75 = C.median_iqr(e2e[key])
             md.append(f"| {label} | {_ms(q50)} | {_ms(q25)}–{_ms(q75)} |")
-    md += target_markdown(result.get("target"), result.get("finetune"))
+    md += target_markdown(result.get("target"), result.get("finetune"),
+                          result.get("finetune_frozen"))
     w = result.get("widget")
     md += ["", "## Segment lesions widget: click Run -> Labels layer appears", ""]
     if w is None:
@@ -1055,6 +1125,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="corrected images to fine-tune on (default 10, the issue's target)")
     p.add_argument("--finetune-steps", type=int, default=100, help="fine-tune steps (100)")
     p.add_argument("--finetune-threads", type=int, default=2, help="torch threads (2)")
+    p.add_argument("--finetune-repeats", type=int, default=3,
+                   help="fine-tunes per mode; the median is reported (default 3)")
+    p.add_argument("--no-finetune-frozen", action="store_true",
+                   help="skip the frozen-encoder fine-tune timing (for comparison)")
     p.add_argument("--no-train", action="store_true", help="skip training throughput")
     p.add_argument("--no-memory", action="store_true", help="skip peak memory")
     p.add_argument(
@@ -1099,6 +1173,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.widget_repeats = min(args.widget_repeats, 2)
         args.target_rounds = min(args.target_rounds, 1)
         args.finetune_images, args.finetune_steps = min(args.finetune_images, 2), 2
+        args.finetune_repeats = 1
     return args
 
 
@@ -1243,12 +1318,15 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     target = None
     if paths and args.target_rounds > 0:
         target = target_predict_ratio(ckpt, paths, args.target_rounds, device, args.quiet)
-    finetune_row = None
+    finetune_row = finetune_frozen = None
     if not args.no_finetune:
         if Path(args.busi).is_dir() and Path(args.split).is_file():
             images, masks, names = _finetune_pairs(args, args.finetune_images)
-            finetune_row = finetune_time(ckpt, images, masks, names, args.finetune_steps,
-                                         args.finetune_threads, device, args.quiet)
+            ft_rows = finetune_times(ckpt, images, masks, names, args.finetune_steps,
+                                     args.finetune_threads, device, args.quiet,
+                                     frozen=not args.no_finetune_frozen,
+                                     repeats=args.finetune_repeats)
+            finetune_row, finetune_frozen = ft_rows["default"], ft_rows.get("frozen")
         else:
             C.log("BUSI not found: fine-tune timing skipped (pass --busi)", args.quiet)
 
@@ -1283,6 +1361,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         "e2e": e2e,
         "target": target,
         "finetune": finetune_row,
+        "finetune_frozen": finetune_frozen,
         "old_checkpoint": C.checkpoint_summary(old) if old is not None else None,
         "widget": widget,
     }

@@ -177,6 +177,7 @@ def test_accuracy_quick(tmp_path, fake_busi, fake_split, fake_busbra, tiny_check
             "--quick",
             "--n-boot",
             "50",
+            "--no-busuclm",
             "--quiet",
         ]
     )
@@ -216,7 +217,7 @@ def test_accuracy_class_head_and_gate(
     out = tmp_path / "out"
     acc.main(["--checkpoint", str(ckpt), "--busi", str(fake_busi), "--split", str(fake_split),
               "--busbra", str(fake_busbra), "--out", str(out), "--quick", "--n-boot", "50",
-              "--quiet"])
+              "--no-busuclm", "--quiet"])
     saved = _outputs(out, "accuracy")
     assert saved["class_head"] is True
     assert saved["normal_gate"] == {"p_normal": 0.3, "lesion_confidence": 0.9}
@@ -251,6 +252,128 @@ def test_accuracy_class_head_and_gate(
     assert "| BUSI gate on | BUSI gate off | BUS-BRA gate on | BUS-BRA gate off |" in md
     assert "| FP rate, images without a lesion | 0.000 |" in md
     assert "U-Net, efficientnet_lite0 encoder, 64x64" in md
+    # the BUS-BRA gate count is also in the summary against the issue's targets
+    assert "| BUS-BRA fold 1 lesion masks the normal-scan gate empties | " \
+        f"{gb['n_lesion_gated']} (" in md
+    assert saved["headline"]["busbra_gate_emptied"] == gb["n_lesion_gated"]
+    assert saved["busuclm"] is None
+
+
+#: (name, label, Marks, split) of the fake BUS-UCLM folder; BBBB_002 is smaller than its mask.
+FAKE_UCLM = [
+    ("AAAA_000", "Benign", "Yes", "test"),
+    ("AAAA_001", "Normal", "No", "test"),
+    ("AAAA_002", "Malignant", "No", "test"),
+    ("BBBB_000", "Benign", "No", "test"),
+    ("BBBB_001", "Normal", "No", "test"),
+    ("BBBB_002", "Benign", "No", "test"),
+    ("CCCC_000", "Benign", "No", "train"),
+    ("CCCC_001", "Normal", "No", "train"),
+]
+
+
+@pytest.fixture
+def fake_busuclm(tmp_path, synthetic_pairs) -> tuple[Path, Path]:
+    """A BUS-UCLM-like folder (images/, colour-coded masks/, INFO.csv) and its split CSV."""
+    root = tmp_path / "busuclm"
+    images, masks = synthetic_pairs(len(FAKE_UCLM), size=(40, 48), seed=5)
+    colour = {"Benign": (0, 255, 0), "Malignant": (255, 0, 0)}
+    info = ["Image;Resolution;Label;Doppler;Marks;Combined"]
+    split = [["image", "label", "group", "split"]]
+    for (name, label, marks, part), image, mask in zip(FAKE_UCLM, images, masks, strict=True):
+        rgb = np.zeros((*mask.shape, 3), np.uint8)
+        if label != "Normal":
+            rgb[mask] = colour[label]
+        _save_png(root / "masks" / f"{name}.png", rgb)
+        _save_png(root / "images" / f"{name}.png",
+                  image[:30, :36] if name == "BBBB_002" else image)
+        info.append(f"{name}.png;48x40;{label};No;{marks};No")
+        split.append([f"images/{name}.png", label.lower(), "ABC".index(name[0]), part])
+    (root / "INFO.csv").write_text("\n".join(info) + "\n")
+    split_csv = tmp_path / "busuclm.csv"
+    with open(split_csv, "w", newline="") as fh:
+        csv.writer(fh).writerows(split)
+    return root, split_csv
+
+
+def test_read_info_flags(tmp_path):
+    acc = _load("accuracy")
+    (tmp_path / "INFO.csv").write_text(
+        "Image;Resolution;Label;Doppler;Marks;Combined\nX_000.png;1x1;Benign;No;Yes;No\n"
+        "X_001.png;1x1;Normal;No;No;?\n")
+    flags = acc.read_info_flags(tmp_path)
+    assert flags == {"X_000": {"marks": True, "doppler": False, "combined": False},
+                     "X_001": {"marks": False, "doppler": False, "combined": None}}
+    assert acc.read_info_flags(tmp_path / "none") == {}
+
+
+def test_accuracy_busuclm_section(tmp_path, fake_busi, fake_split, fake_busuclm,
+                                  make_head_checkpoint):
+    acc = _load("accuracy")
+    root, split_csv = fake_busuclm
+    # no pixel reaches 0.9 in an untrained model: this gate empties every non-empty mask
+    ckpt = make_head_checkpoint({"p_normal": 0.3, "lesion_confidence": 0.9})
+    out = tmp_path / "out"
+    acc.main(["--checkpoint", str(ckpt), "--busi", str(fake_busi), "--split", str(fake_split),
+              "--no-busbra", "--busuclm", str(root), "--busuclm-split", str(split_csv),
+              "--out", str(out), "--n-boot", "50", "--quiet"])
+    saved = _outputs(out, "accuracy")
+    u = saved["busuclm"]
+    rows = [r for r in saved["per_image"] if r["dataset"] == "BUS-UCLM"]
+    # the test patients only; BBBB_002 (image smaller than its mask) is reported, not scored
+    assert sorted(r["name"] for r in rows) == ["AAAA_000", "AAAA_001", "AAAA_002",
+                                               "BBBB_000", "BBBB_001"]
+    assert u["patients"] == ["AAAA", "BBBB"]
+    assert (u["n_lesion"], u["n_normal"]) == (3, 2)
+    assert [s["image"] for s in u["skipped"]] == ["images/BBBB_002.png"]
+    assert u["skipped_by_reason"] == {"size mismatch": 1}
+    assert {r["name"]: r["marks"] for r in rows}["AAAA_000"] is True
+    lesion = [r for r in rows if r["label"] != "normal"]
+    nm = u["lesion_dice_no_marks"]
+    assert nm["gate_on"]["n"] == 2 and u["lesion_dice_marks"]["gate_on"]["n"] == 1
+    assert nm["gate_off"]["mean"] == pytest.approx(
+        np.mean([r["dice_ungated"] for r in lesion if r["marks"] is False]))
+    ld = u["lesion_dice"]
+    assert ld["gate_on"]["mean"] == pytest.approx(np.mean([r["dice"] for r in lesion]))
+    assert ld["gate_on"]["ci_low"] <= ld["gate_on"]["mean"] <= ld["gate_on"]["ci_high"]
+    fp = u["fp_rate_normal"]
+    assert fp["gate_on"]["mean"] == 0.0  # this gate empties every mask
+    assert fp["gate_off"]["sum"] == sum(r["any_pred_ungated"] for r in rows
+                                        if r["label"] == "normal")
+    assert u["gate"]["n_lesion_gated"] == sum(r["gated"] for r in lesion)
+    auc = u["class_head"]["auc_lesion_vs_normal"]
+    assert (auc["n_pos"], auc["n_neg"]) == (3, 2) and auc["auc"] == 0.5  # all scores tie
+    assert saved["headline"]["uclm_fp_normal"] == 0.0
+    md = (out / "accuracy.md").read_text()
+    assert "## BUS-UCLM test patients" in md
+    assert "| lesion Dice, scans without caliper marks | 2 |" in md
+    assert "1 x size mismatch" in md and "images/BBBB_002.png" in md
+    assert "## Summary against the targets of issue 13 (default settings)" in md
+    assert "| BUS-UCLM test patients: normal scans with any predicted lesion | 0.000 | <= 0.10 " \
+        "| yes |" in md
+
+
+def test_accuracy_busuclm_missing_folder_is_an_error(tmp_path, fake_busi, fake_split,
+                                                    tiny_checkpoint):
+    acc = _load("accuracy")
+    with pytest.raises(SystemExit, match="BUS-UCLM not found"):
+        acc.main(["--checkpoint", str(tiny_checkpoint), "--busi", str(fake_busi), "--split",
+                  str(fake_split), "--no-busbra", "--busuclm", str(tmp_path / "none"),
+                  "--out", str(tmp_path / "out"), "--quick", "--quiet"])
+
+
+def test_busuclm_test_patients_on_the_real_data():
+    acc = _load("accuracy")
+    root = acc.C.DEFAULT_BUSUCLM
+    if not root.is_dir():
+        pytest.skip(f"{root} absent (../shared/data/busuclm-dev is not distributed here)")
+    items, skipped = acc.busuclm_items(root, acc.C.DEFAULT_BUSUCLM_SPLIT, "test", None)
+    assert sorted({i["patient"] for i in items}) == ["ALWI", "ANFO", "CHCO", "UNCU"]
+    lesion = [i for i in items if i["label"] != "normal"]
+    assert (len(lesion), len(items) - len(lesion)) == (34, 29)
+    assert all(i["marks"] in (True, False) for i in items)
+    assert sum(i["marks"] is False for i in lesion) == 22
+    assert skipped == []  # the 13 HESN scans smaller than their masks are in val
 
 
 def test_speed_quick(tmp_path, fake_busi, fake_split, tiny_checkpoint):
@@ -322,10 +445,16 @@ def test_speed_new_model_old_default_and_targets(
     ft = saved["finetune"]
     assert (ft["n_images"], ft["steps_asked"], ft["threads"]) == (2, 2, 2)
     assert ft["steps"] == 2 and 0 < ft["seconds"] < 120 and ft["n_train"] + ft["n_val"] == 2
+    assert ft["freeze_encoder"] is False and ft["repeats"] == 1  # the widget default
+    assert ft["cpu_seconds"] > 0 and len(ft["cpu_seconds_all"]) == 1
+    fz = saved["finetune_frozen"]  # the widget's frozen option, for comparison
+    assert fz["freeze_encoder"] is True and fz["steps"] == 2 and fz["seconds"] > 0
     md = (out / "speed.md").read_text()
     assert "## Issue targets (measured in this run)" in md
     assert "| busseg old default |" in md and "plain U-Net base 16 (reference)" in md
     assert "(not the target's setting)" in md
+    assert "widget settings: whole network" in md
+    assert "the same with the encoder frozen" in md
 
 
 @pytest.mark.gui
@@ -385,7 +514,38 @@ def test_annotation_loop_quick(tmp_path, fake_busi, fake_split, fake_busbra, tin
         assert r["busi"] is not None and len(r["busi"]["dice"]) == 3  # 1 per class
     assert [s["k"] for s in saved["summary"]] == [0, 2]
     assert saved["settings"]["finetune"]["max_steps"] == 2
+    from busseg.finetune import FINETUNE_DEFAULTS
+
+    for key in ("freeze_encoder", "loss", "lr", "batch_size", "augment"):
+        assert saved["settings"]["finetune"][key] == FINETUNE_DEFAULTS[key]  # widget defaults
+    assert all(r["freeze_encoder"] is FINETUNE_DEFAULTS["freeze_encoder"] for r in runs[1:])
+    assert saved["frozen_summary"] == []
     assert res["estimate_s"] > 0
+
+
+def test_annotation_loop_compare_frozen(tmp_path, fake_busbra, tiny_checkpoint):
+    loop = _load("annotation_loop")
+    out = tmp_path / "out"
+    loop.main(["--checkpoint", str(tiny_checkpoint), "--busbra", str(fake_busbra), "--no-busi",
+               "--out", str(out), "--ks", "0", "2", "--draws", "1", "--eval-limit", "3",
+               "--max-steps", "2", "--compare-frozen", "--quiet"])
+    saved = _outputs(out, "annotation_loop")
+    runs = saved["runs"]
+    assert [(r["k"], r.get("mode")) for r in runs] == [(0, None), (2, "default"),
+                                                        (2, "frozen")]
+    assert runs[1]["freeze_encoder"] is False and runs[2]["freeze_encoder"] is True
+    assert runs[1]["ids"] == runs[2]["ids"]  # the same corrected pairs
+    assert all(r["finetune_s"] > 0 for r in runs[1:])
+    base = runs[0]["eval"]["mean_dice"]
+    fz = {r["k"]: r for r in saved["frozen_summary"]}
+    assert fz[2]["gain"] == pytest.approx(runs[2]["eval"]["mean_dice"] - base)
+    df = {r["k"]: r for r in saved["summary"]}
+    assert df[2]["gain"] == pytest.approx(runs[1]["eval"]["mean_dice"] - base)
+    assert df[2]["finetune_s_median"] == pytest.approx(runs[1]["finetune_s"])
+    assert saved["targets"]["10"]["gain"] is None  # k = 10 not run
+    md = (out / "annotation_loop.md").read_text()
+    assert "### Widget default vs frozen encoder (same pairs, same steps)" in md
+    assert "whole network, loss bce_lesion_dice" in md
 
 
 def test_active_learning_quick(tmp_path, fake_busbra, tiny_checkpoint):
@@ -442,6 +602,11 @@ def test_active_learning_quick(tmp_path, fake_busbra, tiny_checkpoint):
     assert lo == min(runs[3]["eval"]["mean_dice"], runs[5]["eval"]["mean_dice"]) and lo <= hi
     md = (out / "active_learning.md").read_text()
     assert "**Outcome:**" in md and res["outcome"] in md
+    from busseg.finetune import FINETUNE_DEFAULTS  # the widget defaults are what it runs
+
+    assert saved["settings"]["finetune"]["freeze_encoder"] == FINETUNE_DEFAULTS["freeze_encoder"]
+    assert saved["settings"]["finetune"]["loss"] == FINETUNE_DEFAULTS["loss"]
+    assert "whole network" in md or "encoder frozen" in md
     assert al.verdict(0.5, [0.6, 0.7]).startswith("random better")
     assert al.verdict(0.8, [0.6, 0.7]).startswith("uncertainty better")
     assert al.verdict(0.65, [0.6, 0.7]).startswith("within")

@@ -69,14 +69,41 @@ def fake_busbra(tmp_path, synthetic_pairs) -> Path:
     return root
 
 
+@pytest.fixture
+def fake_busuclm(tmp_path, synthetic_pairs):
+    """BUS-UCLM-like pairs (colour masks): test patients AAAA (a lesion and a normal scan) and
+    BBBB (a lesion scan whose image is smaller than its mask), train patient CCCC."""
+    root = tmp_path / "busuclm"
+    images, masks = synthetic_pairs(5, size=(40, 48), seed=5)
+    rows = []
+    for k, name in enumerate(["AAAA_000", "AAAA_001", "BBBB_000", "BBBB_001", "CCCC_000"]):
+        normal = name == "AAAA_001"
+        colour = np.zeros((*masks[k].shape, 3), np.uint8)
+        if not normal:
+            colour[masks[k]] = (255, 0, 0) if k == 2 else (0, 255, 0)
+        _save_png(root / "images" / f"{name}.png",
+                  images[k][:30] if name == "BBBB_001" else images[k])
+        _save_png(root / "masks" / f"{name}.png", colour)
+        rows.append([f"images/{name}.png", "normal" if normal else "benign", k // 2,
+                     "train" if name.startswith("CCCC") else "test"])
+    split = tmp_path / "busuclm.csv"
+    with open(split, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "label", "group", "split"])
+        w.writerows(rows)
+    return root, split
+
+
 def test_quick_run_writes_tables_json_and_plot(bench, tmp_path, fake_busi, fake_split,
-                                               fake_busbra, tiny_prompt_checkpoint,
-                                               tiny_checkpoint):
+                                               fake_busbra, fake_busuclm,
+                                               tiny_prompt_checkpoint, tiny_checkpoint):
     out = tmp_path / "out"
+    uclm, usplit = fake_busuclm
     result = bench.main([
         "--checkpoint", str(tiny_prompt_checkpoint), "--baseline-checkpoint",
         str(tiny_checkpoint), "--busi", str(fake_busi), "--split", str(fake_split),
-        "--busbra", str(fake_busbra), "--quick", "--out", str(out), "--quiet",
+        "--busbra", str(fake_busbra), "--busuclm", str(uclm), "--busuclm-split", str(usplit),
+        "--quick", "--out", str(out), "--quiet",
     ])
     for ext in ("md", "json", "png"):
         assert (out / f"interactive.{ext}").stat().st_size > 0
@@ -84,7 +111,8 @@ def test_quick_run_writes_tables_json_and_plot(bench, tmp_path, fake_busi, fake_
     assert payload["hardware"]["torch_threads"] == 2
     assert [(r["model"], r["dataset"]) for r in payload["rows"]] == [
         ("baseline", "BUSI test"), ("prompt model", "BUSI test"),
-        ("baseline", "BUS-BRA"), ("prompt model", "BUS-BRA")]
+        ("baseline", "BUS-BRA"), ("prompt model", "BUS-BRA"),
+        ("baseline", "BUS-UCLM test"), ("prompt model", "BUS-UCLM test")]
     busi = payload["rows"][1]
     # --quick: 3 lesion images (the fake tree's normal image is not a lesion image), 5 clicks
     assert busi["summary"]["n"] == 3 and len(busi["summary"]["miou_curve"]) == 5
@@ -92,11 +120,39 @@ def test_quick_run_writes_tables_json_and_plot(bench, tmp_path, fake_busi, fake_
         assert len(rec["ious"]) == 5 and 1 <= rec["noc85"] <= 5
         assert rec["noc85"] <= rec["noc90"]
         assert 0.0 <= rec["dice_tight"] <= 1.0
+        # box then clicks: 5 interactions (--quick), the boxes first (the same jittered
+        # boxes as the box row: IoU after the last box = its Dice as IoU)
+        assert len(rec["bc_ious"]) == 5 and 1 <= rec["bc_noc85"] <= rec["bc_noc90"] <= 5
+        assert rec["bc_ious"][rec["n_boxes"] - 1] == pytest.approx(
+            rec["dice_jittered"] / (2 - rec["dice_jittered"]), abs=1e-6)
+    assert busi["summary"]["bc_n"] == 3 and len(busi["summary"]["bc_miou_curve"]) == 5
     assert payload["rows"][0]["summary"].get("noc85") is None  # the baseline takes no clicks
+    assert payload["rows"][0]["summary"].get("bc_noc85") is None
+    # BUS-UCLM: test patients' lesion scans only; the mismatched one is skipped and named
+    uclm_row = payload["rows"][5]
+    assert [r["name"] for r in uclm_row["per_image"]] == ["images/AAAA_000.png",
+                                                          "images/BBBB_000.png"]
+    skipped = payload["datasets"]["BUS-UCLM test"]["skipped"]
+    assert [d["image"] for d in skipped] == ["images/BBBB_001.png"]
+    assert "size mismatch" in skipped[0]["problems"][0]
     md = (out / "interactive.md").read_text()
     assert "| prompt model | BUSI test | 3 |" in md and "| baseline | BUS-BRA | 3 |" in md
+    assert "| prompt model | BUS-UCLM test | 2 |" in md and "| BUS-UCLM test | 2 |" in md
+    assert "## Box then clicks" in md and "BBBB_001.png: size mismatch" in md
     assert "Limited run" in md
     assert result["widget_latency"] is None
+
+
+def test_a_missing_busuclm_split_skips_the_row(bench, tmp_path, fake_busi, fake_split,
+                                               tiny_prompt_checkpoint):
+    result = bench.main([
+        "--checkpoint", str(tiny_prompt_checkpoint), "--busi", str(fake_busi), "--split",
+        str(fake_split), "--no-busbra", "--busuclm-split", str(tmp_path / "none.csv"),
+        "--quick", "--limit", "1", "--max-interactions", "2", "--protocols", "box-clicks",
+        "--out", str(tmp_path / "o"), "--quiet"])
+    assert [r["dataset"] for r in result["rows"]] == ["BUSI test"]
+    summ = result["rows"][0]["summary"]
+    assert "noc85" not in summ and "bc_noc85" in summ  # --protocols box-clicks: no click row
 
 
 def test_a_model_without_prompts_is_refused(bench, tmp_path, fake_busi, fake_split,
@@ -147,3 +203,148 @@ def test_click_curve_follows_the_ritm_protocol(bench, tiny_prompt_checkpoint, mo
     assert labels == [1] and prev is None
     r, c = points[0]
     assert 14 <= r <= 15 and 9 <= c <= 20  # on the ridge, 5 px from the border
+
+
+# --------------------------------------------------------------------------- box then clicks
+
+
+def _rect(shape, r0, c0, r1, c1):
+    m = np.zeros(shape, bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def _fake_predict(monkeypatch, answer):
+    """Replace busseg.inference.predict by ``answer(call_number, kwargs) -> mask``."""
+    import busseg.inference as inf
+
+    calls = []
+
+    def fake(image, model, **kw):
+        calls.append(kw)
+        mask = answer(len(calls), kw)
+        return inf.Prediction(mask, mask.astype(np.float32), None)
+
+    monkeypatch.setattr(inf, "predict", fake)
+    return calls
+
+
+def test_box_then_clicks_counts_the_box_as_one_interaction(bench, monkeypatch):
+    truth = _rect((40, 50), 10, 10, 30, 40)
+    half = _rect((40, 50), 10, 10, 30, 25)  # IoU 0.5 after the box
+    box = np.array([[10.0, 10.0, 29.0, 39.0]])
+    calls = _fake_predict(monkeypatch, lambda k, kw: half if k == 1 else truth)
+    ious, secs, n_run = bench.box_click_curve(np.zeros((40, 50), np.uint8), truth, None, box,
+                                              max_interactions=20, stop_at=0.90)
+    assert ious[0] == pytest.approx(0.5) and ious[1] == 1.0 and n_run == 2 and len(ious) == 20
+    assert bench.noc(ious, 0.85, 20) == 2 and bench.noc(ious, 0.90, 20) == 2
+    # the box alone, then the box kept with the click and the previous mask fed back
+    assert "points" not in calls[0] or calls[0].get("points") is None
+    np.testing.assert_array_equal(calls[1]["boxes"], box)
+    assert calls[1]["point_labels"] == [1]
+    np.testing.assert_array_equal(calls[1]["previous_mask"], half)
+    r, c = calls[1]["points"][0]
+    assert 10 <= r < 30 and 25 <= c < 40  # in the missed half
+
+
+def test_box_then_clicks_caps_at_twenty_and_counts_failures(bench, monkeypatch):
+    truth = _rect((40, 50), 10, 10, 30, 40)
+    box = np.array([[10.0, 10.0, 29.0, 39.0]])
+    calls = _fake_predict(monkeypatch, lambda k, kw: np.zeros((40, 50), bool))
+    ious, _, n_run = bench.box_click_curve(np.zeros((40, 50), np.uint8), truth, None, box)
+    assert len(calls) == 20 and n_run == 20 and max(ious) == 0.0
+    assert bench.noc(ious, 0.85, 20) == 20 and bench.noc(ious, 0.90, 20) == 20
+    rec = {"n_boxes": 1, "dice_tight": 0.0, "dice_jittered": 0.0, "box_seconds": [0.1],
+           "bc_ious": ious, "bc_seconds": [0.1], "bc_run": n_run, "bc_noc85": 20,
+           "bc_noc90": 20}
+    good = {**rec, "bc_ious": [0.95] * 20, "bc_noc85": 1, "bc_noc90": 1, "bc_run": 1}
+    s = bench.summarise([rec, good], 20, True)
+    assert s["bc_never90"] == 1 and s["bc_noc90"] == 10.5 and s["bc_box_iou"] == 0.475
+
+
+def test_box_then_clicks_stops_at_the_target_and_two_boxes_count_two(bench, monkeypatch):
+    truth = _rect((40, 60), 5, 5, 15, 20) | _rect((40, 60), 25, 35, 35, 55)
+    boxes = np.array([[5.0, 5.0, 14.0, 19.0], [25.0, 35.0, 34.0, 54.0]])
+
+    def answer(k, kw):  # each box finds its lesion exactly
+        out = np.zeros((40, 60), bool)
+        for r0, c0, r1, c1 in kw["boxes"]:
+            out[int(r0):int(r1) + 1, int(c0):int(c1) + 1] = True
+        return out & truth
+
+    calls = _fake_predict(monkeypatch, answer)
+    ious, _, n_run = bench.box_click_curve(np.zeros((40, 60), np.uint8), truth, None, boxes)
+    assert len(calls) == 2 and n_run == 2  # IoU 1 after the second box: stop
+    assert ious[0] < 0.85 and ious[1] == 1.0
+    assert bench.noc(ious, 0.85, 20) == 2 and bench.noc(ious, 0.90, 20) == 2
+
+
+def test_fast_next_click_is_the_project_click_simulator(bench):
+    import _common as C
+    from scipy import ndimage
+
+    from busseg.prompts import next_click
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        h, w = rng.integers(4, 60, 2)
+        truth = ndimage.binary_dilation(rng.random((h, w)) < 0.03, iterations=3)
+        pred = ndimage.binary_dilation(rng.random((h, w)) < 0.03, iterations=2)
+        assert C.next_click(pred, truth) == next_click(pred, truth)
+    assert C.next_click(truth, truth) is None
+
+
+@pytest.mark.realdata
+def test_busuclm_test_split_on_the_real_data(bench, repo_root):
+    import _common as C
+
+    root, split = C.DEFAULT_BUSUCLM, C.DEFAULT_BUSUCLM_SPLIT
+    if not root.is_dir() or not split.is_file():
+        pytest.skip(f"BUS-UCLM ({root}) or its split ({split}) not found")
+    items, skipped = bench.busuclm_test_lesions(root, split, None)
+    from busseg.data.splits import read_split_csv
+
+    rows = read_split_csv(split)
+    test = {r["image"] for r in rows if r["split"] == "test"}
+    lesion = {r["image"] for r in rows if r["split"] == "test" and r["label"] != "normal"}
+    assert {name for name, _, _ in items} | {d["image"] for d in skipped} == lesion
+    assert all(name in test for name, _, _ in items)
+    # the 13 HESN scans (smaller than their masks) are named, not dropped, in their split
+    hesn_split = {r["split"] for r in rows if r["image"].startswith("images/HESN_")}
+    for name in hesn_split:
+        _, skipped = C.split_records(root, split, name)
+        hesn = [d for d in skipped if d["image"].startswith("images/HESN_")]
+        n = sum(r["image"].startswith("images/HESN_") and r["split"] == name for r in rows)
+        assert len(hesn) == n and all("size mismatch" in d["problems"][0] for d in hesn)
+
+
+@pytest.mark.slow
+def test_a_worker_pool_gets_the_same_boxes_and_records(bench, tiny_prompt_checkpoint):
+    """--jobs: the jitter is drawn in image order before the work is shared out."""
+    import argparse
+
+    from busseg.inference import load_model
+
+    model = load_model(tiny_prompt_checkpoint, device="cpu")
+    truth = _rect((40, 48), 10, 10, 30, 30)
+    rng = np.random.default_rng(0)
+    data = [(f"img{k}", rng.integers(0, 256, (40, 48), dtype=np.uint8), truth)
+            for k in range(2)]
+    args = argparse.Namespace(seed=0, jitter=0.1, protocols=["box", "box-clicks"],
+                              max_interactions=3, max_clicks=5, stop_at=0.9, quiet=True)
+
+    class InlinePool:  # a pool whose workers are this process
+        def imap(self, fn, tasks, chunksize=1):
+            return map(fn, list(tasks))
+
+    bench._WORKER_MODELS["prompt"] = model
+    try:
+        pooled, _ = bench.evaluate(None, data, prompt=True, args=args, label="x",
+                                   pool=InlinePool())
+    finally:
+        bench._WORKER_MODELS.clear()
+    plain, _ = bench.evaluate(model, data, prompt=True, args=args, label="x")
+    for a, b in zip(pooled, plain, strict=True):
+        assert a["jittered_boxes"] == b["jittered_boxes"] and a["bc_ious"] == b["bc_ious"]
+    # the two images got different draws of the one sequence
+    assert len({str(r["jittered_boxes"]) for r in plain}) == 2
