@@ -192,13 +192,22 @@ def checkpoint_summary(path: Path) -> dict[str, Any]:
 
     cfg = read_checkpoint_config(path)
     return {
-        "path": str(Path(path).resolve()),
+        "path": repo_relative(path),
         "model": cfg.get("model", {}),
         "input_size": cfg.get("preprocessing", {}).get("input_size"),
         "threshold": cfg.get("inference", {}).get("threshold"),
         "tta_flips": cfg.get("inference", {}).get("tta_flips"),
         "lineage": cfg.get("lineage", {}),
     }
+
+
+def repo_relative(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository when inside it (no machine path in the results)."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(p)
 
 
 def checkpoint_markdown(summary: Mapping[str, Any]) -> str:
