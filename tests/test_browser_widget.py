@@ -508,6 +508,8 @@ def test_unedited_prediction_is_not_saved(browser, notes, tiny_checkpoint, tmp_p
     assert not corr.exists() or not list(corr.rglob("*_mask.png"))
     assert widget._progress_label.value == "0 of 3 corrected"
     assert _names(viewer)[0] == "scan 01"
+    # the next case's prediction runs in a worker: let it land before the viewer closes
+    qtbot.waitUntil(lambda: "scan 01 prediction" in _names(viewer), timeout=60_000)
 
 
 def test_resume_opens_the_first_uncorrected_case(browser, notes, tmp_path):
@@ -544,7 +546,10 @@ def test_learn_as_you_go_switches_segment_lesions(
         from shutil import copytree
 
         copytree(tiny_checkpoint, ck, dirs_exist_ok=True)
-        return FinetuneResult(ck, None, dice["before"], dice["after"], len(images) - 1, 1)
+        heldout = {"before": {"mean_dice": dice["before"], "dice_lesion": dice["before"]},
+                   "after": {"mean_dice": dice["after"], "dice_lesion": dice["after"]}}
+        return FinetuneResult(ck, None, dice["before"], dice["after"], len(images) - 1, 1,
+                              extra={"heldout": heldout})
 
     monkeypatch.setattr(busseg.finetune, "finetune_iter", fake_finetune)
     viewer = make_napari_viewer()

@@ -265,6 +265,7 @@ class BusiBrowserWidget(Container):
         self._last_list_refresh = 0.0
         self._open_index: int | None = None  # the case whose layers are in the viewer
         self._closing_case = False
+        self._viewer_closing = False
         self._store_error: str | None = None
         self._finetune_worker: Any = None
         #: Keyword arguments of :func:`busseg.finetune.finetune_iter` for learning as you go
@@ -671,6 +672,7 @@ class BusiBrowserWidget(Container):
                     widget = ref()
                     if widget is not None:
                         widget._autosave()
+                        widget._viewer_closing = True  # late predictions are dropped
                 return False
 
         self._close_filter = _CloseFilter(qt_window)
@@ -1319,6 +1321,8 @@ class BusiBrowserWidget(Container):
 
     def _on_prediction(self, rec: BusiRecord, mask: np.ndarray) -> None:
         name = prediction_name(rec.name)
+        if self._viewer_closing:  # napari is closing: no new layers
+            return
         if self.open_record != rec:  # the user moved on meanwhile: the case is closed
             return
         if find_layer(self._viewer, name) is not None:  # made meanwhile (e.g. segment widget)
