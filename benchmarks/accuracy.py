@@ -163,6 +163,19 @@ LEAK_NOTE = (
 # --------------------------------------------------------------------------- evaluation
 
 
+def _first_per_label(records: list, limit: int | None) -> list:
+    """The first ``limit`` records of each label, in order (all of them when None)."""
+    if limit is None:
+        return list(records)
+    per: dict[str, int] = {}
+    kept = []
+    for r in records:
+        if per.get(r.label, 0) < limit:
+            kept.append(r)
+            per[r.label] = per.get(r.label, 0) + 1
+    return kept
+
+
 def _select_busi(busi_root: Path, split_csv: Path, split: str, limit: int | None):
     from busseg.data import discover_busi
     from busseg.data.splits import read_split_csv, select_split
@@ -170,14 +183,7 @@ def _select_busi(busi_root: Path, split_csv: Path, split: str, limit: int | None
     index = discover_busi(busi_root)
     rows = read_split_csv(split_csv)
     records = select_split(index, rows, split)
-    if limit is not None:
-        per: dict[str, int] = {}
-        kept = []
-        for r in records:
-            if per.get(r.label, 0) < limit:
-                kept.append(r)
-                per[r.label] = per.get(r.label, 0) + 1
-        records = kept
+    records = _first_per_label(records, limit)
     return records
 
 
@@ -557,14 +563,7 @@ def busuclm_items(root: Path, split_csv: Path, split: str, limit: int | None
     """
     records, skipped = C.split_records(root, split_csv, split)
     flags = read_info_flags(root)
-    if limit is not None:
-        per: dict[str, int] = {}
-        kept = []
-        for r in records:
-            if per.get(r.label, 0) < limit:
-                kept.append(r)
-                per[r.label] = per.get(r.label, 0) + 1
-        records = kept
+    records = _first_per_label(records, limit)
     items = []
     for r in records:
         f = flags.get(r.name, {})

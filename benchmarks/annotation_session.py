@@ -409,8 +409,9 @@ def protocol_text(a: Mapping) -> list[str]:
         "the current checkpoint on all corrections so far (normal scans' empty masks "
         "included; `busseg.finetune` defaults) and adopts it when its held-out Dice and its "
         "Dice on the held-out corrections with a lesion are not worse (held-out pairs drawn "
-        "from lesion and normal corrections alike). The fine-tune runs to its end before the next scan opens (the app runs it "
-        "in the background). File order: the stream as listed; uncertainty order: "
+        "from lesion and normal corrections alike). The fine-tune runs to its end before the "
+        "next scan opens (the app runs it in the background). File order: the stream as "
+        "listed; uncertainty order: "
         "`busseg.uncertainty.rank` with the starting checkpoint, most uncertain first, within "
         "each site (BUS-UCLM still first).",
         "",

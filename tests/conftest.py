@@ -151,6 +151,33 @@ def synthetic_pairs():
     return make
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` once (as ``bench_<name>``); ``_common`` by its own name.
+
+    The scripts are not a package: their folder goes on ``sys.path`` so that their
+    ``import _common`` works, and each module is registered in ``sys.modules`` before it runs
+    (dataclasses look their module up while it executes).
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    if name == "_common":
+        return importlib.import_module("_common")
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCHMARKS / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
 def _save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 

@@ -8,30 +8,15 @@ tables, JSON and plots are written and hold what they claim.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    if name == "_common":  # the scripts import it by this name
-        return importlib.import_module("_common")
-    key = f"bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod  # dataclasses look their module up while it executes
-        spec.loader.exec_module(mod)
-    return sys.modules[key]
+_load = load_benchmark
 
 
 @pytest.fixture(scope="module")

@@ -8,28 +8,17 @@ inputs whose answer is known.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    key = "bench_interactive"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, BENCH / "interactive.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[key]
+    return load_benchmark("interactive")
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:

@@ -23,12 +23,13 @@ def test_widget_module_re_exports_the_jobs():
 
 
 def test_segment_job_drains_without_a_thread(tiny_checkpoint):
+    from busseg.engine import drain
     from busseg.inference import load_model, predict_mask
-    from busseg.jobs import SegmentResult, run_job, segment_job
+    from busseg.jobs import SegmentResult, segment_job
 
     image = _grey((2, 36, 40), seed=1)
     events = []
-    res = run_job(segment_job(image, rgb=False, checkpoint=tiny_checkpoint, device="cpu",
+    res = drain(segment_job(image, rgb=False, checkpoint=tiny_checkpoint, device="cpu",
                               crops=[(30, 32), None]), events.append)
     assert isinstance(res, SegmentResult)
     assert events[0][0] == "status" and events[-1] == ("progress", 2, 2)
@@ -39,28 +40,30 @@ def test_segment_job_drains_without_a_thread(tiny_checkpoint):
 
 
 def test_segment_job_refuses_wrong_crops(tiny_checkpoint):
-    from busseg.jobs import run_job, segment_job
+    from busseg.engine import drain
+    from busseg.jobs import segment_job
 
     with pytest.raises(ValueError, match="crops has 1 entries for 2 slices"):
-        run_job(segment_job(_grey((2, 16, 16)), rgb=False, checkpoint=tiny_checkpoint,
+        drain(segment_job(_grey((2, 16, 16)), rgb=False, checkpoint=tiny_checkpoint,
                             device="cpu", crops=[None]))
 
 
 def test_guarded_turns_runtime_errors_into_worker_errors():
-    from busseg.jobs import WorkerError, guarded, run_job
+    from busseg.engine import drain
+    from busseg.jobs import WorkerError, guarded
 
     def job():
         yield 1
         raise RuntimeError("CUDA out of memory")
 
     with pytest.raises(WorkerError, match="RuntimeError: CUDA out of memory"):
-        run_job(guarded(job()))
+        drain(guarded(job()))
 
     def fine():
         yield 1
         return "done"
 
-    assert run_job(guarded(fine())) == "done"
+    assert drain(guarded(fine())) == "done"
 
 
 def test_prompt_job_without_prompts_is_an_empty_mask():

@@ -261,7 +261,8 @@ def finetune_iter(
         ev = evaluate_dataset(model, val_set, dev, cfg.batch_size, cfg.threshold,
                               box_prompts=False)
         before = ev["mean_dice"]
-        heldout["before"] = _heldout_summary(ev)
+        heldout["before"] = _heldout_summary(ev["mean_dice"], ev["mean_dice_lesion"],
+                                             ev["fp_rate_normal"], len(va))
     out = Path(out_dir) if out_dir is not None else default_output_dir()
     if out.exists():
         raise FileExistsError(f"{out} exists; fine-tuning writes a new folder, choose another")
@@ -294,26 +295,25 @@ def finetune_iter(
         yield ev
     after = fit.best_val_dice if val_set is not None else None
     ckpt = fit.checkpoint  # the engine writes out/best whenever a step was taken
-    if ckpt is not None and val_set is not None:
-        best_model, _ = load_checkpoint(ckpt, device=dev)
-        heldout["after"] = _heldout_summary(evaluate_dataset(
-            best_model, val_set, dev, cfg.batch_size, cfg.threshold, box_prompts=False))
+    # the validation row of the selected weights holds their held-out lesion Dice already
+    best_row = next((r for r in reversed(fit.history) if r["step"] == fit.best_step), None)
+    if ckpt is not None and best_row is not None:
+        heldout["after"] = _heldout_summary(best_row["val_dice"], best_row["val_dice_lesion"],
+                                            best_row["val_fp_rate_normal"], len(va))
     if ckpt is not None:
         _record_after(ckpt, before, after, heldout)
     return FinetuneResult(ckpt, fit, before, after, len(tr), len(va), extra={"heldout": heldout})
 
 
-def _heldout_summary(ev: dict) -> dict:
-    """Lesion Dice, normal-scan FP rate and counts of one held-out evaluation (JSON-safe)."""
+def _heldout_summary(mean_dice: float, dice_lesion: float, fp_rate: float, n: int) -> dict:
+    """Held-out mean Dice, lesion Dice and normal-scan FP rate (NaN -> None), JSON-safe."""
     import math
 
-    dice = np.asarray(ev["dice"], dtype=float)
-    lesion = ev["mean_dice_lesion"]
-    fp = ev["fp_rate_normal"]
-    return {"mean_dice": float(ev["mean_dice"]),
-            "dice_lesion": None if not math.isfinite(lesion) else float(lesion),
-            "fp_rate_normal": None if not math.isfinite(fp) else float(fp),
-            "n": int(dice.size)}
+    def finite(x: float) -> float | None:
+        return float(x) if math.isfinite(x) else None
+
+    return {"mean_dice": float(mean_dice), "dice_lesion": finite(dice_lesion),
+            "fp_rate_normal": finite(fp_rate), "n": int(n)}
 
 
 def lesions_kept(result: FinetuneResult, tolerance: float = 0.0) -> bool | None:

@@ -6,7 +6,7 @@ Nothing here imports Qt, napari or magicgui (a test checks it); torch and
 - :func:`segment_job`: automatic segmentation of every 2D slice of an image array, a generator
   that yields progress events and returns a :class:`SegmentResult` (DESIGN.md practice 2:
   napari wraps it in a ``thread_worker``; tests, the CLI and the session drain it with
-  :func:`run_job`).
+  :func:`busseg.engine.drain`).
 - :func:`prompt_job`: one prompted prediction of one 2D slice (:class:`PromptRequest` ->
   :class:`PromptResult`).
 - :func:`prompt_region`: the pixels a prompt may change (so brush edits elsewhere survive).
@@ -18,7 +18,7 @@ Nothing here imports Qt, napari or magicgui (a test checks it); torch and
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ __all__ = [
     "guarded",
     "prompt_job",
     "prompt_region",
-    "run_job",
     "segment_job",
     "slice_crop",
 ]
@@ -75,30 +74,6 @@ def guarded(gen: Generator) -> Generator:
         return (yield from gen)
     except RuntimeError as exc:
         raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
-
-
-def run_job(gen: Generator, on_event: Callable[[Any], Any] | None = None) -> Any:
-    """Drain a job generator synchronously and return its result (no thread, no Qt).
-
-    Parameters
-    ----------
-    gen : generator
-        A job such as :func:`segment_job`.
-    on_event : callable, optional
-        Called with every yielded event (e.g. ``("progress", done, total)``).
-
-    Returns
-    -------
-    object
-        What the generator returns.
-    """
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if on_event is not None:
-            on_event(event)
 
 
 def slice_crop(slices: list[dict] | None, i: int) -> tuple[int, int] | None:

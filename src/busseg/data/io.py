@@ -149,15 +149,21 @@ def _open_tiff_fallback(path: Path, cause: Exception) -> np.ndarray:
     return arr
 
 
-def _open(path: str | os.PathLike) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
+def _existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, after checking that it is a non-empty file (else the error)."""
     path = Path(path)
     if not path.is_file():
         if path.is_dir():
             raise IsADirectoryError(f"{path} is a folder, not an image file")
         raise FileNotFoundError(f"no such image file: {path}")
     _check_not_empty(path)
+    return path
+
+
+def _open(path: str | os.PathLike) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    path = _existing_file(path)
     if _is_dicom(path):
         frames = _dicom_frames(path)
         if len(frames) > 1:
@@ -315,12 +321,7 @@ def read_stack(path: str | os.PathLike) -> np.ndarray:
     ImageReadError
         If it cannot be decoded, its pages differ in size, or (DICOM) pydicom is missing.
     """
-    path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise IsADirectoryError(f"{path} is a folder, not an image file")
-        raise FileNotFoundError(f"no such image file: {path}")
-    _check_not_empty(path)
+    path = _existing_file(path)
     if _is_dicom(path):
         frames = [to_grey(f) for f in _dicom_frames(path)]
     else:
