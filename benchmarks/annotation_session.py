@@ -56,7 +56,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 NAME = "annotation_session"
-ACCEPT_IOU = 0.85
-MAX_INTERACTIONS = 20
 BLOCK = 10
-BOX_MARGIN = 0.1
 ORDERS = ("file", "uncertainty")
 #: Measured cost of one learning-as-you-go fine-tune on this project's 2-core host (s).
 FINETUNE_SECONDS_ESTIMATE = 25.0
@@ -78,106 +75,14 @@ FINETUNE_SECONDS_ESTIMATE = 25.0
 
 # --------------------------------------------------------------------------- the annotator
 
-PromptFn = Callable[[np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = int(np.count_nonzero(a | b))
-    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
-
-
-def annotate_scan(auto: np.ndarray, truth: np.ndarray, prompt: PromptFn,
-                  rng: np.random.Generator, *, accept_iou: float = ACCEPT_IOU,
-                  max_interactions: int = MAX_INTERACTIONS, jitter: float = 0.1,
-                  box_margin: float = BOX_MARGIN) -> dict[str, Any]:
-    """Simulate the annotator on one scan (the protocol of the module docstring).
-
-    Parameters
-    ----------
-    auto : numpy.ndarray
-        (H, W) bool automatic mask.
-    truth : numpy.ndarray
-        (H, W) bool ground truth; empty for a normal scan.
-    prompt : callable
-        ``prompt(boxes, points, labels, previous_mask) -> (H, W) bool``: the prompt model's
-        mask for (B, 4) boxes, (P, 2) clicks ``(row, col)``, (P,) labels (1 lesion, 0
-        background) and the previous mask (None for the first, box-only call).
-    rng : numpy.random.Generator
-        Source of the box jitter.
-    accept_iou : float
-        IoU at which a mask is good enough.
-    max_interactions : int
-        Cap; a scan not good enough by then counts this many and is brushed to the truth.
-    jitter : float
-        Largest move of a box side, share of the side (:func:`busseg.prompts.jitter_box`).
-    box_margin : float
-        Share of a box's side by which the prompt model's mask may extend past it (the
-        model's ``box_margin``); clicks are taken inside the grown boxes.
-
-    Returns
-    -------
-    dict
-        ``kind`` (``"accepted"``, ``"cleared"``, ``"prompted"`` or ``"brushed"``),
-        ``interactions``, ``boxes``, ``erases`` (0 or 1: the clear of false regions outside
-        the boxes before drawing them), ``clicks``, ``auto_iou``, ``final_iou``
-        (of the mask before brushing), ``ious`` (after each box-and-click step), ``mask``
-        (the saved correction, None when accepted) and ``prompt_calls``.
-    """
-    from busseg.prompts import box_mask, jitter_box, mask_to_boxes
-
-    auto, truth = np.asarray(auto) > 0, np.asarray(truth) > 0
-    out: dict[str, Any] = {"boxes": 0, "erases": 0, "clicks": 0, "auto_iou": _iou(auto, truth),
-                           "ious": [], "prompt_calls": 0}
-    if not truth.any():
-        if not auto.any():
-            return {**out, "kind": "accepted", "interactions": 0, "final_iou": 1.0,
-                    "mask": None}
-        return {**out, "kind": "cleared", "interactions": 1, "final_iou": 1.0,
-                "mask": np.zeros_like(truth)}
-    if out["auto_iou"] >= accept_iou:
-        return {**out, "kind": "accepted", "interactions": 0, "final_iou": out["auto_iou"],
-                "mask": None}
-    boxes = np.stack([jitter_box(b, truth.shape, rng, jitter) for b in mask_to_boxes(truth)])
-    region = box_mask(boxes, truth.shape, box_margin)
-    out["boxes"], out["erases"] = len(boxes), int(bool((auto & ~region).any()))
-    n = len(boxes) + out["erases"]
-    pred = np.asarray(prompt(boxes, np.zeros((0, 2)), np.zeros(0, np.int8), None)) > 0
-    out["prompt_calls"] = 1
-    iou = _iou(pred, truth)
-    out["ious"].append(iou)
-    points: list[tuple[int, int]] = []
-    labels: list[int] = []
-    inside = truth & region
-    while iou < accept_iou and n < max_interactions:
-        click = C.next_click(pred & region, inside)
-        if click is None:  # nothing left to click inside the boxes
-            break
-        points.append(click[:2])
-        labels.append(click[2])
-        n += 1
-        pred = np.asarray(prompt(boxes, np.asarray(points, np.float64),
-                                 np.asarray(labels, np.int8), pred)) > 0
-        out["prompt_calls"] += 1
-        iou = _iou(pred, truth)
-        out["ious"].append(iou)
-    out["clicks"] = len(points)
-    out["final_iou"] = iou
-    if iou >= accept_iou:
-        return {**out, "kind": "prompted", "interactions": n, "mask": pred}
-    return {**out, "kind": "brushed", "interactions": max_interactions, "mask": truth.copy()}
-
-
-def model_prompt(image: np.ndarray, model: Any, box_margin: float = BOX_MARGIN) -> PromptFn:
-    """The prompt function of :func:`annotate_scan` for a model (busseg.inference.predict)."""
-    from busseg.inference import predict
-
-    def run(boxes, points, labels, previous):
-        prev = previous if previous is not None and np.any(previous) else None
-        return predict(image, model, boxes=boxes, points=points if len(points) else None,
-                       point_labels=labels if len(points) else None, previous_mask=prev,
-                       box_margin=box_margin).mask
-
-    return run
+# the annotator: one implementation in the core (busseg.annotator)
+from busseg.annotator import (  # noqa: E402
+    ACCEPT_IOU,
+    BOX_MARGIN,
+    MAX_INTERACTIONS,
+    annotate_scan,
+    model_prompt,
+)
 
 
 # --------------------------------------------------------------------------- aggregation
