@@ -432,3 +432,105 @@ def test_lesion_and_normal_selection_weighs_misses_and_false_lesions_alike():
     TrainConfig(select_metric="lesion_and_normal")
     with pytest.raises(ValueError, match="select_metric"):
         TrainConfig(select_metric="auc")
+
+
+# --------------------------------------------------------------------------- interactions
+
+
+class _FakePromptModel(torch.nn.Module):
+    """in_channels 5: answers every prompt with the box channel, or with a stored truth."""
+
+    in_channels = 5
+
+    def __init__(self, truth=None):
+        super().__init__()
+        self.truth = truth
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.truth is not None:
+            out = self.truth[: x.shape[0]]
+        else:
+            out = x[:, 3:4]  # the box channel
+        return (out.float() * 2 - 1) * 10
+
+
+def _diamonds(n=3, size=32):
+    yy, xx = np.mgrid[:size, :size]
+    masks = []
+    for i in range(n):
+        c, r = 12 + 2 * i, 6 + i
+        masks.append((np.abs(yy - c) + np.abs(xx - c) <= r).astype(np.float32))
+    m = torch.from_numpy(np.stack(masks))[:, None]
+    return torch.randn(n, 1, size, size), m
+
+
+def test_box_click_interactions_counts_boxes_and_the_cap():
+    from busseg.engine import box_click_interactions
+
+    images, masks = _diamonds()
+    # an oracle converges on the box: one interaction per lesion
+    counts, conv = box_click_interactions(_FakePromptModel(masks), images, masks)
+    assert counts.tolist() == [1, 1, 1] and conv.all()
+    # a model that fills the box never reaches IoU 0.85 on a diamond (area ~ half the box)
+    # and ignores the clicks: the cap, not converged
+    counts, conv = box_click_interactions(_FakePromptModel(), images, masks, max_interactions=6)
+    assert counts.tolist() == [6, 6, 6] and not conv.any()
+    with pytest.raises(ValueError, match="lesion in every mask"):
+        box_click_interactions(_FakePromptModel(), images, torch.zeros_like(masks))
+    with pytest.raises(ValueError, match="guidance channels"):
+        box_click_interactions(_model(), images, masks)
+
+
+def test_box_click_interactions_same_boxes_every_call():
+    from busseg.engine import box_click_interactions
+
+    images, masks = _diamonds()
+    a = box_click_interactions(_FakePromptModel(), images, masks, max_interactions=4, seed=3)
+    b = box_click_interactions(_FakePromptModel(), images, masks, max_interactions=4, seed=3)
+    assert (a[0] == b[0]).all()
+
+
+def test_select_on_interactions_with_a_lesion_dice_guard(four, tmp_path, monkeypatch):
+    from busseg import engine
+
+    # (lesion Dice, interactions): the second has the fewest interactions but fails the guard
+    script = iter([(0.80, 5.0), (0.60, 2.0), (0.78, 3.0), (0.79, 4.0)])
+
+    def scripted(*args, **kwargs):
+        lesion, inter = next(script)
+        return {"loss": 0.1, "mean_dice": lesion, "mean_dice_lesion": lesion,
+                "fp_rate_normal": 0.0, "dice": np.array([lesion]),
+                "mean_interactions": inter, "never_converged": 0}
+
+    monkeypatch.setattr(engine, "evaluate_dataset", scripted)
+    out = tmp_path / "run"
+    cfg = _cfg(epochs=4, select_metric="interactions", eval_interactions=True,
+               select_min_dice_lesion=0.75, save_every_eval=True)
+    result = fit(_model(), four, four, cfg, device="cpu", out_dir=out,
+                 checkpoint_config=CKPT_CONFIG)
+    assert result.best_epoch == 3 and result.best_val_dice == -3.0
+    _, config = load_checkpoint(out / "best")
+    assert config["metrics"]["val_interactions"] == 3.0
+    assert config["metrics"]["selected_on"] == "interactions"
+    assert sorted(p.name for p in (out / "evals").iterdir()) == [
+        f"step_{s:06d}" for s in (2, 4, 6, 8)]
+    _, first = load_checkpoint(out / "evals" / "step_000002")
+    assert first["metrics"]["val_interactions"] == 5.0
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [float(r["val_interactions"]) for r in rows] == [5.0, 2.0, 3.0, 4.0]
+    with pytest.raises(ValueError, match="eval_interactions"):
+        TrainConfig(select_metric="interactions")
+
+
+def test_evaluate_dataset_reports_interactions_for_prompt_models(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    images, masks = _diamonds()
+    model = _FakePromptModel(masks)
+    ev = evaluate_dataset(model, TensorDataset(images, masks), box_prompts=False,
+                          interactions=True, batch_size=8)
+    assert ev["mean_interactions"] == 1.0 and ev["never_converged"] == 0
+    plain = evaluate_dataset(_model(), TensorDataset(images, masks), interactions=True)
+    assert np.isnan(plain["mean_interactions"])

@@ -59,10 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["benign", "malignant", "normal"],
                     help="classes to train on (validation always uses all classes)")
     ap.add_argument("--select-on", default="dice",
-                    choices=["dice", "dice_lesion", "lesion_and_normal"],
+                    choices=["dice", "dice_lesion", "lesion_and_normal", "interactions"],
                     help="validation metric that picks the best checkpoint: Dice over all "
-                         "images (normals included), over images with a lesion only, or the "
-                         "mean of lesion Dice and the share of normal images predicted empty")
+                         "images (normals included), over images with a lesion only, the "
+                         "mean of lesion Dice and the share of normal images predicted empty, "
+                         "or the fewest simulated box-then-clicks interactions per lesion "
+                         "image (implies --val-interactions)")
+    ap.add_argument("--val-interactions", action="store_true",
+                    help="validation also simulates the annotator's box then clicks on every "
+                         "lesion image (prompt models; val_interactions in log.csv)")
+    ap.add_argument("--select-min-dice-lesion", type=float, default=None,
+                    help="never select a validation whose automatic lesion Dice is below this "
+                         "(a guard for --select-on interactions)")
+    ap.add_argument("--save-every-eval", action="store_true",
+                    help="also keep every validation's weights in <out>/evals/step_NNNNNN/")
     ap.add_argument("--ema-decay", type=float, default=None,
                     help="validate and save an exponential moving average of the weights "
                          "with this decay (e.g. 0.995); off by default")
@@ -87,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-max-rounds", type=int, default=None,
                     help="most simulated click-correction rounds per image (default: "
                          "busseg.prompts.PromptSimulator's)")
+    ap.add_argument("--prompt-p-auto", type=float, default=None,
+                    help="probability of automatic mode (no prompt) per lesion image")
+    ap.add_argument("--prompt-p-box", type=float, default=None,
+                    help="probability of box-only mode per lesion image (clicks get the rest)")
     ap.add_argument("--prompt-click-box", type=float, default=None,
                     help="probability that click training keeps the box as context")
     ap.add_argument("--prompt-from-auto", type=float, default=None,
@@ -181,7 +195,10 @@ def main(argv=None) -> int:
         model_cfg = base_cfg["model"]
         lineage = {"base_model": _rel(init),
                    "pairs": [r.rel_path for r in train_recs]}
+        # a continuation keeps the base's tuned inference settings (threshold, gate, ...)
+        base_inference = dict(base_cfg.get("inference") or {})
     else:
+        base_inference = {}
         if args.encoder == "efficientnet_lite0":
             from busseg.prompts import GUIDANCE_CHANNELS
 
@@ -204,7 +221,8 @@ def main(argv=None) -> int:
         lineage = {"base_model": None, "pairs": []}
     prompt_overrides = {k: v for k, v in {
         "max_rounds": args.prompt_max_rounds, "click_box": args.prompt_click_box,
-        "from_auto": args.prompt_from_auto}.items() if v is not None}
+        "from_auto": args.prompt_from_auto, "p_auto": args.prompt_p_auto,
+        "p_box": args.prompt_p_box}.items() if v is not None}
     cfg = TrainConfig(
         prompts=prompt_overrides or None,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
@@ -212,6 +230,9 @@ def main(argv=None) -> int:
         early_stopping=args.early_stopping or None, oversample=args.oversample, amp=args.amp,
         seed=args.seed, select_metric=args.select_on, warmup_steps=args.warmup_steps,
         ema_decay=args.ema_decay, class_loss_weight=args.class_loss_weight,
+        eval_interactions=args.val_interactions or args.select_on == "interactions",
+        select_min_dice_lesion=args.select_min_dice_lesion,
+        save_every_eval=args.save_every_eval,
     )
     from busseg import __version__
 
@@ -226,7 +247,8 @@ def main(argv=None) -> int:
     ckpt_cfg = {
         "model": model_cfg,
         "preprocessing": {"input_size": list(size), "grey": True, "normalize": "zscore"},
-        "inference": {"threshold": 0.5, "tta_flips": bool(args.tta_flips)},
+        "inference": ({"threshold": 0.5, "tta_flips": False} | base_inference
+                      | ({"tta_flips": True} if args.tta_flips else {})),
         "training": {
             "data": "; ".join(s["data"] for s in sources),
             "sources": sources,
@@ -283,7 +305,8 @@ def main(argv=None) -> int:
     if bar is not None:
         bar.close()
     if rank == 0:
-        print(f"best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}; "
+        print(f"best validation {cfg.select_metric} {result.best_val_dice:.4f} "
+              f"at epoch {result.best_epoch}; "
               f"{result.steps} steps in {result.elapsed:.0f} s; checkpoint: {result.checkpoint}")
     if distributed:
         torch.distributed.destroy_process_group()

@@ -31,12 +31,13 @@ from busseg.losses import build_loss
 
 LOG_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "val_loss", "val_dice", "val_dice_lesion",
-    "val_fp_rate_normal", "val_dice_box", "val_auc_normal", "best_val_dice", "elapsed_s",
+    "val_fp_rate_normal", "val_dice_box", "val_auc_normal", "val_interactions",
+    "val_never_converged", "best_val_dice", "elapsed_s",
 )
 #: Least seconds between two redraws of a run's ``curves.png`` (it is always drawn at the end).
 CURVES_EVERY_S = 60.0
 #: Validation metrics :class:`TrainConfig` can select the best checkpoint on.
-SELECT_METRICS: tuple[str, ...] = ("dice", "dice_lesion", "lesion_and_normal")
+SELECT_METRICS: tuple[str, ...] = ("dice", "dice_lesion", "lesion_and_normal", "interactions")
 
 
 @dataclass
@@ -88,7 +89,23 @@ class TrainConfig:
         are none) or ``"lesion_and_normal"`` (the mean of lesion Dice and of the share of
         lesion-free validation images predicted empty, ``(dice_lesion + 1 - fp_rate) / 2``:
         misses and false lesions on normal scans weigh alike however many normal scans the
-        validation set holds; falls back to ``"dice_lesion"`` without normal images).
+        validation set holds; falls back to ``"dice_lesion"`` without normal images) or
+        ``"interactions"`` (fewest simulated box-then-clicks interactions per validation
+        lesion image, ``val_interactions``; needs ``eval_interactions``; the score is minus
+        that number, so higher is still better).
+    select_min_dice_lesion : float or None
+        A guard for the selection: a validation whose lesion Dice (automatic mode) is below
+        this is never selected, whatever its score (used with ``"interactions"``: a
+        checkpoint that clicks well but segments worse on its own is not taken).
+    eval_interactions : bool
+        Validation also simulates the annotator's box then clicks on every lesion image at
+        the network input size (:func:`box_click_interactions`): ``val_interactions`` (mean
+        interactions to IoU 0.85, boxes included, capped at 20) and ``val_never_converged``.
+        For models with guidance channels; up to 20 more forward passes per lesion image.
+    save_every_eval : bool
+        Also save the validated weights of every validation as a checkpoint
+        ``evals/step_NNNNNN/`` in the run folder (for choosing among them afterwards on
+        data the validation does not hold, e.g. a guard at another site).
     class_loss_weight : float
         Weight of the class head's cross-entropy (normal / benign / malignant, weighted by
         inverse class frequency in the training set: class-balanced) added to the
@@ -112,6 +129,11 @@ class TrainConfig:
         step: ``ema = decay * ema + (1 - decay) * weights`` (Polyak & Juditsky 1992; the
         weight averaging of Izmailov et al., UAI 2018). About ``1 / (1 - decay)`` steps are
         averaged. None (default) disables it.
+    l2sp_alpha : float
+        L2-SP (Li, Grandvalet & Davoine, ICML 2018): adds ``l2sp_alpha / 2 * ||w - w0||^2``
+        to the loss, ``w0`` being the trainable weights :func:`fit_iter` was given (the base
+        checkpoint of a fine-tune), so the weights are pulled towards the starting point
+        instead of towards zero (pair it with ``weight_decay=0``). 0 (default) disables it.
     """
 
     epochs: int = 100
@@ -133,10 +155,14 @@ class TrainConfig:
     threshold: float = 0.5
     select_metric: str = "dice"
     ema_decay: float | None = None
+    l2sp_alpha: float = 0.0
     class_loss_weight: float = 0.5
     freeze_encoder: bool = False
     eval_box_prompts: bool = True
     prompts: dict | None = None
+    eval_interactions: bool = False
+    select_min_dice_lesion: float | None = None
+    save_every_eval: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or (self.max_steps is not None and self.max_steps < 1):
@@ -149,11 +175,15 @@ class TrainConfig:
             raise ValueError(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if not self.l2sp_alpha >= 0:
+            raise ValueError(f"l2sp_alpha must be >= 0, got {self.l2sp_alpha}")
         if self.class_loss_weight < 0:
             raise ValueError(f"class_loss_weight must be >= 0, got {self.class_loss_weight}")
         if self.select_metric not in SELECT_METRICS:
             raise ValueError(f"select_metric must be one of {SELECT_METRICS}, "
                              f"got {self.select_metric!r}")
+        if self.select_metric == "interactions" and not self.eval_interactions:
+            raise ValueError("select_metric 'interactions' needs eval_interactions=True")
 
     def to_dict(self) -> dict:
         """Return the settings as a JSON-serialisable dict."""
@@ -245,17 +275,22 @@ def selection_score(metric: str, ev: dict) -> float:
     Parameters
     ----------
     metric : str
-        ``"dice"``, ``"dice_lesion"`` or ``"lesion_and_normal"`` (see :class:`TrainConfig`).
+        ``"dice"``, ``"dice_lesion"``, ``"lesion_and_normal"`` or ``"interactions"`` (see
+        :class:`TrainConfig`).
     ev : dict
         The output of :func:`evaluate_dataset` (``mean_dice``, ``mean_dice_lesion``,
-        ``fp_rate_normal``).
+        ``fp_rate_normal``, ``mean_interactions``).
 
     Returns
     -------
     float
-        Higher is better, in [0, 1].
+        Higher is better: in [0, 1] for the Dice metrics, minus the mean interactions per
+        lesion image (in [-20, 0]) for ``"interactions"`` (falls back to ``"dice_lesion"``
+        when the validation set has no lesion image).
     """
     lesion, fp = ev["mean_dice_lesion"], ev["fp_rate_normal"]
+    if metric == "interactions" and np.isfinite(ev.get("mean_interactions", float("nan"))):
+        return -float(ev["mean_interactions"])
     if metric == "lesion_and_normal" and np.isfinite(lesion):
         return float((lesion + 1.0 - fp) / 2.0) if np.isfinite(fp) else float(lesion)
     if metric in ("dice_lesion", "lesion_and_normal") and np.isfinite(lesion):
@@ -284,6 +319,7 @@ def evaluate_dataset(
     loss_fn: Callable | None = None,
     channels_last: bool = False,
     box_prompts: bool = True,
+    interactions: bool = False,
 ) -> dict[str, Any]:
     """Per-image Dice of a model on a dataset at the network input size.
 
@@ -307,6 +343,9 @@ def evaluate_dataset(
     box_prompts : bool
         For a model with guidance channels, also score tight-box prompts (one more forward
         pass over the lesion images).
+    interactions : bool
+        For a model with guidance channels, also simulate box then clicks on the lesion
+        images (:func:`box_click_interactions`): ``mean_interactions``, ``never_converged``.
 
     Returns
     -------
@@ -329,6 +368,8 @@ def evaluate_dataset(
     box_prompts = box_prompts and guided
     with_class = bool(getattr(model, "num_classes", 0))
     dices, losses, nonempty_truth, any_pred, box_dices, p_lesion = [], [], [], [], [], []
+    lesion_images: list[torch.Tensor] = []
+    lesion_masks: list[torch.Tensor] = []
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
     def dice_of(logits, y):
@@ -366,6 +407,17 @@ def evaluate_dataset(
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 box_dices.append(dice_of(model(xb).float(), y[keep])[0])
+        if interactions and guided:
+            keep = truth.flatten(1).any(1)
+            lesion_images.append(img[keep].cpu())
+            lesion_masks.append(y[keep].cpu())
+    inter = {"mean_interactions": float("nan"), "never_converged": float("nan")}
+    if lesion_images and sum(len(t) for t in lesion_images):
+        counts, converged = box_click_interactions(
+            model, torch.cat(lesion_images), torch.cat(lesion_masks), device=device,
+            threshold=threshold, batch_size=batch_size, channels_last=channels_last)
+        inter = {"mean_interactions": float(np.mean(counts)),
+                 "never_converged": int(np.sum(~converged))}
     if was_training:
         model.train()
     dice = torch.cat(dices).numpy()
@@ -385,7 +437,131 @@ def evaluate_dataset(
         "mean_dice_box": float(torch.cat(box_dices).mean()) if box_dices else float("nan"),
         "auc_normal": auc,
         "loss": float(sum(losses) / n) if losses and n else float("nan"),
+        **inter,
     }
+
+
+@torch.no_grad()
+def box_click_interactions(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    threshold: float = 0.5,
+    accept_iou: float = 0.85,
+    max_interactions: int = 20,
+    jitter: float = 0.1,
+    box_margin: float = 0.1,
+    seed: int = 0,
+    batch_size: int = 8,
+    channels_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate box-then-clicks interactions per image, at the network input size.
+
+    The prompted part of the annotator of :mod:`busseg.annotator`, batched for validation:
+    one box per lesion (8-connected component of the mask, each side moved by up to
+    ``jitter`` of its side, drawn from ``numpy.random.default_rng([seed, i])`` so every
+    validation sees the same boxes), then clicks from :func:`busseg.annotator.next_click` on
+    the errors inside the boxes grown by ``box_margin``, each given with the boxes, every
+    click so far and the current mask as the previous mask (RITM's iterative protocol,
+    Sofiiuk et al., ICIP 2022), until IoU >= ``accept_iou``. The mask is restricted to the
+    grown boxes, as :func:`busseg.inference.predict` does.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model with guidance channels (``in_channels`` 5), in eval mode.
+    images : torch.Tensor
+        (N, 1, h, w) float, preprocessed images.
+    masks : torch.Tensor
+        (N, 1, h, w) float in {0, 1}, each with at least one lesion pixel.
+    device : torch.device or str
+        Where to run.
+    threshold : float
+        Probability threshold in (0, 1).
+    accept_iou : float
+        IoU at which an image is done.
+    max_interactions : int
+        Cap (boxes and clicks together); an image that does not reach ``accept_iou`` counts
+        this many.
+    jitter, box_margin : float
+        As :func:`busseg.annotator.annotate_scan`.
+    seed : int
+        Seed of the box jitter.
+    batch_size : int
+        Images per forward pass.
+    channels_last : bool
+        Run in channels-last memory format.
+
+    Returns
+    -------
+    counts : numpy.ndarray
+        (N,) int, interactions per image.
+    converged : numpy.ndarray
+        (N,) bool, False where ``max_interactions`` did not reach ``accept_iou``.
+
+    Raises
+    ------
+    ValueError
+        If the model has no guidance channels or a mask is empty.
+    """
+    from busseg.annotator import next_click
+    from busseg.prompts import Prompts, box_mask, jitter_box, mask_to_boxes, render_guidance
+
+    if int(getattr(model, "in_channels", 1)) <= 1:
+        raise ValueError("box_click_interactions needs a model with guidance channels")
+    truth = masks[:, 0].cpu().numpy() >= 0.5
+    if not truth.reshape(len(truth), -1).any(1).all():
+        raise ValueError("box_click_interactions needs a lesion in every mask")
+    n, shape = len(truth), truth.shape[1:]
+    device = torch.device(device)
+    states = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        boxes = np.stack([jitter_box(b, shape, rng, jitter) for b in mask_to_boxes(truth[i])])
+        states.append({"boxes": boxes, "region": box_mask(boxes, shape, box_margin),
+                       "points": [], "labels": [], "prev": None, "count": len(boxes),
+                       "done": False, "iou": 0.0})
+
+    def run(idx: list[int]) -> None:
+        for s0 in range(0, len(idx), batch_size):
+            part = idx[s0:s0 + batch_size]
+            guide = torch.stack([render_guidance(
+                Prompts(states[i]["boxes"], np.asarray(states[i]["points"], np.float64)
+                        .reshape(-1, 2), np.asarray(states[i]["labels"], np.int8),
+                        states[i]["prev"]), shape, shape) for i in part])
+            x = with_guidance(images[part].to(device), guide.to(device), model)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            pred = (torch.sigmoid(model(x).float()) >= threshold)[:, 0].cpu().numpy()
+            for j, i in enumerate(part):
+                st = states[i]
+                st["prev"] = pred[j] & st["region"]
+                union = np.count_nonzero(st["prev"] | truth[i])
+                st["iou"] = np.count_nonzero(st["prev"] & truth[i]) / union if union else 1.0
+                st["done"] = st["iou"] >= accept_iou
+
+    run(list(range(n)))
+    while True:
+        active = []
+        for i, st in enumerate(states):
+            if st["done"] or st["count"] >= max_interactions:
+                continue
+            click = next_click(st["prev"], truth[i] & st["region"])
+            if click is None:  # nothing left to click inside the boxes
+                st["count"] = max_interactions
+                continue
+            st["points"].append(click[:2])
+            st["labels"].append(click[2])
+            st["count"] += 1
+            active.append(i)
+        if not active:
+            break
+        run(active)
+    converged = np.array([st["done"] for st in states])
+    counts = np.array([st["count"] if st["done"] else max_interactions for st in states])
+    return counts, converged
 
 
 def with_guidance(images: torch.Tensor, guidance: torch.Tensor | None, model) -> torch.Tensor:
@@ -664,6 +840,9 @@ def fit_iter(
         simulator = PromptSimulator(**(cfg.prompts or {}))
     prompt_rng = np.random.default_rng(cfg.seed + 7919 * rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # L2-SP: the starting weights (those given, before any resume) the penalty pulls towards
+    l2sp_anchor = ([(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+                   if cfg.l2sp_alpha > 0 else [])
     ema = None
     if cfg.ema_decay is not None:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -758,6 +937,9 @@ def fit_iter(
                 if (target >= 0).any():
                     loss = loss + cfg.class_loss_weight * torch.nn.functional.cross_entropy(
                         class_logits.float(), target, weight=class_weights, ignore_index=-1)
+            if l2sp_anchor:
+                loss = loss + 0.5 * cfg.l2sp_alpha * sum(
+                    (p - p0).pow(2).sum() for p, p0 in l2sp_anchor)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -781,19 +963,25 @@ def fit_iter(
                    "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    "val_loss": float("nan"), "val_dice": float("nan"),
                    "val_dice_lesion": float("nan"), "val_fp_rate_normal": float("nan"),
-                   "val_dice_box": float("nan"), "val_auc_normal": float("nan")}
+                   "val_dice_box": float("nan"), "val_auc_normal": float("nan"),
+                   "val_interactions": float("nan"), "val_never_converged": float("nan")}
             improved = False
             if val_set is not None and len(val_set):
                 ev = evaluate_dataset(eval_model, val_set, dev, cfg.batch_size, cfg.threshold,
-                                      loss_fn, cfg.channels_last, cfg.eval_box_prompts)
+                                      loss_fn, cfg.channels_last, cfg.eval_box_prompts,
+                                      cfg.eval_interactions)
                 row.update(val_loss=ev["loss"], val_dice=ev["mean_dice"],
                            val_dice_lesion=ev["mean_dice_lesion"],
                            val_fp_rate_normal=ev["fp_rate_normal"],
                            val_dice_box=ev.get("mean_dice_box", float("nan")),
-                           val_auc_normal=ev.get("auc_normal", float("nan")))
-                score = ev["mean_dice"]
+                           val_auc_normal=ev.get("auc_normal", float("nan")),
+                           val_interactions=ev.get("mean_interactions", float("nan")),
+                           val_never_converged=ev.get("never_converged", float("nan")))
                 score = selection_score(cfg.select_metric, ev)
-                if best is None or score > best + 1e-4:
+                guard = cfg.select_min_dice_lesion
+                eligible = (guard is None or not np.isfinite(ev["mean_dice_lesion"])
+                            or ev["mean_dice_lesion"] >= guard)
+                if eligible and (best is None or score > best + 1e-4):
                     best, best_step, best_epoch = score, step, epoch
                     bad, improved = 0, True
                     best_state = _snapshot(eval_model)
@@ -812,6 +1000,9 @@ def fit_iter(
                 if time.perf_counter() - curves_at >= CURVES_EVERY_S:
                     _write_curves(history, out / "curves.png")
                     curves_at = time.perf_counter()
+                if cfg.save_every_eval and val_set is not None and len(val_set):
+                    _save_best(out / "evals" / f"step_{step:06d}", model, _snapshot(eval_model),
+                               cfg, checkpoint_config, score, step, epoch, elapsed(), history)
                 if improved:
                     ckpt_path = _save_best(out / "best", model, best_state, cfg, checkpoint_config,
                                            best, best_step, best_epoch, elapsed(), history)
@@ -824,6 +1015,9 @@ def fit_iter(
                    f"(best {cfg.select_metric} {row['best_val_dice']:.4f})")
             if np.isfinite(row["val_dice_box"]):
                 msg += f", box {row['val_dice_box']:.4f}"
+            if np.isfinite(row["val_interactions"]):
+                msg += (f", box then clicks {row['val_interactions']:.2f} per lesion "
+                        f"({int(row['val_never_converged'])} never reach IoU 0.85)")
             if np.isfinite(row["val_auc_normal"]):
                 msg += f", AUC lesion/normal {row['val_auc_normal']:.3f}"
             if np.isfinite(row["val_fp_rate_normal"]):
@@ -898,6 +1092,7 @@ def _save_best(path, model, best_state, cfg, checkpoint_config, best, best_step,
                    val_fp_rate_normal=last.get("val_fp_rate_normal"),
                    val_dice_box=last.get("val_dice_box"),
                    val_auc_normal=last.get("val_auc_normal"),
+                   val_interactions=last.get("val_interactions"),
                    selected_on=cfg.select_metric)
     config["metrics"] = metrics
     config["model"] = model_cfg
