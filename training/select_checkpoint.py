@@ -4,7 +4,7 @@
         --threads 1 --out runs/v21a/selection
 
 For the base checkpoint and every checkpoint a training run kept (``<run>/evals/step_*``
-from ``train.py --save-every-eval``, and ``<run>/best``), at the original image size with
+from ``train.py --save-every-eval``, else ``<run>/best``), at the original image size with
 each checkpoint's own inference settings (threshold, normal-scan gate):
 
 - **the objective**: simulated box-then-clicks interactions per lesion scan on the
@@ -147,8 +147,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    cands = sorted((run / "evals").glob("step_*")) + ([run / "best"] if (run / "best").is_dir()
-                                                      else [])
+    # best/ is one of evals/ when the run kept them all
+    cands = sorted((run / "evals").glob("step_*")) or (
+        [run / "best"] if (run / "best").is_dir() else [])
     if args.only is not None:
         cands = [c for c in cands if c.name in set(args.only)]
     if not cands:
