@@ -293,6 +293,13 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--run", required=True, help="training run folder (holds best/ and log.csv)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="export this checkpoint of the run instead of <run>/best (e.g. one "
+                         "chosen by training/select_checkpoint.py from <run>/evals)")
+    ap.add_argument("--keep-inference", action="store_true",
+                    help="keep the checkpoint's own inference settings (threshold, flips, "
+                         "normal-scan gate; a continuation inherits its base's) instead of "
+                         "tuning them on the validation split")
     ap.add_argument("--dest", default=str(ROOT / "src/busseg/weights/default"))
     ap.add_argument("--data", nargs="+",
                     default=[str(ROOT.parent / "shared/data/busi/Dataset_BUSI_with_GT")],
@@ -327,21 +334,35 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    _, run_cfg = load_checkpoint(run / "best")
+    source = Path(args.checkpoint) if args.checkpoint else run / "best"
+    _, run_cfg = load_checkpoint(source)
     metric = run_cfg.get("training", {}).get("hyperparameters", {}).get("select_metric", "dice")
+    if metric == "interactions":  # the threshold grid is scored on Dice: the lesion guard
+        metric = "dice_lesion"
     flips = (False,) if args.no_flips else (False, True)
-    collected = collect_validation(run / "best", args.data, args.split_file, flips)
-    rows, best = tune_on_validation(run / "best", args.data, args.split_file, metric, flips,
-                                    collected)
-    print("validation split, mean per-image Dice (all / with a lesion):")
-    for r in rows:
-        print(f"  flips={'on ' if r['tta_flips'] else 'off'} threshold={r['threshold']:.1f}: "
-              f"{r['val_dice']:.4f} / {r['val_dice_lesion']:.4f}")
-    print(f"chosen: flips {'on' if best['tta_flips'] else 'off'}, threshold {best['threshold']}")
-
-    view = collected["views"][best["tta_flips"]]
     gate_rows = gate = None
-    if view["p_normal"] is not None and not args.no_gate:
+    if args.keep_inference:
+        kept = run_cfg.get("inference", {})
+        rows, best = [], {"threshold": kept.get("threshold", 0.5),
+                          "tta_flips": bool(kept.get("tta_flips", False))}
+        stored = kept.get("normal_gate")
+        gate = ({"p_normal": stored["p_normal"],
+                 "lesion_confidence": stored["lesion_confidence"]} if stored else None)
+        print(f"kept the checkpoint's inference settings: threshold {best['threshold']}, "
+              f"flips {'on' if best['tta_flips'] else 'off'}, gate {stored}")
+    else:
+        collected = collect_validation(source, args.data, args.split_file, flips)
+        rows, best = tune_on_validation(source, args.data, args.split_file, metric, flips,
+                                        collected)
+        print("validation split, mean per-image Dice (all / with a lesion):")
+        for r in rows:
+            print(f"  flips={'on ' if r['tta_flips'] else 'off'} "
+                  f"threshold={r['threshold']:.1f}: "
+                  f"{r['val_dice']:.4f} / {r['val_dice_lesion']:.4f}")
+        print(f"chosen: flips {'on' if best['tta_flips'] else 'off'}, "
+              f"threshold {best['threshold']}")
+        view = collected["views"][best["tta_flips"]]
+    if not args.keep_inference and view["p_normal"] is not None and not args.no_gate:
         th = best["threshold"]
         gate_rows = gate_candidates(view["dice"][th], view["any"][th], collected["lesion"],
                                     view["max_proba"], view["p_normal"])
@@ -358,7 +379,7 @@ def main(argv=None) -> int:
                   f"{gate['lesion_confidence']}: FP rate {gate['val_fp_rate_normal']:.3f}, "
                   f"lesion Dice {gate['val_dice_lesion']:.4f} (drop {gate['dice_drop']:.4f})")
 
-    model, cfg = load_checkpoint(run / "best")
+    model, cfg = load_checkpoint(source)
     inference = {k: v for k, v in cfg.get("inference", {}).items() if k != "normal_gate"}
     inference.update(threshold=best["threshold"], tta_flips=best["tta_flips"])
     if gate is not None and gate["p_normal"] is not None:
@@ -367,6 +388,9 @@ def main(argv=None) -> int:
     cfg["inference"] = inference
     cfg["weights_dtype"] = "float16"  # halves the file; loaded into float32 either way
     cfg.setdefault("training", {})["inference_tuning"] = {
+        "on": "kept from the checkpoint (a continuation inherits its base's settings)",
+        "metric": None, "data": [], "flips_considered": [], "grid": [], "chosen": best,
+    } if args.keep_inference else {
         "on": "validation split",
         "metric": {"dice": "mean per-image Dice, all validation images",
                    "dice_lesion": "mean per-image Dice, validation images with a lesion",
