@@ -429,3 +429,34 @@ def test_export_default_end_to_end(
     info = capsys.readouterr().out
     assert code == 0 and "test figures: lesion Dice" in info and "with the gate (" in info
     assert "class head AUC (test split, 95 % CI): malignant vs benign" in info
+
+
+def test_export_keep_inference_and_checkpoint(export, make_fake_busi, make_head_checkpoint,
+                                              tmp_path, capsys):
+    """--checkpoint exports a chosen checkpoint; --keep-inference keeps its settings as is."""
+    from busseg.models import read_checkpoint_config
+
+    data = make_fake_busi(tmp_path / "busi")
+    split = tmp_path / "split.csv"
+    from busseg.data.busi import discover_busi
+
+    with open(split, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "label", "group", "split"])
+        for i, r in enumerate(discover_busi(data).records):
+            w.writerow([r.rel_path, r.label, i, "test" if i % 2 else "val"])
+    gate = {"p_normal": 0.95, "lesion_confidence": 0.95}
+    chosen = make_head_checkpoint(name="run/evals/step_000004", threshold=0.7,
+                                  normal_gate=gate)
+    cfg = json.loads((chosen / "config.json").read_text())
+    cfg["training"] = {"hyperparameters": {"select_metric": "interactions"}}
+    (chosen / "config.json").write_text(json.dumps(cfg))
+    dest = tmp_path / "default"
+    code = export.main([str(a) for a in (
+        "--run", tmp_path / "run", "--checkpoint", chosen, "--keep-inference", "--dest", dest,
+        "--data", data, "--split-file", split, "--eval-out", tmp_path / "eval", "--threads",
+        "1", "--n-boot", "20")])
+    assert code == 0
+    inf = read_checkpoint_config(dest)["inference"]
+    assert inf["threshold"] == 0.7 and inf["normal_gate"] == gate and inf["tta_flips"] is False
+    assert "kept the checkpoint's inference settings" in capsys.readouterr().out

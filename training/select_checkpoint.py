@@ -4,8 +4,11 @@
         --threads 1 --out runs/v21a/selection
 
 For the base checkpoint and every checkpoint a training run kept (``<run>/evals/step_*``
-from ``train.py --save-every-eval``, else ``<run>/best``), at the original image size with
-each checkpoint's own inference settings (threshold, normal-scan gate):
+from ``train.py --save-every-eval``, else ``<run>/best``; ``--extra`` adds others), at the
+original image size with each checkpoint's threshold and **the network alone**: the
+normal-scan gate and the region filter are off, since they are chosen afterwards for the
+chosen network (``training/fit_region_filter.py``) and would otherwise confound the
+comparison:
 
 - **the objective**: simulated box-then-clicks interactions per lesion scan on the
   VALIDATION patients (BUSI val + BUS-UCLM val lesion scans; :mod:`busseg.annotator`, the
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="largest allowed drop of validation lesion Dice against the base")
     ap.add_argument("--busbra-floor", type=float, default=None,
                     help="least BUS-BRA lesion Dice (default: the base checkpoint's)")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="more checkpoints to score beside the run's (e.g. an earlier run's)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="score only these checkpoint folder names (e.g. step_000128 best)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the box jitter")
@@ -69,11 +74,15 @@ def _pairs(records):
             [read_mask(list(r.mask_paths)) for r in records])
 
 
+#: Automatic predictions of the network alone (see the module docstring).
+NETWORK_ONLY = {"normal_gate": None, "region_filter": None}
+
+
 def _lesion_dice(model, images, truths) -> float:
     from busseg.inference import predict
     from busseg.metrics import dice_score
 
-    return float(np.mean([dice_score(predict(im, model).mask, t)
+    return float(np.mean([dice_score(predict(im, model, **NETWORK_ONLY).mask, t)
                           for im, t in zip(images, truths, strict=True)]))
 
 
@@ -87,7 +96,8 @@ def score_checkpoint(path: Path, sets: dict, seed: int) -> dict:
     row: dict = {"checkpoint": str(path)}
     val_images = sets["busi_val"][0] + sets["busuclm_val"][0]
     val_truths = sets["busi_val"][1] + sets["busuclm_val"][1]
-    cost = annotation_cost(model, val_images, val_truths, seed=seed)
+    cost = annotation_cost(model, val_images, val_truths, seed=seed,
+                           predict_kwargs=NETWORK_ONLY)
     n_busi = len(sets["busi_val"][0])
     inter = np.asarray(cost["interactions"], float)
     row.update(val_interactions=float(inter.mean()),
@@ -121,7 +131,8 @@ def render(rows: list[dict], base: dict, chosen: dict, args, floor: float) -> st
         "interactions per lesion scan on the validation patients (BUSI val + BUS-UCLM val, "
         "accept at IoU 0.85, cap 20; `busseg.annotator`). Guards: automatic lesion Dice on "
         f"each validation set at most {args.max_dice_drop} below the base's, BUS-BRA fold 1 "
-        f"lesion Dice >= {floor:.3f}.",
+        f"lesion Dice >= {floor:.3f}. Automatic masks of the network alone (gate and region "
+        "filter off).",
         "",
         "| checkpoint | interactions / lesion scan (BUSI val, BUS-UCLM val) | never converge "
         "| accepted | lesion Dice BUSI val | BUS-UCLM val | BUS-BRA | passes guards |",
@@ -152,6 +163,7 @@ def main(argv=None) -> int:
         [run / "best"] if (run / "best").is_dir() else [])
     if args.only is not None:
         cands = [c for c in cands if c.name in set(args.only)]
+    cands += [Path(p) for p in args.extra]
     if not cands:
         raise SystemExit(f"no checkpoints in {run}/evals or {run}/best; train with "
                          "--save-every-eval")
