@@ -5,6 +5,11 @@ Usage (from the repository root)::
     python benchmarks/interactive.py --baseline-checkpoint /tmp/old_default
     python benchmarks/interactive.py --checkpoint runs/x/best --limit 20 --widget-images 0 \
         --out /tmp/bench
+    # a candidate checkpoint, quickly: BUSI test only, box then clicks only, no widget, no
+    # baseline, set against an earlier run of the shipped model (its interactive.json)
+    python benchmarks/interactive.py --checkpoint runs/cand/best --datasets busi \
+        --protocols box-clicks --widget-images 0 --threads 1 \
+        --compare benchmarks/results/interactive.json --out /tmp/cand
     # the full run on 2 cores, images shared by two 1-thread workers:
     xvfb-run -a python benchmarks/interactive.py --checkpoint runs/v3/best \
         --baseline-checkpoint runs/old_default --jobs 2 --threads 1
@@ -43,8 +48,11 @@ Measures, per dataset:
   ``--max-interactions``
   = 20 interactions (boxes included). **NoC@85 / NoC@90** count the boxes as interactions
   (one box: the box is interaction 1, the first click interaction 2), 20 when never reached;
-  also the number of lesion images that never reach IoU 0.90. As in RITM's evaluation, an
-  image stops at IoU 0.90 (``--stop-at``; its curve then carries the last IoU forward);
+  also the number and share of lesion images that never reach IoU 0.85 / 0.90 within the
+  cap, and NoC@85 / NoC@90 per **lesion-size tertile** (the truth's area as a share of the
+  image; tertile edges computed per dataset: :func:`size_tertiles`). As in RITM's
+  evaluation, an image stops at IoU 0.90 (``--stop-at``; its curve then carries the last IoU
+  forward). Issue 17's targets (``TARGETS_17``) are printed as met / missed lines;
 - **time per prompt**: median wall time of one :func:`busseg.inference.predict` call with a
   prompt, on ``--threads`` = 2 CPU threads (the image's preprocessing included, model loading
   excluded);
@@ -52,6 +60,9 @@ Measures, per dataset:
   display: run under ``xvfb-run -a`` on a headless machine): the "Segment lesions" widget's
   own latency from the click event to the edited Labels layer
   (:attr:`SegmentWidget.last_prompt_latency`), median over clicks.
+
+``--datasets`` picks the rows (``busi``, ``busbra``, ``busuclm``); ``--compare`` adds a table
+of this run against an earlier ``interactive.json`` (another checkpoint), per dataset.
 
 Writes ``interactive.md``, ``interactive.json`` and ``interactive.png`` into ``--out``
 (default ``benchmarks/results``: write trial runs elsewhere, e.g. ``--out /tmp/bench``).
@@ -92,6 +103,15 @@ TARGETS_V3 = {
     "busi_box_clicks_noc85": 3.0,
     "busi_box_clicks_noc90": 6.0,
 }
+#: Issue 17's targets (box then clicks; dataset rows of the prompt model). "never_share":
+#: the largest share of lesion scans that never reach the IoU within the interaction cap.
+TARGETS_17 = {
+    "noc": {("BUSI test", "NoC@85"): 3.0, ("BUSI test", "NoC@90"): 6.0,
+            ("BUS-UCLM test", "NoC@85"): 2.5},
+    "never_share": 0.02,
+}
+#: Datasets this script can run (``--datasets``) and their row names.
+DATASETS = {"busi": "BUSI test", "busbra": "BUS-BRA", "busuclm": "BUS-UCLM test"}
 #: Protocols this script can run (``--protocols``).
 PROTOCOLS = ("box", "clicks", "box-clicks")
 LESION_LABELS = ("benign", "malignant")
@@ -453,11 +473,214 @@ def summarise(per_image: list[dict], max_clicks: int, prompt: bool,
         s["bc_miou_curve"] = curves.mean(axis=0).tolist()
         s["bc_interactions_run"] = float(np.mean([r["bc_run"] for r in bc]))
         s["bc_seconds_median"] = C.median_iqr([t for r in bc for t in r["bc_seconds"]])[0]
+        s["bc_cap"] = max_interactions
+        s["bc_never85_share"] = s["bc_never85"] / len(bc)
+        s["bc_never90_share"] = s["bc_never90"] / len(bc)
+        if all("lesion_share" in r for r in bc):
+            s["bc_tertiles"] = size_tertiles(bc)
     times = [t for r in per_image for t in r["box_seconds"] + r.get("click_seconds", [])
              + r.get("bc_seconds", [])] if prompt else []
     s["prompt_seconds_median"] = (C.median_iqr(times)[0] if times
                                   else s["box_seconds_median"])
     return s
+
+
+def size_tertiles(per_image: Sequence[dict]) -> list[dict]:
+    """Box-then-clicks results per tertile of the lesion's share of the image.
+
+    The lesion size is the ground truth's area as a share of the image's pixels
+    (``lesion_share``: BUSI's images differ in size, so pixels would partly sort by scan
+    size), and the tertile edges are the 1/3 and 2/3 quantiles (numpy's linear
+    interpolation) over the given images, i.e. computed per dataset. An image whose share
+    equals an edge goes to the lower tertile.
+
+    Parameters
+    ----------
+    per_image : sequence of dict
+        Per-image records with ``lesion_share``, ``lesion_px``, ``bc_ious``, ``bc_noc85``
+        and ``bc_noc90`` (:func:`image_record` with the box-clicks protocol).
+
+    Returns
+    -------
+    list of dict
+        Three entries (``"small"``, ``"medium"``, ``"large"``), each with ``n``, the share
+        range ``share_min`` / ``share_max`` (fraction of the image) and ``px_min`` /
+        ``px_max`` of its images, ``noc85`` / ``noc90`` (mean interactions, NaN when
+        empty), ``never85`` / ``never90`` (images that never reach IoU 0.85 / 0.90 within
+        the cap) and the edges ``edges`` (the two quantiles, shares).
+    """
+    shares = np.asarray([r["lesion_share"] for r in per_image], float)
+    edges = np.quantile(shares, [1 / 3, 2 / 3]) if len(shares) else np.array([np.nan] * 2)
+    which = np.digitize(shares, edges, right=True)  # 0: <= q1, 1: (q1, q2], 2: > q2
+    out = []
+    for k, name in enumerate(("small", "medium", "large")):
+        sel = [r for r, w in zip(per_image, which, strict=True) if w == k]
+        px = [r["lesion_px"] for r in sel]
+        sh = [r["lesion_share"] for r in sel]
+        out.append({
+            "tertile": name, "n": len(sel), "edges": [float(e) for e in edges],
+            "share_min": float(min(sh)) if sh else math.nan,
+            "share_max": float(max(sh)) if sh else math.nan,
+            "px_min": int(min(px)) if px else None, "px_max": int(max(px)) if px else None,
+            "noc85": float(np.mean([r["bc_noc85"] for r in sel])) if sel else math.nan,
+            "noc90": float(np.mean([r["bc_noc90"] for r in sel])) if sel else math.nan,
+            "never85": int(sum(max(r["bc_ious"]) < 0.85 for r in sel)),
+            "never90": int(sum(max(r["bc_ious"]) < 0.90 for r in sel)),
+        })
+    return out
+
+
+def target_checks(rows: Sequence[dict]) -> list[dict]:
+    """Issue 17's box-then-clicks targets, checked on the prompt model's rows.
+
+    ``TARGETS_17``: NoC@85 <= 3.0 and NoC@90 <= 6.0 on BUSI test, NoC@85 <= 2.5 on BUS-UCLM
+    test, and on every dataset at most 2 % of the lesion scans never reaching IoU 0.85
+    (the annotator's acceptance, :data:`busseg.annotator.ACCEPT_IOU`) and, stricter, 0.90,
+    within the interaction cap. Datasets or protocols not run are left out.
+
+    Returns
+    -------
+    list of dict
+        ``dataset``, ``what``, ``value``, ``target``, ``met`` (value <= target) and ``line``
+        (the sentence printed with the report).
+    """
+    checks = []
+    for row in rows:
+        s = row["summary"]
+        if row.get("model") != "prompt model" or not s.get("bc_n"):
+            continue
+        d = row["dataset"]
+        items = []
+        for key, what in (("bc_noc85", "NoC@85"), ("bc_noc90", "NoC@90")):
+            target = TARGETS_17["noc"].get((d, what))
+            if target is not None:
+                items.append((f"box then clicks {what}", s[key], target,
+                              f"{s[key]:.2f} interactions"))
+        for thr in ("85", "90"):
+            share = s[f"bc_never{thr}_share"]
+            items.append((f"lesion scans never at IoU 0.{thr} in {s.get('bc_cap', 20)}", share,
+                          TARGETS_17["never_share"],
+                          f"{s[f'bc_never{thr}']} of {s['bc_n']} ({100 * share:.1f} %)"))
+        for what, value, target, shown in items:
+            met = bool(value <= target)
+            pct = what.startswith("lesion scans")
+            tshown = f"{100 * target:.0f} %" if pct else f"{target:g}"
+            checks.append({
+                "dataset": d, "what": what, "value": float(value), "target": float(target),
+                "met": met,
+                "line": f"{d}: {what}: {shown}; target <= {tshown}: "
+                        f"{'met' if met else 'missed'}"})
+    return checks
+
+
+def _count_share(s: dict, thr: str) -> str:
+    """``"5 (5.2 %)"``: images never reaching IoU 0.<thr> and their share."""
+    share = s.get(f"bc_never{thr}_share")
+    return f"{s[f'bc_never{thr}']}" + (f" ({100 * share:.1f} %)" if share is not None else "")
+
+
+def _by_tertile(s: dict, key: str) -> str:
+    """``"2.10 / 3.40 / 4.00"``: a box-then-clicks mean per size tertile (small first)."""
+    t = s.get("bc_tertiles")
+    return " / ".join(C.fmt(x[key], 2) for x in t) if t else "–"
+
+
+def _tertile_table(bc_rows: Sequence[dict], cap: int) -> list[str]:
+    """The per-size-tertile table of the box-then-clicks rows (empty without tertiles)."""
+    rows = [r for r in bc_rows if r["summary"].get("bc_tertiles")]
+    if not rows:
+        return []
+    md = [
+        "Box then clicks by lesion size: tertiles of the ground truth's area **as a share of "
+        "the image** (BUSI's images differ in size), edges at the 1/3 and 2/3 quantiles "
+        "computed per dataset (an image on an edge goes to the lower tertile); pixel ranges "
+        "for reference.",
+        "",
+        "| Data | Lesion size | Images | share of image | pixels | NoC@85 | NoC@90 | "
+        f"never IoU 0.85 | never IoU 0.90 (in {cap}) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        for t in row["summary"]["bc_tertiles"]:
+            share = (f"{100 * t['share_min']:.2f}-{100 * t['share_max']:.2f} %" if t["n"]
+                     else "–")
+            px = f"{t['px_min']}-{t['px_max']}" if t["n"] else "–"
+            md.append(
+                f"| {row['dataset']} | {t['tertile']} | {t['n']} | {share} | {px} | "
+                f"{C.fmt(t['noc85'], 2)} | {C.fmt(t['noc90'], 2)} | {t['never85']} | "
+                f"{t['never90']} |")
+    return [*md, ""]
+
+
+#: Summary keys compared by ``--compare`` (lower is better except the Dice and IoU).
+COMPARE_KEYS = ("dice_jittered", "bc_box_iou", "bc_noc85", "bc_noc90", "bc_never85",
+                "bc_never90")
+
+
+def compare_rows(rows: Sequence[dict], previous: dict) -> list[dict]:
+    """This run's prompt-model rows against an earlier run's (``--compare``), per dataset.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        This run's ``rows``.
+    previous : dict
+        An earlier ``interactive.json`` payload (another checkpoint, typically).
+
+    Returns
+    -------
+    list of dict
+        Per dataset in both runs: ``dataset``, ``n`` and ``n_previous``, ``same_images``
+        (the same image names in the same order: only then are the numbers paired),
+        ``previous_checkpoint`` and, per key of :data:`COMPARE_KEYS` present in both,
+        ``{"previous": x, "this": y, "delta": y - x}``.
+    """
+    prev = {r["dataset"]: r for r in previous.get("rows", []) if r.get("model") == "prompt model"}
+    ck = (previous.get("checkpoint") or {}).get("path")
+    out = []
+    for row in rows:
+        if row.get("model") != "prompt model" or row["dataset"] not in prev:
+            continue
+        old = prev[row["dataset"]]
+        names = [r["name"] for r in row.get("per_image", [])]
+        old_names = [r["name"] for r in old.get("per_image", [])]
+        entry: dict[str, Any] = {"dataset": row["dataset"], "n": row["summary"]["n"],
+                                 "n_previous": old["summary"]["n"],
+                                 "same_images": bool(names) and names == old_names,
+                                 "previous_checkpoint": ck}
+        for key in COMPARE_KEYS:
+            a, b = old["summary"].get(key), row["summary"].get(key)
+            if a is not None and b is not None:
+                entry[key] = {"previous": float(a), "this": float(b),
+                              "delta": float(b) - float(a)}
+        out.append(entry)
+    return out
+
+
+def _comparison_table(comparison: Sequence[dict]) -> list[str]:
+    if not comparison:
+        return []
+    ck = comparison[0].get("previous_checkpoint") or "the earlier run"
+    labels = {"dice_jittered": "Box Dice (jittered)", "bc_box_iou": "IoU after the box(es)",
+              "bc_noc85": "NoC@85", "bc_noc90": "NoC@90", "bc_never85": "never 0.85",
+              "bc_never90": "never 0.90"}
+    md = [f"## Against `{ck}` (`--compare`)", "",
+          "Earlier run -> this run (difference); box then clicks except the box Dice. "
+          "Differences mean something only where the images are the same.", "",
+          "| Data | Images | same images | " + " | ".join(labels.values()) + " |",
+          "|---|---:|---|" + "---:|" * len(labels)]
+    for c in comparison:
+        cells = []
+        for key in labels:
+            v = c.get(key)
+            digits = 0 if key.startswith("bc_never") else (2 if "noc" in key else 3)
+            cells.append("–" if v is None else
+                         f"{C.fmt(v['previous'], digits)} -> {C.fmt(v['this'], digits)} "
+                         f"({v['delta']:+.{digits}f})")
+        n = f"{c['n_previous']} / {c['n']}"
+        md.append(f"| {c['dataset']} | {n} | {'yes' if c['same_images'] else '**no**'} | "
+                  + " | ".join(cells) + " |")
+    return [*md, ""]
 
 
 def render(result: dict) -> str:
@@ -532,8 +755,9 @@ def render(result: dict) -> str:
             "",
             "| Data | Images | IoU after the box(es) | NoC@85 | NoC@90 | median NoC@85 / @90 | "
             f"never IoU 0.85 | never IoU 0.90 (in {mi}) | IoU@1+1 | IoU@1+2 | IoU@1+4 | "
-            "interactions simulated | ms / prompt |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "interactions simulated | ms / prompt | NoC@85 by size (S / M / L) | "
+            "NoC@90 by size (S / M / L) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in bc_rows:
             s = row["summary"]
@@ -542,12 +766,23 @@ def render(result: dict) -> str:
                 f"| {row['dataset']} | {s['bc_n']} | {C.fmt(s['bc_box_iou'])} | "
                 f"{C.fmt(s['bc_noc85'], 2)} | {C.fmt(s['bc_noc90'], 2)} | "
                 f"{C.fmt(s['bc_noc85_median'], 0)} / {C.fmt(s['bc_noc90_median'], 0)} | "
-                f"{s['bc_never85']} | {s['bc_never90']} | {C.fmt(c[1] if len(c) > 1 else None)} | "
+                f"{_count_share(s, '85')} | {_count_share(s, '90')} | "
+                f"{C.fmt(c[1] if len(c) > 1 else None)} | "
                 f"{C.fmt(c[2] if len(c) > 2 else None)} | {C.fmt(c[4] if len(c) > 4 else None)} | "
                 f"{C.fmt(s['bc_interactions_run'], 2)} | "
-                f"{C.fmt(1000 * s['bc_seconds_median'], 0)} |"
+                f"{C.fmt(1000 * s['bc_seconds_median'], 0)} | "
+                f"{_by_tertile(s, 'noc85')} | {_by_tertile(s, 'noc90')} |"
             )
         md.append("")
+        md += _tertile_table(bc_rows, mi)
+        checks = result.get("target_checks_17") or target_checks(result["rows"])
+        if checks:
+            md += ["Targets (issue 17, box then clicks)" + (
+                f" (**limited run, at most {a['limit']} images per dataset: not a result**)"
+                if a["limit"] is not None else "") + ":", ""]
+            md += [f"- {c['line']}" for c in checks]
+            md.append("")
+    md += _comparison_table(result.get("comparison") or [])
     lat = result.get("widget_latency")
     if lat and lat.get("n"):
         md.append(
@@ -630,6 +865,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="patient split of it (its 'test' patients are used; default "
                         "training/splits/busuclm.csv)")
     p.add_argument("--no-busuclm", action="store_true", help="no BUS-UCLM row")
+    p.add_argument("--datasets", default=",".join(DATASETS),
+                   help="comma-separated subset of busi,busbra,busuclm (default all; "
+                        "--no-busbra / --no-busuclm also drop a row)")
+    p.add_argument("--compare", default=None, metavar="JSON",
+                   help="an earlier interactive.json (e.g. of the shipped model): add a table "
+                        "of this run's box-then-clicks numbers against it, per dataset")
     p.add_argument("--protocols", default=",".join(PROTOCOLS),
                    help="comma-separated subset of box,clicks,box-clicks (default all; 'box' "
                         "is always run: box-clicks starts from its jittered boxes)")
@@ -669,6 +910,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if bad or not protocols:
         raise SystemExit(f"--protocols: unknown {bad}; choose from {','.join(PROTOCOLS)}")
     args.protocols = [x for x in PROTOCOLS if x in protocols or x == "box"]
+    datasets = [x.strip() for x in str(args.datasets).split(",") if x.strip()]
+    bad = [x for x in datasets if x not in DATASETS]
+    if bad or not datasets:
+        raise SystemExit(f"--datasets: unknown {bad}; choose from {','.join(DATASETS)}")
+    args.datasets = [x for x in DATASETS if x in datasets
+                     and not (x == "busbra" and args.no_busbra)
+                     and not (x == "busuclm" and args.no_busuclm)]
+    if not args.datasets:
+        raise SystemExit("no dataset left to run (--datasets, --no-busbra, --no-busuclm)")
+    if args.compare is not None and not Path(args.compare).is_file():
+        raise SystemExit(f"--compare: {args.compare} not found (an interactive.json)")
     if args.max_clicks < 5:
         raise SystemExit("--max-clicks must be at least 5 (mIoU after 1..5 clicks)")
     if args.max_interactions < 2:
@@ -688,8 +940,10 @@ def image_record(name: str, image: np.ndarray, truth: np.ndarray, jittered: np.n
     protocols = settings["protocols"]
     max_inter = settings["max_interactions"]
     box = box_scores(image, truth, model, prompt=prompt, jittered=jittered)
+    area = int(np.count_nonzero(truth))
     rec = {"name": name, "n_boxes": box["n_boxes"], "dice_tight": box["dice_tight"],
-           "dice_jittered": box["dice_jittered"], "box_seconds": box["seconds"]}
+           "dice_jittered": box["dice_jittered"], "box_seconds": box["seconds"],
+           "lesion_px": area, "lesion_share": area / float(truth.shape[0] * truth.shape[1])}
     if prompt and "clicks" in protocols:
         mc = settings["max_clicks"]
         ious, secs = click_curve(image, truth, model, mc)
@@ -767,7 +1021,10 @@ def _evaluate_all(datasets: dict, model: Any, baseline: Any, args, rows: list,
             msg += f", NoC@85 {summ['noc85']:.2f}, NoC@90 {summ['noc90']:.2f}"
         if "bc_noc85" in summ:
             msg += (f", box then clicks NoC@85 {summ['bc_noc85']:.2f}, NoC@90 "
-                    f"{summ['bc_noc90']:.2f}, never 0.90: {summ['bc_never90']}")
+                    f"{summ['bc_noc90']:.2f}, never 0.85 / 0.90: {summ['bc_never85']} / "
+                    f"{summ['bc_never90']} of {summ['bc_n']}")
+            if summ.get("bc_tertiles"):
+                msg += ", NoC@90 by size (S / M / L) " + _by_tertile(summ, "noc90")
         C.log(msg, args.quiet)
 
 
@@ -793,15 +1050,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     datasets: dict[str, list] = {}
     info: dict[str, dict] = {}
-    busi = C.require_dir(args.busi, "BUSI", "--busi")
-    datasets["BUSI test"] = load(busi_test_lesions(busi, Path(args.split), args.limit))
-    info["BUSI test"] = {"n": len(datasets["BUSI test"]), "source": str(busi),
-                         "split": str(args.split)}
-    if not args.no_busbra:
+    if "busi" in args.datasets:
+        busi = C.require_dir(args.busi, "BUSI", "--busi")
+        datasets["BUSI test"] = load(busi_test_lesions(busi, Path(args.split), args.limit))
+        info["BUSI test"] = {"n": len(datasets["BUSI test"]), "source": str(busi),
+                             "split": str(args.split)}
+    if "busbra" in args.datasets:
         bra = C.require_dir(args.busbra, "BUS-BRA", "--busbra")
         datasets["BUS-BRA"] = load(busbra_items(bra, args.limit))
         info["BUS-BRA"] = {"n": len(datasets["BUS-BRA"]), "source": str(bra)}
-    if not args.no_busuclm:
+    if "busuclm" in args.datasets:
         uclm, usplit = Path(args.busuclm), Path(args.busuclm_split)
         if not uclm.is_dir() or not usplit.is_file():
             what = uclm if not uclm.is_dir() else usplit
@@ -834,7 +1092,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             pool.close()
             pool.join()
     latency = None
-    if args.widget_images > 0:
+    if args.widget_images > 0 and "BUSI test" not in datasets:
+        C.log("widget latency skipped: it is measured on BUSI test images (--datasets busi)",
+              args.quiet)
+    elif args.widget_images > 0:
         # the workers are gone: the widget gets the threads they shared (2 x 1 -> 2)
         widget_threads = C.set_threads(threads * args.jobs) if args.jobs > 1 else threads
         lat = widget_latency(datasets["BUSI test"][: args.widget_images], ckpt)
@@ -852,12 +1113,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "baseline_checkpoint": C.checkpoint_summary(base_ckpt) if base_ckpt else None,
         "targets": TARGETS,
         "targets_v3": TARGETS_V3,
+        "targets_17": {"noc": [{"dataset": d, "noc": w, "target": v}
+                               for (d, w), v in TARGETS_17["noc"].items()],
+                       "never_share": TARGETS_17["never_share"]},
         "datasets": info,
         "rows": rows,
         "widget_latency": latency,
         "seconds": time.perf_counter() - t_start,
     }
+    result["target_checks_17"] = target_checks(rows)
+    if args.compare:
+        import json
+
+        previous = json.loads(Path(args.compare).read_text())
+        result["comparison"] = compare_rows(rows, previous)
+        result["compare_with"] = str(args.compare)
     md = render(result)
+    limited = " (limited run)" if args.limit is not None else ""
+    for c in result["target_checks_17"]:
+        C.log(f"target{limited}: {c['line']}", args.quiet)
     C.write_results(args.out, NAME, md, result, make_figure(result))
     print(md)
     return result

@@ -1,10 +1,9 @@
-"""benchmarks/annotation_session.py: the simulated annotator's protocol and its report.
+"""benchmarks/annotation_session.py: the simulated annotator's report.
 
-The protocol (:func:`annotate_scan`) is checked with fake prompt functions whose answers are
-known: acceptance at IoU 0.85, the normal-scan clear, one interaction per box and per erased
-false region, clicks with the boxes kept and the previous mask fed back, the cap of 20 (then
-brushed to the truth). Block aggregation is checked on numbers; one end-to-end run on a fake
-BUS-UCLM folder and a fake BUS-BRA folder with a tiny untrained prompt model drives the real
+The protocol itself lives in the core (:mod:`busseg.annotator`, tested in
+tests/test_annotator.py); here the benchmark is checked to drive that implementation. Block
+aggregation is checked on numbers; one end-to-end run on a fake BUS-UCLM folder and a fake
+BUS-BRA folder with a tiny untrained prompt model drives the real
 :class:`busseg.session.AnnotationSession` (learning as you go included, a few steps).
 """
 
@@ -24,135 +23,13 @@ def bench():
     return load_benchmark("annotation_session")
 
 
-def _rect(shape, r0, c0, r1, c1):
-    m = np.zeros(shape, bool)
-    m[r0:r1, c0:c1] = True
-    return m
+def test_the_benchmark_drives_the_core_annotator(bench):
+    """The protocol itself is tested in tests/test_annotator.py (busseg.annotator)."""
+    import busseg.annotator as core
 
-
-class Recorder:
-    """A prompt function that records its calls and answers from a list (last one repeats)."""
-
-    def __init__(self, answers):
-        self.answers = list(answers)
-        self.calls = []
-
-    def __call__(self, boxes, points, labels, previous):
-        self.calls.append((np.asarray(boxes).copy(), np.asarray(points).copy(),
-                           np.asarray(labels).copy(),
-                           None if previous is None else np.asarray(previous).copy()))
-        k = min(len(self.calls), len(self.answers)) - 1
-        return self.answers[k]
-
-
-SHAPE = (60, 80)
-TRUTH = _rect(SHAPE, 20, 20, 40, 50)
-RNG = np.random.default_rng
-
-
-# --------------------------------------------------------------------------- acceptance
-
-
-def test_a_good_automatic_mask_is_accepted_without_interaction(bench):
-    auto = TRUTH.copy()
-    auto[20:22] = False  # IoU 0.9
-    prompt = Recorder([TRUTH])
-    res = bench.annotate_scan(auto, TRUTH, prompt, RNG(0))
-    assert res["kind"] == "accepted" and res["interactions"] == 0 and res["mask"] is None
-    assert prompt.calls == []
-
-
-def test_acceptance_threshold_is_inclusive_and_exclusive_below(bench):
-    auto = TRUTH.copy()
-    auto[20:23] = False  # 17/20 rows: IoU exactly 0.85
-    assert bench.annotate_scan(auto, TRUTH, Recorder([TRUTH]), RNG(0))["kind"] == "accepted"
-    auto[23] = False  # IoU 0.80
-    res = bench.annotate_scan(auto, TRUTH, Recorder([TRUTH]), RNG(0))
-    assert res["kind"] == "prompted" and res["interactions"] == 1  # one box fixed it
-
-
-def test_normal_scan_empty_prediction_costs_nothing(bench):
-    empty = np.zeros(SHAPE, bool)
-    res = bench.annotate_scan(empty, empty, Recorder([empty]), RNG(0))
-    assert res["kind"] == "accepted" and res["interactions"] == 0 and res["mask"] is None
-
-
-def test_normal_scan_false_regions_cost_one_clear(bench):
-    empty = np.zeros(SHAPE, bool)
-    auto = _rect(SHAPE, 2, 2, 8, 8) | _rect(SHAPE, 40, 60, 50, 70)  # two false regions
-    prompt = Recorder([TRUTH])
-    res = bench.annotate_scan(auto, empty, prompt, RNG(0))
-    assert res["kind"] == "cleared" and res["interactions"] == 1
-    assert res["mask"] is not None and not res["mask"].any()
-    assert prompt.calls == []  # "no lesion" needs no prompt
-
-
-# --------------------------------------------------------------------------- box then clicks
-
-
-def test_one_box_per_lesion_each_one_interaction(bench):
-    second = _rect(SHAPE, 5, 60, 15, 75)
-    truth = TRUTH | second
-    prompt = Recorder([truth])
-    res = bench.annotate_scan(np.zeros(SHAPE, bool), truth, prompt, RNG(0))
-    assert res["kind"] == "prompted" and res["boxes"] == 2 and res["interactions"] == 2
-    boxes, points, _, prev = prompt.calls[0]
-    assert boxes.shape == (2, 4) and len(points) == 0 and prev is None
-
-
-def test_false_regions_outside_the_boxes_cost_one_clear(bench):
-    auto = _rect(SHAPE, 0, 0, 5, 5) | _rect(SHAPE, 52, 70, 58, 78)  # far from the lesion
-    res = bench.annotate_scan(auto, TRUTH, Recorder([TRUTH]), RNG(0))
-    assert res["erases"] == 1 and res["boxes"] == 1 and res["interactions"] == 2
-    # a false region inside the box is replaced by the prompt: no clear
-    auto = _rect(SHAPE, 21, 21, 25, 25)
-    res = bench.annotate_scan(auto, TRUTH, Recorder([TRUTH]), RNG(0))
-    assert res["erases"] == 0 and res["interactions"] == 1
-
-
-def test_clicks_keep_the_box_and_feed_the_previous_mask_back(bench):
-    half = _rect(SHAPE, 20, 20, 40, 35)  # IoU 0.5
-    better = _rect(SHAPE, 20, 20, 40, 44)  # IoU 0.8
-    prompt = Recorder([half, better, TRUTH])
-    res = bench.annotate_scan(np.zeros(SHAPE, bool), TRUTH, prompt, RNG(0))
-    # box (1) + two clicks: 3 interactions, the box counted as one
-    assert res["kind"] == "prompted" and res["interactions"] == 3 and res["clicks"] == 2
-    assert res["ious"] == pytest.approx([0.5, 0.8, 1.0])
-    np.testing.assert_array_equal(res["mask"], TRUTH)
-    box0 = prompt.calls[0][0]
-    for k, (boxes, points, labels, prev) in enumerate(prompt.calls[1:], start=1):
-        np.testing.assert_array_equal(boxes, box0)  # the box is kept
-        assert len(points) == k and len(labels) == k  # all clicks so far
-        np.testing.assert_array_equal(prev, prompt.answers[k - 1])  # the previous mask
-    # the first click is positive, in the missed part of the lesion (columns 35..49)
-    (r, c), lab = prompt.calls[1][1][0], prompt.calls[1][2][0]
-    assert lab == 1 and 20 <= r < 40 and 35 <= c < 50
-
-
-def test_a_scan_that_never_converges_counts_the_cap_and_is_brushed(bench):
-    prompt = Recorder([np.zeros(SHAPE, bool)])
-    res = bench.annotate_scan(np.zeros(SHAPE, bool), TRUTH, prompt, RNG(0))
-    assert res["kind"] == "brushed" and res["interactions"] == 20
-    np.testing.assert_array_equal(res["mask"], TRUTH)  # the saved correction is the truth
-    assert len(prompt.calls) == 20  # the box, then 19 clicks: 20 interactions in all
-    res = bench.annotate_scan(np.zeros(SHAPE, bool), TRUTH, Recorder([np.zeros(SHAPE, bool)]),
-                              RNG(0), max_interactions=5)
-    assert res["interactions"] == 5 and res["clicks"] == 4
-
-
-def test_converging_on_the_last_allowed_click_is_not_brushed(bench):
-    answers = [np.zeros(SHAPE, bool)] * 19 + [TRUTH]  # box + 18 clicks fail, click 19 fixes
-    res = bench.annotate_scan(np.zeros(SHAPE, bool), TRUTH, Recorder(answers), RNG(0))
-    assert res["kind"] == "prompted" and res["interactions"] == 20 and res["clicks"] == 19
-
-
-def test_box_jitter_depends_only_on_the_seed(bench):
-    prompt_a, prompt_b = Recorder([TRUTH]), Recorder([TRUTH])
-    bench.annotate_scan(np.zeros(SHAPE, bool), TRUTH, prompt_a, np.random.default_rng([0, 7]))
-    bench.annotate_scan(np.zeros(SHAPE, bool), TRUTH, prompt_b, np.random.default_rng([0, 7]))
-    np.testing.assert_array_equal(prompt_a.calls[0][0], prompt_b.calls[0][0])
-    r0, c0, r1, c1 = prompt_a.calls[0][0][0]
-    assert abs(r0 - 20) <= 2 and abs(r1 - 39) <= 2 and abs(c0 - 20) <= 3 and abs(c1 - 49) <= 3
+    assert bench.annotate_scan is core.annotate_scan and bench.model_prompt is core.model_prompt
+    assert (bench.ACCEPT_IOU, bench.MAX_INTERACTIONS, bench.BOX_MARGIN) == (
+        core.ACCEPT_IOU, core.MAX_INTERACTIONS, core.BOX_MARGIN)
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,40 @@ def test_quick_run_writes_tables_json_and_plot(bench, tmp_path, fake_busi, fake_
     assert "## Box then clicks" in md and "BBBB_001.png: size mismatch" in md
     assert "Limited run" in md
     assert result["widget_latency"] is None
+    # lesion size per image (the truth's pixels and share of the image), tertiles per dataset
+    for rec in busi["per_image"]:
+        assert rec["lesion_px"] > 0 and rec["lesion_share"] == pytest.approx(
+            rec["lesion_px"] / (40 * 48))
+    tert = busi["summary"]["bc_tertiles"]
+    assert [t["tertile"] for t in tert] == ["small", "medium", "large"]
+    assert [t["n"] for t in tert] == [1, 1, 1]  # 3 images: one per tertile
+    assert tert[0]["share_max"] < tert[1]["share_min"] == tert[1]["share_max"]
+    assert tert[1]["share_max"] < tert[2]["share_min"]
+    s = busi["summary"]
+    assert s["bc_never85_share"] == s["bc_never85"] / 3
+    assert "| BUSI test | small | 1 |" in md and "as a share of the image" in md
+    # issue 17's targets: one line per check, met or missed, in the report and the JSON
+    checks = payload["target_checks_17"]
+    assert {c["dataset"] for c in checks} == {"BUSI test", "BUS-BRA", "BUS-UCLM test"}
+    assert sum(c["dataset"] == "BUSI test" for c in checks) == 4  # NoC@85, @90, never x 2
+    assert sum(c["dataset"] == "BUS-BRA" for c in checks) == 2  # never 0.85, 0.90 only
+    for c in checks:
+        assert c["met"] == (c["value"] <= c["target"])
+        assert f"- {c['line']}" in md and c["line"].endswith("met" if c["met"] else "missed")
+
+    # a second checkpoint's quick run on BUSI only, set against this one (--compare): the same
+    # model on the same images gives the same numbers
+    again = bench.main([
+        "--checkpoint", str(tiny_prompt_checkpoint), "--busi", str(fake_busi), "--split",
+        str(fake_split), "--datasets", "busi", "--protocols", "box-clicks", "--quick",
+        "--compare", str(out / "interactive.json"), "--out", str(tmp_path / "cand"),
+        "--quiet"])
+    assert [r["dataset"] for r in again["rows"]] == ["BUSI test"]
+    (cmp,) = again["comparison"]
+    assert cmp["dataset"] == "BUSI test" and cmp["same_images"] and cmp["n"] == 3
+    for key in ("dice_jittered", "bc_noc85", "bc_noc90", "bc_never90"):
+        assert cmp[key]["delta"] == pytest.approx(0.0)
+    assert "(`--compare`)" in (tmp_path / "cand" / "interactive.md").read_text()
 
 
 def test_a_missing_busuclm_split_skips_the_row(bench, tmp_path, fake_busi, fake_split,
@@ -142,6 +177,17 @@ def test_a_missing_busuclm_split_skips_the_row(bench, tmp_path, fake_busi, fake_
     assert [r["dataset"] for r in result["rows"]] == ["BUSI test"]
     summ = result["rows"][0]["summary"]
     assert "noc85" not in summ and "bc_noc85" in summ  # --protocols box-clicks: no click row
+
+
+def test_dataset_selection_is_checked(bench, tmp_path):
+    with pytest.raises(SystemExit, match="--datasets: unknown"):
+        bench.parse_args(["--datasets", "busi,bogus"])
+    with pytest.raises(SystemExit, match="no dataset left"):
+        bench.parse_args(["--datasets", "busbra", "--no-busbra"])
+    with pytest.raises(SystemExit, match="--compare"):
+        bench.parse_args(["--compare", str(tmp_path / "none.json")])
+    assert bench.parse_args(["--datasets", "busuclm,busi"]).datasets == ["busi", "busuclm"]
+    assert bench.parse_args(["--no-busuclm"]).datasets == ["busi", "busbra"]
 
 
 def test_a_model_without_prompts_is_refused(bench, tmp_path, fake_busi, fake_split,
@@ -249,6 +295,73 @@ def test_box_then_clicks_caps_at_twenty_and_counts_failures(bench, monkeypatch):
     good = {**rec, "bc_ious": [0.95] * 20, "bc_noc85": 1, "bc_noc90": 1, "bc_run": 1}
     s = bench.summarise([rec, good], 20, True)
     assert s["bc_never90"] == 1 and s["bc_noc90"] == 10.5 and s["bc_box_iou"] == 0.475
+
+
+def _bc_record(share, noc85, noc90, best):
+    return {"lesion_share": share, "lesion_px": int(share * 10000), "bc_noc85": noc85,
+            "bc_noc90": noc90, "bc_ious": [best]}
+
+
+def test_size_tertiles_split_at_the_quantiles_of_the_shares(bench):
+    # shares 0.01..0.06 in a shuffled order: tertiles {1, 2}, {3, 4}, {5, 6} (x 0.01)
+    order = [4, 1, 6, 3, 2, 5]
+    recs = [_bc_record(k / 100, k, 2 * k, 0.95 if k != 2 else 0.5) for k in order]
+    small, medium, large = bench.size_tertiles(recs)
+    assert (small["n"], medium["n"], large["n"]) == (2, 2, 2)
+    assert small["share_min"] == 0.01 and small["share_max"] == 0.02
+    assert medium["share_min"] == 0.03 and large["share_max"] == 0.06
+    assert small["px_min"] == 100 and large["px_max"] == 600
+    assert (small["noc85"], medium["noc85"], large["noc85"]) == (1.5, 3.5, 5.5)
+    assert (small["noc90"], medium["noc90"], large["noc90"]) == (3.0, 7.0, 11.0)
+    assert (small["never85"], small["never90"], medium["never90"]) == (1, 1, 0)
+    assert small["edges"] == pytest.approx([1 / 3 * 0.05 + 0.01, 2 / 3 * 0.05 + 0.01])
+    # ties on an edge go to the lower tertile; an empty tertile is reported as such
+    tied = bench.size_tertiles([_bc_record(0.02, 1, 1, 0.95) for _ in range(3)])
+    assert [t["n"] for t in tied] == [3, 0, 0]
+    assert math.isnan(tied[1]["noc85"]) and tied[1]["px_min"] is None
+
+
+def test_target_checks_say_met_or_missed(bench):
+    def row(dataset, noc85, noc90, never85, never90, n=100, model="prompt model"):
+        return {"model": model, "dataset": dataset, "summary": {
+            "bc_n": n, "bc_cap": 20, "bc_noc85": noc85, "bc_noc90": noc90,
+            "bc_never85": never85, "bc_never90": never90, "bc_never85_share": never85 / n,
+            "bc_never90_share": never90 / n}}
+
+    checks = bench.target_checks([
+        row("BUSI test", 3.0, 6.5, 2, 3), row("BUS-UCLM test", 2.6, 5.0, 0, 1, n=34),
+        row("BUSI test", 1.0, 1.0, 0, 0, model="baseline")])
+    got = {(c["dataset"], c["what"]): c["met"] for c in checks}
+    assert got == {
+        ("BUSI test", "box then clicks NoC@85"): True,  # 3.0 <= 3.0
+        ("BUSI test", "box then clicks NoC@90"): False,
+        ("BUSI test", "lesion scans never at IoU 0.85 in 20"): True,  # 2 % <= 2 %
+        ("BUSI test", "lesion scans never at IoU 0.90 in 20"): False,
+        ("BUS-UCLM test", "box then clicks NoC@85"): False,  # target 2.5
+        ("BUS-UCLM test", "lesion scans never at IoU 0.85 in 20"): True,
+        ("BUS-UCLM test", "lesion scans never at IoU 0.90 in 20"): False,  # 1 of 34
+    }
+    line = next(c["line"] for c in checks if c["what"].endswith("NoC@90"))
+    assert line == "BUSI test: box then clicks NoC@90: 6.50 interactions; target <= 6: missed"
+
+
+def test_compare_pairs_rows_by_dataset_and_flags_other_images(bench):
+    def row(dataset, names, noc90, model="prompt model"):
+        return {"model": model, "dataset": dataset, "per_image": [{"name": n} for n in names],
+                "summary": {"n": len(names), "bc_noc90": noc90, "dice_jittered": 0.9}}
+
+    previous = {"checkpoint": {"path": "old/ck"},
+                "rows": [row("BUSI test", ["a", "b"], 8.0), row("BUS-BRA", ["c"], 7.0)]}
+    out = bench.compare_rows([row("BUSI test", ["a", "b"], 6.0),
+                              row("BUS-UCLM test", ["d"], 4.0),
+                              row("BUS-BRA", ["c", "e"], 5.0)], previous)
+    assert [c["dataset"] for c in out] == ["BUSI test", "BUS-BRA"]
+    assert out[0]["same_images"] and not out[1]["same_images"]
+    assert out[0]["bc_noc90"] == {"previous": 8.0, "this": 6.0, "delta": -2.0}
+    assert "bc_noc85" not in out[0] and out[0]["previous_checkpoint"] == "old/ck"
+    table = "\n".join(bench._comparison_table(out))
+    assert "| BUSI test | 2 / 2 | yes |" in table and "8.00 -> 6.00 (-2.00)" in table
+    assert "| BUS-BRA | 1 / 2 | **no** |" in table
 
 
 def test_box_then_clicks_stops_at_the_target_and_two_boxes_count_two(bench, monkeypatch):
