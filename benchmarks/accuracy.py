@@ -30,6 +30,11 @@ can teach "crosses = lesion"), the FP rate on normal scans (share with any predi
 and the AUC of lesion vs normal; scans of those patients that cannot be scored (e.g. an
 image smaller than its mask) are listed with the reason, never dropped silently. A summary
 table at the top compares the headline numbers with the targets of issue 13.
+The region filter (issue 18; ``inference.region_filter``, :mod:`busseg.region_filter`) is
+applied by default after the gate; the same forward pass gives the masks with the filter off
+(gate on) and with gate and filter off, so a section reports per dataset (BUSI test, BUS-UCLM
+test patients, BUS-BRA fold 1) the normal scans with a false region and the lesion Dice with
+the filter on and off, and the lesion masks the filter empties, against issue 18's targets.
 A second table places published U-Net-family figures on BUSI beside ours, with each
 source's protocol. Writes ``accuracy.md``, ``accuracy.json`` (with every per-image row) and
 ``accuracy.png`` into ``--out``.
@@ -213,8 +218,10 @@ def evaluate(
     list of dict
         The item's keys (paths as str) plus :func:`busseg.metrics.segmentation_metrics`
         and ``seconds`` (prediction time); for a Prediction also ``gated``,
-        ``dice_ungated``, ``any_pred_ungated`` and, with a class head, ``p_normal``,
-        ``p_benign``, ``p_malignant``.
+        ``dice_ungated``, ``any_pred_ungated`` (the thresholded mask, gate and region filter
+        off), ``regions_removed``, ``dice_nofilter``, ``any_pred_nofilter`` (gate on, region
+        filter off), ``filter_emptied`` (the filter emptied a non-empty mask) and, with a
+        class head, ``p_normal``, ``p_benign``, ``p_malignant``.
     """
     from busseg.data import read_image, read_mask
     from busseg.metrics import segmentation_metrics
@@ -237,12 +244,20 @@ def evaluate(
         row["seconds"] = dt
         if pred is not res:  # a Prediction: class probabilities and the gate
             row["gated"] = bool(res.gated)
+            removed = int(getattr(res, "regions_removed", 0))
+            row["regions_removed"] = removed
             row["dice_ungated"], row["any_pred_ungated"] = row["dice"], row["any_pred"]
-            if res.gated:
+            row["dice_nofilter"], row["any_pred_nofilter"] = row["dice"], row["any_pred"]
+            row["filter_emptied"] = False
+            if res.gated or removed:
                 if threshold is None:
                     raise ValueError("evaluate() needs the threshold to score ungated masks")
-                um = segmentation_metrics(res.proba >= threshold, truth)
+                raw = res.proba >= threshold
+                um = segmentation_metrics(raw, truth)
                 row["dice_ungated"], row["any_pred_ungated"] = um["dice"], um["any_pred"]
+                if removed:  # not gated: the mask before the filter is the thresholded one
+                    row["dice_nofilter"], row["any_pred_nofilter"] = um["dice"], um["any_pred"]
+                    row["filter_emptied"] = not pred.any()
             if res.class_proba is not None:
                 for k in ("normal", "benign", "malignant"):
                     row[f"p_{k}"] = float(res.class_proba.get(k, math.nan))
@@ -504,6 +519,15 @@ TARGETS: list[tuple[str, str, str, float]] = [
 ]
 
 
+#: Issue 18's targets for the region filter: ((dataset, "fp" | "emptied"), title, op, limit).
+FILTER_TARGETS = [
+    (("BUS-UCLM test", "fp"), "BUS-UCLM test normal scans with a false region", "<=", 0.25),
+    (("BUSI test", "fp"), "BUSI test normal scans with a false region", "<=", 0.35),
+    (("BUS-BRA fold 1", "emptied"), "BUS-BRA fold 1 lesion masks the filter empties (share)",
+     "<=", 0.03),
+]
+
+
 def _yes_no(value: str | None) -> bool | None:
     v = (value or "").strip().lower()
     if v in ("yes", "y", "1", "true"):
@@ -698,6 +722,84 @@ def busuclm_markdown(res: dict, split_name: str, gate_on: bool, n_boot: int) -> 
     lines += ["Per class, default settings:", "",
               summary_table(res["summary"], ["benign", "malignant", "lesion", "normal"],
                             label_title="Class"), ""]
+    return "\n".join(lines) + "\n"
+
+
+def filter_results(rows: Sequence[dict], n_boot: int) -> dict | None:
+    """Region filter on vs off on one dataset's rows (None without the per-row keys).
+
+    Returns the normal-scan FP rate and the lesion Dice with the filter on (the default),
+    off (gate still on) and with gate and filter off, with 95 % bootstrap CIs; the lesion
+    masks the filter emptied (count and share of lesion scans) and the regions removed.
+    """
+    if not rows or "dice_nofilter" not in rows[0]:
+        return None
+    lesion = [r for r in rows if r["true_area"] > 0]
+    normal = [r for r in rows if r["true_area"] == 0]
+
+    def three(rs, on, off, raw):
+        return {"filter_on": _mean_ci([r[on] for r in rs], n_boot) if rs else None,
+                "filter_off": _mean_ci([r[off] for r in rs], n_boot) if rs else None,
+                "gate_and_filter_off": _mean_ci([r[raw] for r in rs], n_boot) if rs else None}
+
+    emptied = sum(bool(r["filter_emptied"]) for r in lesion)
+    return {"n_lesion": len(lesion), "n_normal": len(normal),
+            "fp_rate_normal": three(normal, "any_pred", "any_pred_nofilter",
+                                    "any_pred_ungated"),
+            "lesion_dice": three(lesion, "dice", "dice_nofilter", "dice_ungated"),
+            "lesion_emptied": emptied,
+            "lesion_emptied_share": emptied / len(lesion) if lesion else None,
+            "regions_removed_lesion": sum(int(r["regions_removed"]) for r in lesion),
+            "regions_removed_normal": sum(int(r["regions_removed"]) for r in normal)}
+
+
+def filter_markdown(results: dict, spec: dict | None) -> str:
+    """Markdown section: the region filter on vs off per dataset, against issue 18's targets."""
+    from busseg.region_filter import describe_filter
+
+    lines = ["## Region filter on vs off (issue 18)", "",
+             f"Filter: {describe_filter(spec)} (`inference.region_filter`, chosen on the "
+             "validation patients by the simulated annotation cost, "
+             "`training/fit_region_filter.py`). All three columns come from the same forward "
+             "pass: filter on (the default, after the normal-scan gate), filter off (gate "
+             "still on), gate and filter off (the thresholded mask). Mean [95 % bootstrap CI].",
+             "", "| dataset | | filter on | filter off | gate and filter off |",
+             "|---|---|---:|---:|---:|"]
+
+    def cell(e, digits=3, count=False):
+        return "–" if not e else _ci_cell(e, digits, count=count)
+
+    for name, r in results.items():
+        if r is None:
+            continue
+        if r["n_normal"]:
+            fp = r["fp_rate_normal"]
+            lines.append(f"| {name} | normal scans with a false region (n {r['n_normal']}) | "
+                         f"{cell(fp['filter_on'], count=True)} | "
+                         f"{cell(fp['filter_off'], count=True)} | "
+                         f"{cell(fp['gate_and_filter_off'], count=True)} |")
+        if r["n_lesion"]:
+            d = r["lesion_dice"]
+            lines.append(f"| {name} | lesion Dice (n {r['n_lesion']}) | "
+                         f"{cell(d['filter_on'])} | {cell(d['filter_off'])} | "
+                         f"{cell(d['gate_and_filter_off'])} |")
+            lines.append(f"| {name} | lesion masks the filter empties | "
+                         f"{r['lesion_emptied']} ({100 * r['lesion_emptied_share']:.1f} %) | – "
+                         "| – |")
+    lines += ["", "| target (issue 18) | measured | target | met |", "|---|---:|---:|---|"]
+    for key, title, op, limit in FILTER_TARGETS:
+        name, what = key
+        r = results.get(name)
+        if r is None:
+            lines.append(f"| {title} | – | {op} {limit} | not measured |")
+            continue
+        v = (r["fp_rate_normal"]["filter_on"] or {}).get("mean") if what == "fp" else \
+            r["lesion_emptied_share"]
+        if v is None:
+            lines.append(f"| {title} | – | {op} {limit} | not measured |")
+            continue
+        lines.append(f"| {title} | {v:.3f} | {op} {limit} | "
+                     f"{'yes' if v <= limit else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -923,6 +1025,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                             "split_file": str(Path(args.busuclm_split).resolve()),
                             "split": args.split_name})
 
+    rfilter = {"BUSI test" if args.split_name == "test" else f"BUSI {args.split_name}":
+               filter_results(busi_rows, args.n_boot)}
+    if busuclm_rows:
+        rfilter[f"BUS-UCLM {args.split_name}"] = filter_results(busuclm_rows, args.n_boot)
+    if busbra_rows:
+        rfilter["BUS-BRA fold 1"] = filter_results(busbra_rows, args.n_boot)
+    filter_spec = model.busseg_config.get("inference", {}).get("region_filter")
     seconds = time.perf_counter() - t_start
     lesion = busi_summary.get("lesion")
     ours = None
@@ -960,6 +1069,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         md += [f"**Quick run: at most {args.limit} images per group; not a result.**", ""]
     values = headline(busi_summary, busi_head, busbra_summary, busbra_gate, busuclm)
     md += [targets_markdown(values), ""]
+    if any(v is not None for v in rfilter.values()):
+        md += [filter_markdown(rfilter, filter_spec), ""]
     md += [
         f"## BUSI {args.split_name} split (duplicate-aware, never used for training or tuning)",
         "",
@@ -1036,6 +1147,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "headline": values,
         "class_head": head,
         "normal_gate": stored_gate,
+        "region_filter": {"spec": filter_spec, "results": rfilter},
         "published": {"rows": PUBLISHED, "sources": PUBLISHED_SOURCES, "note": LEAK_NOTE},
         "per_image": busi_rows + busbra_rows + busuclm_rows,
     }

@@ -13,8 +13,9 @@ image and mask differ in size are skipped and listed), then **BUS-BRA fold 1** (
 stream: ``goto`` (autosave of the previous case), ``predict`` (the automatic mask, default
 settings, normal-scan gate included), ``set_mask`` / ``mark_no_lesion``, and with learning
 as you go ``run_due_finetune`` (after every ``--learn-every`` new corrections, a fine-tune
-of the current checkpoint on all corrections so far, adopted when its held-out Dice is not
-worse).
+of the current checkpoint on all corrections so far, adopted when the simulated annotator
+below, run on the held-out corrections with the current and the new checkpoint, does not
+need more interactions per scan with the new one, whatever the Dice says; issue 17).
 
 The simulated annotator, per scan (ground truth = the dataset's expert mask):
 
@@ -37,7 +38,9 @@ The simulated annotator, per scan (ground truth = the dataset's expert mask):
 
 Arms: learning as you go on and off (``--learn``) x file order and uncertainty order
 (``--orders``; :func:`busseg.uncertainty.rank` with the starting checkpoint, most uncertain
-first, within each site, so BUS-UCLM still comes before BUS-BRA). Box jitter is drawn per
+first, within each site, so BUS-UCLM still comes before BUS-BRA), and with
+``--region-filter on,off`` the checkpoint's region filter (:mod:`busseg.region_filter`) on
+and off in the automatic masks (``--no-region-filter``: off only). Box jitter is drawn per
 scan from ``(--seed, the scan's position in the stream)``, so every arm sees the same boxes.
 A fine-tune runs to its end before the next scan opens (in the app it runs in the
 background, during the next one or two scans).
@@ -83,7 +86,6 @@ from busseg.annotator import (  # noqa: E402
     annotate_scan,
     model_prompt,
 )
-
 
 # --------------------------------------------------------------------------- aggregation
 
@@ -199,6 +201,34 @@ def uncertainty_order(records: Sequence, sites: Sequence[str], checkpoint: Path,
     return order, scores
 
 
+def _site_prediction(session, case, spec: dict, site_filter):
+    """The automatic mask with the session's refitted region filter (the "site" arm).
+
+    One forward pass (:func:`busseg.inference.predict`, gate on, filter off) gives the
+    unfiltered mask; its components' features are kept for the refit; the filter (the
+    checkpoint's, or its refit on this session's decisions so far) is applied and the result
+    recorded as the case's prediction (:meth:`AnnotationSession.set_prediction`), as
+    :meth:`AnnotationSession.predict` would with that filter.
+
+    Returns (mask, component labels (H, W) int32, features (n, 19), filter in use).
+    """
+    from busseg.inference import load_model, predict
+    from busseg.region_filter import component_features, label_components, resolve_filter
+
+    model = load_model(session.checkpoint, device=spec["device"])
+    if site_filter is None:
+        site_filter = resolve_filter("auto", model.busseg_config)
+    raw = predict(case.image, model, region_filter=None)
+    lab, n = label_components(raw.mask)
+    feats = component_features(raw.mask, raw.proba, case.image, raw.class_proba, (lab, n))
+    mask = raw.mask
+    if site_filter is not None and n:
+        keep = site_filter.scores(feats) >= site_filter.threshold
+        mask = raw.mask & np.concatenate([[False], keep])[lab]
+    session.set_prediction(mask)
+    return mask, lab, feats, site_filter
+
+
 def run_arm(spec: dict) -> dict:
     """Drive one AnnotationSession through the stream (one arm); picklable for --jobs."""
     import torch
@@ -217,6 +247,11 @@ def run_arm(spec: dict) -> dict:
     scans: list[dict] = []
     finetunes: list[dict] = []
     generation = 0
+    site_refit = spec.get("region_filter_mode") == "site"
+    site_feats: list[np.ndarray] = []
+    site_labels: list[np.ndarray] = []
+    refits = 0
+    site_filter = base_filter = None
     for pos, stream_idx in enumerate(order):
         case = session.goto(pos)  # autosaves the previous case when edited
         if session.finetune_due():
@@ -235,7 +270,17 @@ def run_arm(spec: dict) -> dict:
                 C.log(f"[{spec['label']}] after {pos} scans: {res.message} "
                       f"({res.seconds:.0f} s)", spec["quiet"])
         t0 = time.perf_counter()
-        auto = session.predict(device=spec["device"])
+        # the region filter (busseg.region_filter) is on by default; the filter-off arm
+        # (--region-filter off) switches it off in the automatic prediction only
+        if site_refit and scans and scans[-1]["site"] != sites[stream_idx]:
+            site_feats, site_labels, site_filter = [], [], base_filter  # a new site
+        if site_refit:  # the filter refitted on this site's decisions so far
+            auto, comp_labels, comp_feats, site_filter = _site_prediction(
+                session, case, spec, site_filter)
+            base_filter = base_filter or site_filter
+        else:
+            auto = session.predict(device=spec["device"], **(
+                {} if spec.get("region_filter", True) else {"region_filter": None}))
         truth = case.ground_truth
         truth = np.zeros(auto.shape, bool) if truth is None else truth
         if truth.shape != auto.shape:  # pragma: no cover - discover reports these
@@ -249,6 +294,20 @@ def run_arm(spec: dict) -> dict:
             session.mark_no_lesion(save=False)  # saved by the next goto / close
         elif res["kind"] in ("prompted", "brushed"):
             session.set_mask(res["mask"])
+        if site_refit and comp_feats.shape[0]:
+            # the annotator's decision labels each region of the unfiltered automatic mask:
+            # kept (overlaps the accepted or saved mask) = lesion, else a false region
+            final = auto if res["mask"] is None else np.asarray(res["mask"]) > 0
+            n_comp = comp_feats.shape[0]
+            site_feats.append(comp_feats)
+            site_labels.append(np.bincount(comp_labels[final].ravel(),
+                                           minlength=n_comp + 1)[1:] > 0)
+        if site_refit and (pos + 1) % spec["refit_every"] == 0 and base_filter is not None \
+                and site_feats:
+            site_filter = base_filter.refit(np.concatenate(site_feats),
+                                            np.concatenate(site_labels),
+                                            strength=spec["refit_strength"])
+            refits += 1
         scans.append({
             "position": pos + 1, "stream_index": stream_idx, "name": case.name,
             "site": sites[stream_idx], "label": case.record.label, "lesion": bool(truth.any()),
@@ -264,7 +323,10 @@ def run_arm(spec: dict) -> dict:
     session.close()
     saved, _ = session.progress()
     return {"label": spec["label"], "order": spec["order_name"], "learn": spec["learn"],
-            "scans": scans, "finetunes": finetunes, "corrections_saved": saved,
+            "region_filter": spec.get("region_filter", True),
+            "region_filter_mode": spec.get("region_filter_mode", "on"), "site_refits": refits,
+            "scans": scans,
+            "finetunes": finetunes, "corrections_saved": saved,
             "summary": summarise_arm(scans, finetunes),
             "final_checkpoint": str(session.checkpoint) if session.checkpoint else None,
             "seconds": time.perf_counter() - t_arm}
@@ -288,7 +350,8 @@ def protocol_text(a: Mapping) -> list[str]:
         "Protocol (simulated annotator, ground truth = the dataset's expert mask), per scan:",
         "",
         f"1. The automatic mask (`AnnotationSession.predict`: the checkpoint in use, default "
-        f"settings, normal-scan gate included) is **accepted** when its IoU with the truth is "
+        f"settings, normal-scan gate and region filter included unless the arm says "
+        f"\"region filter off\") is **accepted** when its IoU with the truth is "
         f">= {a['accept_iou']:g}; a normal scan's when it is empty. 0 interactions, nothing "
         "saved.",
         "2. A **normal scan with a false region**: \"no lesion\" (clear), **1 interaction**; "
@@ -312,9 +375,11 @@ def protocol_text(a: Mapping) -> list[str]:
         "through the stream: `goto` autosaves the previous case when edited; with learning as "
         f"you go, after every {a['learn_every']} new corrections `run_due_finetune` fine-tunes "
         "the current checkpoint on all corrections so far (normal scans' empty masks "
-        "included; `busseg.finetune` defaults) and adopts it when its held-out Dice and its "
-        "Dice on the held-out corrections with a lesion are not worse (held-out pairs drawn "
-        "from lesion and normal corrections alike). The fine-tune runs to its end before the "
+        "included; `busseg.finetune` defaults) and adopts it when the simulated annotator "
+        "(`busseg.annotator`, the protocol below) needs no more interactions per scan on the "
+        "held-out corrections with it than with the current checkpoint, whatever the Dice "
+        "says, and a held-out correction has a lesion (held-out pairs drawn from lesion and "
+        "normal corrections alike). The fine-tune runs to its end before the "
         "next scan opens (the app runs it in the background). File order: the stream as "
         "listed; uncertainty order: "
         "`busseg.uncertainty.rank` with the starting checkpoint, most uncertain first, within "
@@ -404,13 +469,24 @@ def render(result: dict) -> str:
         cells = [C.fmt(arm["summary"]["blocks"][b]["mean"], 1)
                  if b < len(arm["summary"]["blocks"]) else "–" for arm in arms]
         md.append(f"| {first['first']}-{first['last']}{site_note} | " + " | ".join(cells) + " |")
-    off = [arm for arm in arms if not arm["learn"]]
-    if len(off) > 1:
-        same = len({arm["summary"]["interactions"] for arm in off}) == 1
+    groups: dict[str, list] = {}  # arms without learning that differ only in the order
+    for arm in arms:
+        if not arm["learn"]:
+            groups.setdefault(arm.get("region_filter_mode", "on"), []).append(arm)
+    if any(len(g) > 1 for g in groups.values()):
+        same = all(len({arm["summary"]["interactions"] for arm in g}) == 1
+                   for g in groups.values())
         md += ["", "Without learning the order cannot change the total: each scan's box jitter "
                "is seeded by its position in the stream, so those arms see the same scans with "
                "the same boxes" + (" (and agree here)." if same else
                                    " (**they differ here: check the run**).")]
+    if len(groups) > 1:
+        md += ["", "Region filter arms: on = the checkpoint's filter (`inference.region_filter`, "
+               "the default); off = switched off (`region_filter=None`, the gate still on); "
+               "site = the checkpoint's filter refitted on this site's own decisions "
+               f"(`RegionFilter.refit`, prior strength {a.get('refit_strength', 10.0):g}, every "
+               f"{a.get('refit_every', 10)} scans, restarted at each new site; a region is a "
+               "lesion when it overlaps the accepted or saved mask, else a false region)."]
     md += ["", f"Estimated full run on this host: {result['estimate']['text']}", ""]
     return "\n".join(md) + "\n"
 
@@ -465,6 +541,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated: file, uncertainty (default both)")
     p.add_argument("--learn", default="on,off",
                    help="comma-separated: on, off (learning as you go; default both)")
+    p.add_argument("--region-filter", default="on",
+                   help="comma-separated: on, off, site (the checkpoint's region filter in the "
+                        "automatic masks; default on; 'on,off' runs both, side by side; site: "
+                        "refitted every --refit-every scans on the session's own decisions, "
+                        "RegionFilter.refit)")
+    p.add_argument("--refit-every", type=int, default=10,
+                   help="scans between refits of the 'site' arm (default 10)")
+    p.add_argument("--refit-strength", type=float, default=10.0,
+                   help="prior strength of the 'site' refit (default 10)")
+    p.add_argument("--no-region-filter", dest="region_filter", action="store_const",
+                   const="off", help="the same as --region-filter off")
     p.add_argument("--max-steps", type=int, default=None,
                    help="fine-tune steps (default: busseg.finetune's; changes the protocol, "
                         "for checks only)")
@@ -490,6 +577,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.orders = [x.strip() for x in args.orders.split(",") if x.strip()]
     args.learn = [x.strip() for x in args.learn.split(",") if x.strip()]
+    args.region_filter = [x.strip() for x in args.region_filter.split(",") if x.strip()]
+    if not args.region_filter or any(x not in ("on", "off", "site")
+                                     for x in args.region_filter):
+        raise SystemExit("--region-filter: choose from on,off,site")
     if not args.orders or any(o not in ORDERS for o in args.orders):
         raise SystemExit(f"--orders: choose from {','.join(ORDERS)}")
     if not args.learn or any(x not in ("on", "off") for x in args.learn):
@@ -540,21 +631,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     own_work = args.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="busseg-session-")) if own_work else Path(args.work_dir)
     specs = []
-    for order_name in args.orders:
-        for learn in args.learn:
-            label = f"{order_name} order, learning {learn}"
-            wd = work / f"{order_name}-learn-{learn}"
-            if wd.exists():
-                raise SystemExit(f"{wd} exists; choose another --work-dir")
-            specs.append({
-                "label": label, "order_name": order_name, "learn": learn == "on",
-                "records": records, "sites": sites, "order": orders[order_name],
-                "checkpoint": str(ckpt), "learn_every": args.learn_every,
-                "finetune_options": ft_opts,
-                "work_dir": str(wd), "threads": args.threads, "device": args.device,
-                "seed": args.seed, "accept_iou": args.accept_iou,
-                "max_interactions": args.max_interactions, "jitter": args.jitter,
-                "quiet": args.quiet})
+    arms_wanted = [(o, x, f) for o in args.orders for x in args.learn for f in args.region_filter]
+    for order_name, learn, rfilter in arms_wanted:  # order x learning x region filter
+        label = f"{order_name} order, learning {learn}"
+        wd = work / f"{order_name}-learn-{learn}"
+        if args.region_filter != ["on"]:
+            label += f", region filter {rfilter}"
+            wd = wd.with_name(wd.name + f"-filter-{rfilter}")
+        if wd.exists():
+            raise SystemExit(f"{wd} exists; choose another --work-dir")
+        specs.append({
+            "label": label, "order_name": order_name, "learn": learn == "on",
+            "records": records, "sites": sites, "order": orders[order_name],
+            "checkpoint": str(ckpt), "learn_every": args.learn_every,
+            "finetune_options": ft_opts,
+            "work_dir": str(wd), "threads": args.threads, "device": args.device,
+            "seed": args.seed, "accept_iou": args.accept_iou,
+            "max_interactions": args.max_interactions, "jitter": args.jitter,
+            "region_filter": rfilter != "off", "region_filter_mode": rfilter,
+            "refit_every": args.refit_every, "refit_strength": args.refit_strength,
+            "quiet": args.quiet})
     try:
         if args.jobs > 1 and len(specs) > 1:
             # learning arms first: they take longest

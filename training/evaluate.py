@@ -22,6 +22,9 @@ Models with an image-level class head (normal / benign / malignant):
   switches it off. With the gate on, the same forward pass also gives the ungated masks, so
   the FP rate on normal images and the lesion Dice are reported with the gate on and off,
   with the share of lesion images the gate empties and the median P(normal) on them;
+- the checkpoint's region filter (``inference.region_filter``, :mod:`busseg.region_filter`)
+  is on after the gate, as in ``busseg predict``; ``--no-region-filter`` switches it off.
+  The "gate off" (ungated) figures are those of the thresholded mask, gate and filter off;
 - the AUC of malignant vs benign on images with a lesion (score P(malignant) /
   (P(benign) + P(malignant))) and of lesion vs normal (score P(lesion) = 1 - P(normal)),
   with 95 % stratified bootstrap intervals (``busseg.metrics.roc_auc_ci``), and the
@@ -67,6 +70,7 @@ if str(ROOT / "src") not in sys.path:
 from busseg.cli import (  # noqa: E402  (shared with busseg predict)
     UsageError,
     add_inference_args,
+    filter_status,
     gate_status,
 )
 
@@ -259,7 +263,9 @@ def evaluate(args) -> int:
           f"{threshold}, TTA {'on' if tta else 'off'}"
           + (f", post-processing fill_holes={args.fill_holes} keep={args.keep} "
              f"min_area={args.min_area}" if post else "")
-          + (f", normal-scan gate {gate_status(stored_gate, args.no_gate)}" if head else ""))
+          + (f", normal-scan gate {gate_status(stored_gate, args.no_gate)}" if head else "")
+          + ", region filter "
+          + filter_status(cfg["inference"].get("region_filter"), args.no_region_filter))
     print(f"{len(records)} image(s) of split {split!r} from {index.root}")
 
     rows = []
@@ -269,14 +275,16 @@ def evaluate(args) -> int:
         t0 = time.perf_counter()
         res = predict(image, model, threshold=threshold, tta=tta, fill_holes=args.fill_holes,
                       keep=args.keep, min_area=args.min_area,
-                      normal_gate="auto" if gate_on else None)
+                      normal_gate="auto" if gate_on else None,
+                      region_filter=None if args.no_region_filter else "auto")
         pred = res.mask
         seconds = time.perf_counter() - t0
         m = segmentation_metrics(pred, truth)
         row = {"image": rec.rel_path, "label": rec.label, "height": image.shape[0],
                "width": image.shape[1], **m, "seconds": seconds, "gated": res.gated,
                "dice_ungated": m["dice"], "any_pred_ungated": m["any_pred"]}
-        if res.gated:  # the same forward pass without the gate: the mask before emptying
+        if res.gated or res.regions_removed:
+            # the same forward pass without the gate and the region filter
             ungated = res.proba >= threshold
             if post:
                 ungated = postprocess_mask(ungated, fill_holes=args.fill_holes, keep=args.keep,

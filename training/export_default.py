@@ -27,6 +27,9 @@
    ``model_card.json`` and ``MODEL_CARD.md`` beside the weights (data, split,
    hyper-parameters, hardware, training time, what was tried, the gate candidates, test
    metrics with the gate on and off, class-head AUCs).
+5. Then fit the region filter and re-choose the gate by annotation cost on the validation
+   patients: ``python training/fit_region_filter.py --checkpoint DEST --write`` (adds
+   ``inference.region_filter`` and a section of the model card; a fresh export has none).
 
 The shipped files name no path of the machine that trained the model: every absolute path in
 the config and the card (data roots, the ``--init`` checkpoint, paths inside the training
@@ -436,6 +439,8 @@ def main(argv=None) -> int:
                        overwrite=True)
     atomic_write_bytes(dest / "MODEL_CARD.md", card_markdown(card).encode(), overwrite=True)
     print(card_markdown(card))
+    print(f"next: python training/fit_region_filter.py --checkpoint {portable_path(str(dest))} "
+          "--write (the region filter and the gate, chosen by annotation cost)")
     return 0
 
 

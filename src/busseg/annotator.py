@@ -31,7 +31,7 @@ import numpy as np
 
 __all__ = [
     "ACCEPT_IOU", "BOX_MARGIN", "MAX_INTERACTIONS", "annotate_scan", "annotation_cost",
-    "model_prompt", "next_click",
+    "model_prompt", "next_click", "prompt_path", "scan_cost",
 ]
 
 ACCEPT_IOU = 0.85
@@ -173,7 +173,7 @@ def annotate_scan(auto: np.ndarray, truth: np.ndarray, prompt: PromptFn,
 
 
 def model_prompt(image: np.ndarray, model: Any, box_margin: float = BOX_MARGIN) -> PromptFn:
-    """The prompt function of :func:`annotate_scan` for a model.
+    """Return the prompt function of :func:`annotate_scan` for a model.
 
     Parameters
     ----------
@@ -205,7 +205,7 @@ def annotation_cost(model: Any, images: Sequence[np.ndarray], truths: Sequence[n
                     accept_iou: float = ACCEPT_IOU, max_interactions: int = MAX_INTERACTIONS,
                     jitter: float = JITTER, box_margin: float = BOX_MARGIN,
                     predict_kwargs: dict | None = None) -> dict[str, Any]:
-    """Simulated annotation cost of a model on labelled scans (interactions per scan).
+    """Return the simulated annotation cost of a model on labelled scans (per scan).
 
     The automatic mask of each scan is the model's default automatic prediction
     (:func:`busseg.inference.predict` with ``predict_kwargs``) unless ``autos`` are given;
@@ -272,3 +272,108 @@ def annotation_cost(model: Any, images: Sequence[np.ndarray], truths: Sequence[n
     return {"n": len(inter), "per_scan": mean(np.ones(len(arr), bool)),
             "lesion_per_scan": mean(les), "normal_per_scan": mean(~les),
             "interactions": inter, "kinds": kinds, "never_converged": kinds["brushed"]}
+
+
+def prompt_path(truth: np.ndarray, prompt: PromptFn, rng: np.random.Generator, *,
+                accept_iou: float = ACCEPT_IOU, max_interactions: int = MAX_INTERACTIONS,
+                jitter: float = JITTER, box_margin: float = BOX_MARGIN) -> dict[str, Any]:
+    """Run the box-then-clicks part of :func:`annotate_scan` once for a lesion scan.
+
+    On a lesion scan the prompt calls of :func:`annotate_scan` depend only on the truth and
+    the jittered boxes, never on the automatic mask: the automatic mask decides only whether
+    the scan is accepted and whether one "erase" interaction clears false regions outside the
+    grown boxes (which also leaves one click fewer before ``max_interactions``). So the
+    prompted path is run once here and :func:`scan_cost` then scores any number of automatic
+    masks (a filter threshold, a gate, a rule) in microseconds each, with exactly the
+    interactions :func:`annotate_scan` would count (a test checks it). ``rng`` is used as
+    :func:`annotate_scan` uses it (the same boxes for the same generator state).
+
+    Parameters
+    ----------
+    truth : numpy.ndarray
+        (H, W) bool ground truth with at least one lesion pixel.
+    prompt, rng, accept_iou, max_interactions, jitter, box_margin
+        As :func:`annotate_scan`.
+
+    Returns
+    -------
+    dict
+        ``boxes`` (int), ``region`` ((H, W) bool: the boxes grown by ``box_margin``),
+        ``clicks_to_accept`` (clicks after the boxes to reach ``accept_iou``, 0 when the boxes
+        suffice; None when ``max_interactions - boxes`` clicks do not get there),
+        ``prompt_calls``, ``accept_iou``, ``max_interactions``.
+
+    Raises
+    ------
+    ValueError
+        If the truth is empty (a normal scan needs no prompted path).
+    """
+    from busseg.prompts import box_mask, jitter_box, mask_to_boxes
+
+    truth = np.asarray(truth) > 0
+    if not truth.any():
+        raise ValueError("prompt_path needs a lesion scan (the truth is empty)")
+    boxes = np.stack([jitter_box(b, truth.shape, rng, jitter) for b in mask_to_boxes(truth)])
+    region = box_mask(boxes, truth.shape, box_margin)
+    pred = np.asarray(prompt(boxes, np.zeros((0, 2)), np.zeros(0, np.int8), None)) > 0
+    calls, iou = 1, _iou(pred, truth)
+    points: list[tuple[int, int]] = []
+    labels: list[int] = []
+    inside = truth & region
+    n = len(boxes)
+    while iou < accept_iou and n < max_interactions:
+        click = next_click(pred & region, inside)
+        if click is None:
+            break
+        points.append(click[:2])
+        labels.append(click[2])
+        n += 1
+        pred = np.asarray(prompt(boxes, np.asarray(points, np.float64),
+                                 np.asarray(labels, np.int8), pred)) > 0
+        calls += 1
+        iou = _iou(pred, truth)
+    return {"boxes": len(boxes), "region": region,
+            "clicks_to_accept": len(points) if iou >= accept_iou else None,
+            "prompt_calls": calls, "accept_iou": accept_iou,
+            "max_interactions": max_interactions}
+
+
+def scan_cost(auto: np.ndarray, truth: np.ndarray, path: dict[str, Any] | None) -> int:
+    """Interactions :func:`annotate_scan` counts for an automatic mask, from a prompted path.
+
+    Parameters
+    ----------
+    auto : numpy.ndarray
+        (H, W) bool automatic mask.
+    truth : numpy.ndarray
+        (H, W) bool ground truth (empty for a normal scan).
+    path : dict or None
+        :func:`prompt_path` of this lesion scan (its ``accept_iou`` and ``max_interactions``
+        are used); None for a normal scan.
+
+    Returns
+    -------
+    int
+        0 (accepted), 1 (a normal scan cleared), or boxes + erase + clicks, or
+        ``max_interactions`` when the scan would be brushed.
+
+    Raises
+    ------
+    ValueError
+        If a lesion scan comes without its path.
+    """
+    auto, truth = np.asarray(auto) > 0, np.asarray(truth) > 0
+    if not truth.any():
+        return int(auto.any())
+    if path is None:
+        raise ValueError("a lesion scan needs its prompt_path")
+    if _iou(auto, truth) >= path["accept_iou"]:
+        return 0
+    erase = int(bool((auto & ~path["region"]).any()))
+    k = path["clicks_to_accept"]
+    cap = path["max_interactions"]
+    if k == 0:  # the boxes alone suffice: no click, so the cap is never reached
+        return int(path["boxes"] + erase)
+    if k is None or path["boxes"] + erase + k > cap:
+        return int(cap)
+    return int(path["boxes"] + erase + k)

@@ -14,7 +14,9 @@ Examples
 own size) per image. With a model that has an image-level class head (normal / benign /
 malignant) it also writes ``OUT/classes.csv`` (columns path, p_normal, p_benign, p_malignant,
 gated; research output, not a diagnosis) and applies the checkpoint's normal-scan gate
-(``--no-gate`` switches it off; see :func:`busseg.inference.predict`). Folders are indexed by
+(``--no-gate`` switches it off; see :func:`busseg.inference.predict`), then the checkpoint's
+region filter, which removes regions of the automatic mask unlikely to be lesions
+(``--no-region-filter`` switches it off; :mod:`busseg.region_filter`). Folders are indexed by
 :func:`busseg.data.discover` (BUSI, BUS-BRA / BUS-UCLM image and mask folders, any folder of
 scans, searched recursively; single-frame DICOM with pydicom); the layout under each PATH
 folder is mirrored in OUT (a BUSI folder gives ``OUT/benign/benign (1)_mask.png`` ...);
@@ -92,7 +94,8 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
 
     Shared by ``busseg predict`` and ``training/evaluate.py``; the values arrive as
     ``device``, ``threshold`` (None: the checkpoint's), ``tta`` (None: the checkpoint's),
-    ``fill_holes``, ``keep``, ``min_area`` and ``no_gate`` (True: ``normal_gate=None``).
+    ``fill_holes``, ``keep``, ``min_area``, ``no_gate`` (True: ``normal_gate=None``) and
+    ``no_region_filter`` (True: ``region_filter=None``).
     """
     p.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
     p.add_argument(
@@ -113,6 +116,10 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="switch the normal-scan gate off (models with a class head: by default "
                    "a mask is emptied when P(normal) and the lesion probabilities say normal, "
                    "as stored in the checkpoint)")
+    p.add_argument("--no-region-filter", action="store_true",
+                   help="switch the region filter off (by default regions of the automatic mask "
+                   "that the checkpoint's filter finds unlikely to be lesions are removed; "
+                   "see `busseg info`)")
 
 
 def _non_negative_int(text: str) -> int:
@@ -346,6 +353,8 @@ def _predict(args: argparse.Namespace) -> int:
         f"TTA {'on' if tta else 'off'}"
         + (f", normal-scan gate {gate_status(cfg['inference'].get('normal_gate'), args.no_gate)}"
            if head else "")
+        + ", region filter "
+        + filter_status(cfg["inference"].get("region_filter"), args.no_region_filter)
         + f"; {len(todo)} image(s) to segment"
     )
     if head:
@@ -367,6 +376,7 @@ def _predict(args: argparse.Namespace) -> int:
             image, model, threshold=args.threshold, tta=args.tta,
             fill_holes=args.fill_holes, keep=args.keep, min_area=args.min_area,
             normal_gate=None if args.no_gate else "auto",
+            region_filter=None if args.no_region_filter else "auto",
         )
         mask = pred.mask
         try:
@@ -487,6 +497,34 @@ def gate_status(gate: dict | None, off: bool) -> str:
     if not gate:
         return "none stored in the checkpoint"
     return f"on ({describe_gate(gate)})"
+
+
+def filter_status(spec: dict | None, off: bool) -> str:
+    """Describe the region filter a run applies (``busseg predict``, ``info``, evaluate.py).
+
+    Parameters
+    ----------
+    spec : dict or None
+        The checkpoint's ``inference.region_filter``.
+    off : bool
+        True when ``--no-region-filter`` switched it off.
+
+    Returns
+    -------
+    str
+        ``"off (--no-region-filter)"``, ``"none stored in the checkpoint"`` or ``"on (<rule>)"``
+        with the rule of :func:`busseg.region_filter.describe_filter`.
+    """
+    from busseg.region_filter import describe_filter
+
+    if off:
+        return "off (--no-region-filter)"
+    if not spec:
+        return "none stored in the checkpoint"
+    try:
+        return f"on ({describe_filter(spec)})"
+    except ValueError as exc:
+        return f"invalid ({exc})"
 
 
 def write_classes_csv(path: Path, rows: dict[str, dict]) -> Path:
@@ -725,6 +763,8 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
         f"{'on' if inf.get('tta_flips') else 'off'}"
         + (f", normal-scan gate {gate_status(cfg.get('inference', {}).get('normal_gate'), False)}"
            if m.get("num_classes") else ""),
+        f"  region filter (automatic masks only): "
+        f"{filter_status(inf.get('region_filter'), False)}",
         "  class head: " + ("normal / benign / malignant (research output, not a diagnosis)"
                             if m.get("num_classes") else "none"),
         "  prompts: " + (f"boxes, clicks and previous mask ({int(m['in_channels']) - 1} "
@@ -758,6 +798,17 @@ def model_card_lines(path: str | os.PathLike | None) -> list[str]:
         if parts:
             lines.append("  test split: " + ", ".join(parts))
         lines += _test_figures(test, metrics.get("test_class_head"))
+        measured = metrics.get("test_settings")
+        if isinstance(measured, dict) and (
+                measured.get("normal_gate") != inf.get("normal_gate")
+                or measured.get("region_filter") != inf.get("region_filter")):
+            from busseg.inference import describe_gate
+            from busseg.region_filter import describe_filter
+
+            lines.append(
+                "  (test figures measured with other settings: normal-scan gate "
+                f"{describe_gate(measured.get('normal_gate'))}; region filter "
+                f"{describe_filter(measured.get('region_filter'))})")
     if lineage.get("base_model"):
         base = _shown_path(str(lineage["base_model"]), shipped=path is None)
         if tr.get("kind") == "fine-tune":  # written by the Fine-tune widget / busseg.finetune

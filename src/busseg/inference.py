@@ -590,12 +590,16 @@ class Prediction:
         None for a model without one. Research output, not a diagnosis.
     gated : bool
         True when the normal-scan gate emptied a non-empty mask.
+    regions_removed : int
+        Connected components of the automatic mask that the region filter removed
+        (:mod:`busseg.region_filter`; 0 without a filter, with prompts, or when gated).
     """
 
     mask: np.ndarray
     proba: np.ndarray
     class_proba: dict | None
     gated: bool = False
+    regions_removed: int = 0
 
 
 def _class_dict(model: nn.Module, probs: torch.Tensor) -> dict:
@@ -681,13 +685,14 @@ def predict_mask(
     previous_mask: Any = None,
     normal_gate: Any = "auto",
     box_margin: float = 0.1,
+    region_filter: Any = "auto",
 ) -> np.ndarray:
     """Binary lesion mask at the image's original size (see :func:`predict` for all outputs).
 
     Parameters
     ----------
     image, model, threshold, tta, fill_holes, keep, min_area, device, boxes, points,
-    point_labels, previous_mask, normal_gate, box_margin
+    point_labels, previous_mask, normal_gate, box_margin, region_filter
         As in :func:`predict`.
 
     Returns
@@ -703,7 +708,8 @@ def predict_mask(
     return predict(image, model, threshold=threshold, tta=tta, fill_holes=fill_holes,
                    keep=keep, min_area=min_area, device=device, boxes=boxes, points=points,
                    point_labels=point_labels, previous_mask=previous_mask,
-                   normal_gate=normal_gate, box_margin=box_margin).mask
+                   normal_gate=normal_gate, box_margin=box_margin,
+                   region_filter=region_filter).mask
 
 
 def classify(
@@ -766,6 +772,7 @@ def predict(
     previous_mask: Any = None,
     normal_gate: Any = "auto",
     box_margin: float = 0.1,
+    region_filter: Any = "auto",
 ) -> Prediction:
     """Mask, probabilities and class probabilities of one image from one forward pass.
 
@@ -800,18 +807,26 @@ def predict(
     box_margin : float, optional
         Share of a box's side by which the mask may extend past it (>= 0), for boxes drawn
         a little too tight.
+    region_filter : "auto" or None or False or busseg.region_filter.RegionFilter, optional
+        The region filter (:mod:`busseg.region_filter`), applied after the gate in automatic
+        mode only (never to a prompted mask): connected components of the mask that its
+        classifier finds unlikely to be lesions are removed. ``"auto"`` (default) uses the
+        checkpoint's ``inference.region_filter`` (none stored: no filter, as before); None
+        or False switch it off; a :class:`~busseg.region_filter.RegionFilter` (or its
+        ``to_dict()``) is used as given.
 
     Returns
     -------
     Prediction
         ``mask`` (H, W) bool, ``proba`` (H, W) float32, ``class_proba`` dict or None,
-        ``gated`` bool.
+        ``gated`` bool, ``regions_removed`` int.
 
     Raises
     ------
     ValueError
         As :func:`predict_proba`; also for a threshold outside (0, 1), invalid
-        post-processing options, a bad ``normal_gate`` or a negative ``box_margin``.
+        post-processing options, a bad ``normal_gate``, a bad ``region_filter`` (or an
+        invalid stored one) or a negative ``box_margin``.
     busseg.models.CheckpointError
         If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
     """
@@ -822,6 +837,7 @@ def predict(
     t = _resolve_threshold(threshold, cfg)
     _check_postprocess(keep, min_area)
     gate = _resolve_gate(normal_gate, cfg)
+    rfilter = _resolve_filter(region_filter, cfg)
     if not (isinstance(box_margin, (int, float)) and box_margin >= 0):
         raise ValueError(f"box_margin must be a number >= 0, got {box_margin!r}")
     pr = _prompts(model, arr, boxes, points, point_labels, previous_mask)
@@ -834,10 +850,28 @@ def predict(
     if fill_holes or keep != "all" or min_area > 0:
         mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
     classes = _class_dict(model, class_proba) if class_proba is not None else None
-    gated = False
+    gated, removed = False, 0
+    proba_np = proba.to("cpu", torch.float32).numpy()
     if pr is None or pr.empty:
         mask, gated = _apply_gate(mask, proba, classes, gate)
-    return Prediction(mask, proba.to("cpu", torch.float32).numpy(), classes, gated)
+        mask, removed = _apply_filter(mask, proba_np, arr, classes, rfilter)
+    return Prediction(mask, proba_np, classes, gated, removed)
+
+
+def _resolve_filter(region_filter: Any, cfg: Mapping[str, Any]):
+    """Return the RegionFilter to apply, or None (see :func:`predict`)."""
+    from busseg.region_filter import resolve_filter
+
+    return resolve_filter(region_filter, cfg)
+
+
+def _apply_filter(mask: np.ndarray, proba: np.ndarray, image: np.ndarray,
+                  classes: dict | None, rfilter) -> tuple[np.ndarray, int]:
+    """Remove the components the region filter rejects: (mask, number removed)."""
+    if rfilter is None or not mask.any():
+        return mask, 0
+    res = rfilter.apply(mask, proba, image, classes)
+    return res.mask, res.removed
 
 
 def _prepare(image: Any, model: ModelLike, device) -> tuple[torch.nn.Module, np.ndarray, dict]:
@@ -870,6 +904,8 @@ def predict_stack_iter(
     device: str | torch.device | None = None,
     normal_gate: Any = "auto",
     with_class: bool = False,
+    region_filter: Any = "auto",
+    with_info: bool = False,
 ) -> Iterator[tuple]:
     """Predict slice after slice, yielding each result as soon as it is ready.
 
@@ -894,6 +930,11 @@ def predict_stack_iter(
     with_class : bool, optional
         Also yield the class probabilities (a dict, or None without a class head) as a
         fourth item.
+    region_filter : "auto" or None or False or RegionFilter, optional
+        The region filter, as in :func:`predict` (applied after the gate).
+    with_info : bool, optional
+        Also yield, last, ``{"gated": bool, "regions_removed": int}`` (see
+        :class:`Prediction`).
 
     Yields
     ------
@@ -905,6 +946,8 @@ def predict_stack_iter(
         (H, W) float32 in [0, 1].
     class_proba : dict or None
         Only with ``with_class``: as :attr:`Prediction.class_proba`.
+    info : dict
+        Only with ``with_info``: ``{"gated": bool, "regions_removed": int}``.
 
     Raises
     ------
@@ -942,18 +985,25 @@ def predict_stack_iter(
             )
     post = fill_holes or keep != "all" or min_area > 0
     gate = _resolve_gate(normal_gate, cfg)
+    rfilter = _resolve_filter(region_filter, cfg)
     head = has_class_head(model)
 
     def emit(chunk: list[tuple[int, np.ndarray]]):
         results = _predict_tensor([a for _, a in chunk], model, use_tta, with_class=head)
-        for (i, _), (p, cp) in zip(chunk, results, strict=True):
+        for (i, arr), (p, cp) in zip(chunk, results, strict=True):
             mask = (p >= t).cpu().numpy()
             if post:
                 mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
             classes = _class_dict(model, cp) if cp is not None else None
-            mask, _ = _apply_gate(mask, p, classes, gate)
-            out = (i, mask, p.to("cpu", torch.float32).numpy())
-            yield (*out, classes) if with_class else out
+            mask, gated = _apply_gate(mask, p, classes, gate)
+            p_np = p.to("cpu", torch.float32).numpy()
+            mask, removed = _apply_filter(mask, p_np, arr, classes, rfilter)
+            out = (i, mask, p_np)
+            if with_class:
+                out = (*out, classes)
+            if with_info:
+                out = (*out, {"gated": bool(gated), "regions_removed": int(removed)})
+            yield out
 
     chunk: list[tuple[int, np.ndarray]] = []
     for i, im in enumerate(images):

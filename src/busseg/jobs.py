@@ -113,7 +113,9 @@ class SegmentResult:
         Wall time of the job in seconds (model loading included).
     extra : dict
         ``"gated"``: list of bool per slice (C order of the leading axes), True where the
-        normal-scan gate emptied the mask; ``"class_proba"`` (models with a class head only):
+        normal-scan gate emptied the mask; ``"regions_removed"``: list of int per slice, the
+        regions of the automatic mask the region filter removed; ``"class_proba"`` (models
+        with a class head only):
         list of ``{"normal", "benign", "malignant"}`` probability dicts per slice (research
         output, not a diagnosis).
     """
@@ -140,6 +142,7 @@ def segment_job(
     min_area: int = 0,
     with_proba: bool = False,
     crops: Sequence[tuple[int, int] | None] | None = None,
+    region_filter: bool = True,
 ) -> Generator[tuple, None, SegmentResult]:
     """Segment every 2D slice of an image array, yielding progress (runs in a worker thread).
 
@@ -167,6 +170,9 @@ def segment_job(
         Per slice (in C order of the leading axes), the (H, W) of the image inside a
         zero-padded slice (stacks of the plugin's folder reader); only that part is segmented
         and the padding stays background. None: whole slices.
+    region_filter : bool
+        Apply the checkpoint's region filter (:mod:`busseg.region_filter`: regions unlikely
+        to be lesions are removed; default True); False switches it off.
 
     Yields
     ------
@@ -219,17 +225,20 @@ def segment_job(
     results = predict_stack_iter(
         slices, model, threshold=t, tta=tta, fill_holes=fill_holes, keep=keep,
         min_area=int(min_area), batch_size=1 if dev.type == "cpu" else 4, with_class=True,
+        region_filter="auto" if region_filter else None, with_info=True,
     )
     classes: list[dict | None] = [None] * n
     gated = [False] * n
-    for i, mask, p, cp in results:
+    removed = [0] * n
+    for i, mask, p, cp, info in results:
         labels[indices[i]][crop(i)] = mask
         if proba is not None:
             proba[indices[i]][crop(i)] = p
         classes[i] = cp
-        gated[i] = _was_gated(mask, p, t, cp, fill_holes, keep, min_area)
+        gated[i] = bool(info["gated"])
+        removed[i] = int(info["regions_removed"])
         yield ("progress", i + 1, n)
-    extra = {"gated": gated}
+    extra = {"gated": gated, "regions_removed": removed}
     if any(c is not None for c in classes):
         extra["class_proba"] = classes
     return SegmentResult(labels, proba, str(getattr(model, "busseg_checkpoint_path", where)),

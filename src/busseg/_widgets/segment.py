@@ -463,6 +463,11 @@ class SegmentWidget(Container):
                                        "checkpoint's)")
         self._tta = CheckBox(text="test-time flips (2x slower)", value=False)
         self._fill_holes = CheckBox(text="fill holes", value=False)
+        self._region_filter = CheckBox(
+            text="remove likely false regions", value=True,
+            tooltip="Apply the checkpoint's region filter: regions of the automatic mask that "
+                    "its classifier finds unlikely to be lesions are removed (never applied "
+                    "to box or click prompts)")
         self._keep = ComboBox(label="keep", choices=["all", "largest"], value="all",
                               tooltip="Keep every lesion or only the largest one")
         self._min_area = SpinBox(label="min area", min=0, max=10_000_000, value=0,
@@ -491,7 +496,8 @@ class SegmentWidget(Container):
         self._form.extend([  # after construction, so the label column gets one width
             self._image, self._source, self._checkpoint, self._model_info, self._click_label,
             self._prompt_info, self._device,
-            self._threshold, self._tta, self._fill_holes, self._keep, self._min_area,
+            self._threshold, self._tta, self._fill_holes, self._region_filter, self._keep,
+            self._min_area,
             self._with_proba, Container(widgets=[self._run_btn, self._cancel_btn],
                                         layout="horizontal", labels=False),
             self._progress, self._status, self._metrics, self._classes,
@@ -806,6 +812,7 @@ class SegmentWidget(Container):
             "threshold": float(self._threshold.value),
             "tta": bool(self._tta.value),
             "fill_holes": bool(self._fill_holes.value),
+            "region_filter": bool(self._region_filter.value),
             "keep": self._keep.value,
             "min_area": int(self._min_area.value),
             "with_proba": bool(self._with_proba.value),
@@ -880,6 +887,10 @@ class SegmentWidget(Container):
             note += ("; the normal-scan gate emptied the mask (the class head says normal and "
                      "no pixel is confident)" if n == 1 else
                      f"; the normal-scan gate emptied {gated} of {n} slice masks")
+        removed = int(sum(result.extra.get("regions_removed", [])))
+        if removed:
+            note += (f"; the region filter removed {removed} likely false region"
+                     f"{'s' if removed > 1 else ''}")
         self._set_status(
             f"wrote “{layer.name}”: {n} slice(s) in {result.elapsed:.1f} s on {result.device}, "
             f"threshold {result.threshold:.2f}, lesion {frac:.1f} % of pixels{note}"
