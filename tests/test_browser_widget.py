@@ -24,19 +24,40 @@ def notes(monkeypatch):
     return seen
 
 
+def _dock(viewer, *, predict=False):
+    """Dock the Scan browser; "Predict on open" (on by default) off unless asked for.
+
+    Tests of other behaviour switch it off so that no background prediction adds layers
+    while they count layers or add their own prediction layers.
+    """
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    assert isinstance(widget, browser_mod.BusiBrowserWidget)
+    widget._predict_check.value = predict
+    return widget
+
+
+def _closed(qtbot, widget):
+    """Wait until the hidden layers of the case left last are removed (a moment after Next)."""
+    qtbot.waitUntil(lambda: not widget.closing_pending, timeout=10_000)
+
+
+def _settle(qtbot, widget, timeout=60_000):
+    """Wait until no prediction or prefetch of the browser runs (before the viewer closes)."""
+    qtbot.waitUntil(lambda: not widget.prefetch_running and not widget.predicting,
+                    timeout=timeout)
+
+
 @pytest.fixture
 def browser(make_napari_viewer, notes, busseg_plugin):
     viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
-    assert isinstance(widget, browser_mod.BusiBrowserWidget)
-    return viewer, widget
+    return viewer, _dock(viewer)
 
 
 def _names(viewer, visible_only=False):
     return [layer.name for layer in viewer.layers if layer.visible or not visible_only]
 
 
-def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path):
+def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path, qtbot):
     viewer, widget = browser
     widget.set_root(fake_busi)
     assert len(widget.records) == 6
@@ -49,7 +70,11 @@ def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path):
     assert _names(viewer) == ["benign (1)", "benign (1) ground truth"]
     widget.next_case()
     assert widget.current_record().name == "benign (2)"
-    assert _names(viewer) == ["benign (2)", "benign (2) ground truth"]  # the previous is closed
+    # the previous case is hidden at once and closed a moment later (after the new one is drawn)
+    assert _names(viewer, visible_only=True) == ["benign (2)", "benign (2) ground truth"]
+    assert widget.closing_pending
+    _closed(qtbot, widget)
+    assert _names(viewer) == ["benign (2)", "benign (2) ground truth"]
 
     # the user's (corrected) prediction layer, as the segment widget names it
     rec = widget.current_record()
@@ -90,6 +115,7 @@ def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path):
     widget.previous_case()
     assert widget.current_record().name == "benign (1)"
     assert notes[-1] == ("info", "That was the first case.")
+    _closed(qtbot, widget)
     assert _names(viewer) == ["benign (1)", "benign (1) ground truth"]
 
 
@@ -113,12 +139,15 @@ def test_predict_on_open_never_replaces_a_prediction(
     assert (viewer.layers["benign (1) prediction"].data == 1).all()
     assert any("kept" in msg for _, msg in notes)
     assert not [n for n in notes if n[0] == "error"]
+    _settle(qtbot, widget)
 
 
-def test_uses_the_folder_the_reader_opened(make_napari_viewer, notes, fake_busi, busseg_plugin):
+def test_uses_the_folder_the_reader_opened(make_napari_viewer, notes, fake_busi, busseg_plugin,
+                                           qtbot):
     viewer = make_napari_viewer()
     viewer.open(str(fake_busi / "malignant"), plugin="napari-busseg")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget = _dock(viewer)
+    _settle(qtbot, widget)  # the selected case was prefetched (predict on open is the default)
     assert widget.root == fake_busi
     assert len(widget.records) == 6
     assert widget._cases.native.count() == 6  # docking did not clear the list
@@ -194,6 +223,7 @@ def test_sort_by_uncertainty_scores_and_next_suggested(
     assert "[corrected]" in widget._cases.native.item(0).text()
     assert widget.next_suggested() == second
     assert widget.current_record() == second
+    _closed(qtbot, widget)
     assert second.name in _names(viewer) and top.name not in _names(viewer)  # closed
     assert widget.next_suggested() == third  # the selected case is skipped: moves on
     # the class filter applies: only malignant cases are suggested then
@@ -211,7 +241,7 @@ def test_reranks_when_segment_widget_switches_checkpoint(
     default_cache().clear()
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget = _dock(viewer)
     seg.use_checkpoint(tiny_checkpoint)
     widget._model_edit.value = tmp_path  # ignored: the Segment lesions widget's checkpoint wins
     widget.set_root(fake_busi)
@@ -295,7 +325,8 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
     scans = _write_scans(tmp_path / "scans", 12)
     corr = tmp_path / "corrections"
     viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget = _dock(viewer, predict=True)
+    widget._model_edit.value = tiny_checkpoint
     widget.set_root(scans)
     widget.set_corrections(corr)
     assert len(widget.records) == 12 and widget.session.layouts == ["folder"]
@@ -322,13 +353,16 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
         pred.paint((10 + i, 12 + i), 1)  # the annotator paints
         pred.paint((30, 30 - i), 0)
         expected[rec.name] = np.asarray(pred.data) > 0
+        _closed(qtbot, widget)
         assert len(viewer.layers) <= 6
+        assert widget.session.prefetched <= widget.session.prefetch_limit
         if i % 2:
             _press(viewer, "N")  # the keyboard shortcut
         else:
             widget.next_case()
     assert notes[-1][0] == "info" and "That was the last case" in notes[-1][1]
     assert not [n for n in notes if n[0] == "error"]
+    _closed(qtbot, widget)
 
     masks = sorted(p.name for p in (corr / "unknown").glob("*_mask.png"))
     assert masks == [f"scan {i:02d}_mask.png" for i in range(12)]
@@ -341,8 +375,9 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
     assert widget._progress.value == 12
 
     # a new viewer shows all 12 corrected (read back from the corrections folder)
+    _settle(qtbot, widget)
     viewer2 = make_napari_viewer()
-    _, again = viewer2.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    again = _dock(viewer2)
     again.set_corrections(corr)
     again.set_root(scans)
     assert again._progress_label.value == "12 of 12 corrected"
@@ -354,7 +389,7 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
                                   expected["scan 03"])
 
 
-def test_busbra_layout_opens_with_ground_truth(browser, notes, tmp_path):
+def test_busbra_layout_opens_with_ground_truth(browser, notes, tmp_path, qtbot):
     from PIL import Image
 
     viewer, widget = browser
@@ -383,6 +418,7 @@ def test_busbra_layout_opens_with_ground_truth(browser, notes, tmp_path):
     np.testing.assert_array_equal(viewer.layers["bus_0001-r ground truth"].data > 0,
                                   truth["0001-r"])
     widget.next_case()
+    _closed(qtbot, widget)
     assert _names(viewer) == ["bus_0002-s", "bus_0002-s ground truth"]
 
 
@@ -403,7 +439,7 @@ def test_closing_napari_saves_the_open_case(make_napari_viewer, notes, busseg_pl
     scans = _write_scans(tmp_path / "scans", 3)
     corr = tmp_path / "corrections"
     viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget = _dock(viewer)
     widget.set_root(scans)
     widget.set_corrections(corr)
     widget.select(1)
@@ -420,7 +456,7 @@ def test_closing_the_window_saves_the_open_case(make_napari_viewer, notes, busse
     scans = _write_scans(tmp_path / "scans", 2)
     corr = tmp_path / "corrections"
     viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget = _dock(viewer)
     widget.set_root(scans)
     widget.set_corrections(corr)
     widget.select(0)
@@ -507,6 +543,7 @@ def test_unedited_prediction_is_not_saved(browser, notes, tiny_checkpoint, tmp_p
     widget.next_case()  # accepted as predicted: not a correction
     assert not corr.exists() or not list(corr.rglob("*_mask.png"))
     assert widget._progress_label.value == "0 of 3 corrected"
+    _closed(qtbot, widget)
     assert _names(viewer)[0] == "scan 01"
     # the next case's prediction runs in a worker: let it land before the viewer closes
     qtbot.waitUntil(lambda: "scan 01 prediction" in _names(viewer), timeout=60_000)
@@ -538,6 +575,12 @@ def test_learn_as_you_go_switches_segment_lesions(
     from busseg.finetune import FinetuneResult
 
     dice = {"before": 0.4, "after": 0.6}
+    cost = {"before": 3.0, "after": 2.0}  # simulated interactions per held-out scan
+
+    def fake_costs(images, masks, val_indices, model_before, model_after, **kwargs):
+        n = len(val_indices)
+        return {"n": n, "n_lesion": n, "before": {"per_scan": cost["before"]},
+                "after": {"per_scan": cost["after"]}}
 
     def fake_finetune(images, masks, base=None, *, out_dir=None, **kwargs):
         yield "progress"
@@ -548,13 +591,16 @@ def test_learn_as_you_go_switches_segment_lesions(
         copytree(tiny_checkpoint, ck, dirs_exist_ok=True)
         heldout = {"before": {"mean_dice": dice["before"], "dice_lesion": dice["before"]},
                    "after": {"mean_dice": dice["after"], "dice_lesion": dice["after"]}}
-        return FinetuneResult(ck, None, dice["before"], dice["after"], len(images) - 1, 1,
-                              extra={"heldout": heldout})
+        n = len(images)
+        return FinetuneResult(ck, None, dice["before"], dice["after"], n - 1, 1,
+                              extra={"heldout": heldout, "train_indices": list(range(n - 1)),
+                                     "val_indices": [n - 1]})
 
     monkeypatch.setattr(busseg.finetune, "finetune_iter", fake_finetune)
+    monkeypatch.setattr(busseg.finetune, "heldout_costs", fake_costs)
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget = _dock(viewer)  # the test adds its own prediction layers
     seg.use_checkpoint(tiny_checkpoint)
     assert not widget._learn_check.value  # off by default
     widget.set_learning(True, every=2)
@@ -568,12 +614,13 @@ def test_learn_as_you_go_switches_segment_lesions(
         widget.next_case()
     qtbot.waitUntil(lambda: not widget.finetune_running and "adopted" in widget._status.value,
                     timeout=30_000)
-    assert widget._status.value.startswith("New checkpoint adopted: held-out Dice 0.400 -> 0.600")
+    assert widget._status.value.startswith("New checkpoint adopted: 3.00 -> 2.00 interactions")
     new = widget.session.checkpoint
     assert new is not None and new != tiny_checkpoint
     assert seg.current_checkpoint() == new
 
-    dice.update(before=0.6, after=0.5)  # worse: kept
+    dice.update(before=0.6, after=0.5)
+    cost.update(before=2.0, after=2.5)  # costs more to annotate: kept
     for i in range(2, 4):
         viewer.add_labels(np.ones((40, 48), np.uint8), name=f"scan {i:02d} prediction")
         widget.next_case()
@@ -601,7 +648,7 @@ def test_memory_stays_flat_over_200_cases(make_napari_viewer, notes, busseg_plug
     n, size = 200, (512, 512)
     scans = _write_scans(tmp_path / "scans", n, size=size)
     viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget = _dock(viewer)
     widget.set_root(scans)
     widget.set_corrections(tmp_path / "corr")
     proc = psutil.Process()
@@ -624,6 +671,10 @@ def test_memory_stays_flat_over_200_cases(make_napari_viewer, notes, busseg_plug
     print(f"RSS after 10 / 100 / 200 cases: {rss[10]:.0f} / {rss[100]:.0f} / {rss[200]:.0f} "
           f"MiB ({seconds:.0f} s for {n} cases of {size[1]}x{size[0]})")
     assert len(list((tmp_path / "corr" / "unknown").glob("*_mask.png"))) == n
+    deadline = time.perf_counter() + 10  # the last case left is removed a moment after Next
+    while widget.closing_pending and time.perf_counter() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.01)
     assert len(viewer.layers) <= 6
     assert rss[200] - rss[10] <= 300
 
@@ -635,7 +686,7 @@ def test_keys_drive_the_segment_lesions_widget(
 
     viewer = make_napari_viewer()
     _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    widget = _dock(viewer, predict=True)  # G races the prediction on open: G's mask wins
     seg.use_checkpoint(tiny_checkpoint)
     scans = _write_scans(tmp_path / "scans", 2)
     corr = tmp_path / "corr"
@@ -661,5 +712,214 @@ def test_keys_drive_the_segment_lesions_widget(
     assert not read_mask(corr / "normal" / "scan 00_mask.png").any()
     _press(viewer, "N")
     # the image, prediction and prompt layers of scan 00 are closed
+    _closed(qtbot, widget)
     assert "scan 01" in _names(viewer) and not [n for n in _names(viewer) if "scan 00" in n]
     assert widget._progress_label.value == "1 of 2 corrected"
+    _settle(qtbot, widget)
+
+
+# ------------------------------------------------------------- an annotator who never waits
+
+
+@pytest.fixture
+def forward_threads(monkeypatch):
+    """Record the thread of every busseg.inference.predict_mask call (the model's one entry).
+
+    ``.on_gui`` lists, per call, whether it ran on the GUI (main) thread; ``.real`` is the
+    unpatched function, for the test's own reference predictions.
+    """
+    import threading
+    from types import SimpleNamespace
+
+    import busseg.inference
+
+    real = busseg.inference.predict_mask
+    record = SimpleNamespace(on_gui=[], real=real)
+
+    def recording(*args, **kwargs):
+        record.on_gui.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(busseg.inference, "predict_mask", recording)
+    return record
+
+
+def test_predict_on_open_is_the_default_and_the_rows_scroll(make_napari_viewer, notes,
+                                                            busseg_plugin):
+    from qtpy.QtWidgets import QScrollArea
+
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    assert widget._predict_check.value is True and widget.prefetch_next is True
+    scroll = widget.native.findChild(QScrollArea, "busseg_browser_scroll")
+    assert scroll is not None and scroll.widgetResizable()
+    for part in (widget._cases, widget._predict_check, widget._next_btn, widget._status):
+        assert scroll.widget().isAncestorOf(part.native)
+    # the dock can be short: the rows scroll (two docks fit stacked in a 900-pixel window)
+    assert widget.native.minimumSizeHint().height() <= 250
+    assert scroll.widget().minimumSizeHint().height() > scroll.minimumHeight()
+    # no horizontal scroll bar: the dock is kept wide enough that no row of buttons is clipped
+    assert scroll.minimumWidth() >= scroll.widget().minimumSizeHint().width()
+
+
+def test_next_shows_the_prefetched_mask_without_a_forward_pass_on_the_gui_thread(
+    make_napari_viewer, notes, busseg_plugin, tiny_checkpoint, tmp_path, qtbot, forward_threads
+):
+    from busseg.inference import load_model
+
+    predict_mask = forward_threads.real
+    scans = _write_scans(tmp_path / "scans", 4)
+    viewer = make_napari_viewer()
+    widget = _dock(viewer, predict=True)
+    widget._model_edit.value = tiny_checkpoint
+    widget.set_root(scans)  # the selected case is prefetched at once (model loaded)
+    widget.set_corrections(tmp_path / "corr")
+    _settle(qtbot, widget)
+    assert widget.session.cached_prediction(0) is not None
+    widget.select(0)
+    widget.open_current()
+    assert "scan 00 prediction" in _names(viewer)  # shown at once, no wait
+    assert viewer.layers.selection.active.name == "scan 00 prediction"
+    for i in (1, 2):
+        # while the user works on the case, the next one is predicted in the background
+        qtbot.waitUntil(lambda i=i: widget.session.cached_prediction(i) is not None,
+                        timeout=60_000)
+        _settle(qtbot, widget)
+        widget.next_case()
+        name = f"scan {i:02d}"
+        assert f"{name} prediction" in _names(viewer)  # in the same call: no worker awaited
+        expected = predict_mask(read_image(scans / f"{name}.png"), load_model(tiny_checkpoint))
+        np.testing.assert_array_equal(viewer.layers[f"{name} prediction"].data > 0, expected)
+        assert widget._status.value.endswith("predicted; correct it, then move on (saved).")
+    _settle(qtbot, widget)
+    assert forward_threads.on_gui and not any(forward_threads.on_gui)  # never the GUI thread
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_prefetch_follows_the_list_order(browser, notes, fake_busi, tiny_checkpoint, qtbot):
+    viewer, widget = browser
+    widget._model_edit.value = tiny_checkpoint
+    widget.set_root(fake_busi)
+    widget.set_sort("uncertainty")
+    qtbot.waitUntil(lambda: _ranked(widget, 6), timeout=60_000)
+    widget._predict_check.value = True
+    widget.select(2)
+    widget.open_current()
+    qtbot.waitUntil(lambda: f"{widget.records[2].name} prediction" in _names(viewer),
+                    timeout=60_000)
+    _settle(qtbot, widget)
+    order = widget._shown
+    assert widget.session.cached_prediction(order[3]) is not None  # the next in the list
+    file_next = widget._all.index(widget.records[2]) + 1
+    if file_next < 6 and file_next != order[3]:
+        assert widget.session.cached_prediction(file_next) is None  # not the file order
+    widget.next_case()
+    assert f"{widget.records[3].name} prediction" in _names(viewer)
+    _settle(qtbot, widget)
+
+
+def test_stale_prefetches_are_ignored(make_napari_viewer, notes, busseg_plugin, tiny_checkpoint,
+                                      tmp_path, qtbot, forward_threads):
+    from busseg.inference import load_model
+
+    predict_mask = forward_threads.real
+    scans = _write_scans(tmp_path / "scans", 5)
+    other = _other_checkpoint(tmp_path / "other")
+    viewer = make_napari_viewer()
+    widget = _dock(viewer, predict=True)
+    widget._model_edit.value = tiny_checkpoint
+    widget.set_root(scans)
+    widget.set_corrections(tmp_path / "corr")
+    widget.select(0)
+    widget.open_current()
+    qtbot.waitUntil(lambda: widget.session.cached_prediction(1) is not None, timeout=60_000)
+    _settle(qtbot, widget)
+
+    # another checkpoint: the prediction prefetched with the old one is not used
+    widget._model_edit.value = other
+    widget.next_case()
+    assert "scan 01 prediction" not in _names(viewer)
+    qtbot.waitUntil(lambda: "scan 01 prediction" in _names(viewer), timeout=60_000)
+    image = read_image(scans / "scan 01.png")
+    np.testing.assert_array_equal(viewer.layers["scan 01 prediction"].data > 0,
+                                  predict_mask(image, load_model(other)))
+    _settle(qtbot, widget)
+
+    # a layer the user made for the next case is never replaced by its prefetched mask
+    assert widget.session.cached_prediction(2) is not None
+    mine = viewer.add_labels(np.zeros((40, 48), np.uint8), name="scan 02 prediction")
+    mine.data[3:9, 4:12] = 1
+    widget.next_case()  # saves scan 01 (unedited: nothing), opens scan 02 with the user's layer
+    assert viewer.layers["scan 02 prediction"] is mine and mine.data.sum() == 6 * 8
+    assert any("kept" in msg for _, msg in notes)
+
+    # moving on faster than the model: nothing lands in a case that was left
+    widget.next_case()
+    widget.next_case()
+    assert widget.open_record.name == "scan 04"
+    _settle(qtbot, widget)
+    qtbot.wait(50)
+    assert not [n for n in _names(viewer) if n.startswith(("scan 02", "scan 03"))]
+    assert "scan 04 prediction" in _names(viewer)
+    assert not any(forward_threads.on_gui)
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_late_prediction_after_napari_closes_is_dropped(make_napari_viewer, notes,
+                                                        busseg_plugin, tiny_checkpoint,
+                                                        tmp_path, qtbot, monkeypatch):
+    import threading
+
+    import busseg.inference
+
+    gate = threading.Event()
+    real = busseg.inference.predict_mask
+
+    def held(*args, **kwargs):
+        gate.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(busseg.inference, "predict_mask", held)
+    scans = _write_scans(tmp_path / "scans", 3)
+    viewer = make_napari_viewer()
+    widget = _dock(viewer, predict=True)
+    widget._model_edit.value = tiny_checkpoint
+    widget.set_root(scans)
+    widget.select(0)
+    widget.open_current()
+    assert widget.predicting or widget.prefetch_running
+    viewer.close()  # napari closes while the model is still working
+    gate.set()
+    _settle(qtbot, widget)
+    qtbot.wait(50)
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_segment_replaces_an_unedited_browser_prediction_without_asking(
+    make_napari_viewer, notes, busseg_plugin, tiny_checkpoint, tmp_path, qtbot
+):
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    widget = _dock(viewer, predict=True)
+    seg.use_checkpoint(tiny_checkpoint)  # the browser predicts with Segment lesions' model
+    scans = _write_scans(tmp_path / "scans", 2)
+    widget.set_root(scans)
+    widget.set_corrections(tmp_path / "corr")
+    widget.select(0)
+    widget.open_current()
+    qtbot.waitUntil(lambda: "scan 00 prediction" in _names(viewer), timeout=60_000)
+    layer = viewer.layers["scan 00 prediction"]
+    assert layer.metadata["busseg"]["written_by"] == browser_mod.WRITTEN_BY
+    asked = []
+    seg.ask_overwrite = lambda name: asked.append(name) or "cancel"
+    _press(viewer, "G")
+    qtbot.waitUntil(lambda: not seg.running, timeout=60_000)
+    assert not asked  # an unedited automatic prediction: replaced without a question
+    assert [n for n in _names(viewer) if "prediction" in n] == ["scan 00 prediction"]
+    assert viewer.layers["scan 00 prediction"].metadata["busseg"]["written_by"] != (
+        browser_mod.WRITTEN_BY)
+    edited = viewer.layers["scan 00 prediction"]
+    edited.data = (np.asarray(edited.data) == 0).astype(np.uint8)  # an edit: now it asks
+    _press(viewer, "G")
+    assert asked == ["scan 00 prediction"]
+    _settle(qtbot, widget)

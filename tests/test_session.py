@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 from busseg.data.io import read_mask
-from busseg.session import AnnotationSession, FinetuneOutcome, case_names, mask_fingerprint
+from busseg.session import AnnotationSession, case_names, mask_fingerprint
 
 
 def _folder(root: Path, n: int = 5, size=(24, 32), seed: int = 0) -> Path:
@@ -199,57 +198,8 @@ def _corrected_session(tmp_path, synthetic_pairs, n, **kwargs):
     return s
 
 
-def _fake_finetune(before, after, lesion_before=0.5, lesion_after=0.5):
-    from busseg.finetune import FinetuneResult
-
-    def fake(images, masks, base=None, *, out_dir=None, **kwargs):
-        yield "progress"
-        ck = Path(out_dir) / "best"
-        ck.mkdir(parents=True)
-        heldout = {"before": {"mean_dice": before, "dice_lesion": lesion_before},
-                   "after": {"mean_dice": after, "dice_lesion": lesion_after}}
-        return FinetuneResult(ck, None, before, after, len(images) - 1, 1,
-                              extra={"heldout": heldout})
-
-    return fake
-
-
-@pytest.mark.parametrize(("before", "after", "adopted"),
-                         [(0.5, 0.6, True), (0.5, 0.5, True), (0.6, 0.5, False)])
-def test_schedule_adopts_only_when_not_worse(tmp_path, synthetic_pairs, monkeypatch,
-                                             before, after, adopted):
-    import busseg.finetune
-
-    s = _corrected_session(tmp_path, synthetic_pairs, 3, learn_every=3)
-    assert s.new_corrections == 3
-    assert not s.finetune_due()  # learning as you go is off by default
-    s.learn = True
-    assert s.finetune_due()
-    monkeypatch.setattr(busseg.finetune, "finetune_iter", _fake_finetune(before, after))
-    events = []
-    out = s.run_due_finetune(events.append)
-    assert events == ["progress"]
-    assert isinstance(out, FinetuneOutcome) and out.adopted is adopted
-    assert s.new_corrections == 0 and not s.finetune_due() and not s.finetune_running
-    assert (s.checkpoint == out.checkpoint) is adopted
-    assert ("adopted" in s.status and "not" not in s.status) is adopted
-    assert s.history == [out]
-
-
-@pytest.mark.parametrize(("lesion_before", "lesion_after", "says"),
-                         [(0.7, 0.4, "held-out lesion Dice 0.400 < 0.700"),
-                          (None, None, "no held-out correction has a lesion")])
-def test_schedule_rejects_a_model_that_only_got_quieter(tmp_path, synthetic_pairs, monkeypatch,
-                                                        lesion_before, lesion_after, says):
-    """Held-out Dice 0 -> 1 on normal scans alone must not adopt a model that lost lesions."""
-    import busseg.finetune
-
-    s = _corrected_session(tmp_path, synthetic_pairs, 3, learn=True, learn_every=3)
-    monkeypatch.setattr(busseg.finetune, "finetune_iter",
-                        _fake_finetune(0.0, 1.0, lesion_before, lesion_after))
-    out = s.run_due_finetune()
-    assert not out.adopted and s.checkpoint is None
-    assert says in s.status
+# The adoption tests of learning as you go (issue 17: adopted on the simulated annotation
+# cost, whatever the Dice says) are in tests/test_session_adoption.py.
 
 
 def test_heldout_split_keeps_a_lesion_pair():
@@ -265,36 +215,179 @@ def test_heldout_split_keeps_a_lesion_pair():
         split_pairs(4, 0.5, 0, strata=[True])
 
 
-def test_one_finetune_at_a_time(tmp_path, synthetic_pairs, monkeypatch):
-    import busseg.finetune
 
-    s = _corrected_session(tmp_path, synthetic_pairs, 3, learn=True, learn_every=2)
-    monkeypatch.setattr(busseg.finetune, "finetune_iter", _fake_finetune(0.1, 0.2))
-    job = s.finetune_job()
-    next(job)  # running now
-    assert s.finetune_running and not s.finetune_due()
-    with pytest.raises(RuntimeError, match="one at a time"):
-        next(s.finetune_job())
+# --------------------------------------------------------------------------- prefetch
+
+
+def _second_checkpoint(path, seed=1):
+    import torch
+
+    from busseg.models import build_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = build_model({"base_channels": 4, "depth": 2})
+    config = {"preprocessing": {"input_size": [32, 32], "grey": True, "normalize": "zscore"}}
+    return save_checkpoint(path, model, config)
+
+
+@pytest.fixture
+def count_forward(monkeypatch):
+    """Count the calls of busseg.inference.predict_mask (the session's one model call)."""
+    import busseg.inference
+
+    calls = []
+    real = busseg.inference.predict_mask
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(busseg.inference, "predict_mask", counting)
+    return calls
+
+
+def test_prefetched_prediction_is_what_predict_makes(tmp_path, tiny_checkpoint, count_forward):
+    scans = _folder(tmp_path / "scans", n=4)
+    s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
+    assert s.cached_prediction(1) is None and s.prefetched == 0
+    pre = s.prefetch(1, threshold=0.5)
+    assert len(count_forward) == 1 and s.prefetched == 1
+    np.testing.assert_array_equal(s.cached_prediction(1, threshold=0.5), pre)
+    assert s.cached_prediction(1) is None  # other settings: not this prediction
+    s.open(1)
+    got = s.predict(threshold=0.5)  # from the cache: no forward pass
+    assert len(count_forward) == 1
+    np.testing.assert_array_equal(got, pre)
+    assert not s.is_edited()  # the baseline is the prefetched prediction
+    cached = s.cached_prediction(1, threshold=0.5)
+    assert got.flags.writeable and not cached.flags.writeable  # the caller gets a copy
+    got[:] = True
+    np.testing.assert_array_equal(s.cached_prediction(1, threshold=0.5), pre)
+
+    # a fresh session without prefetch computes the same mask (same call, same defaults)
+    fresh = AnnotationSession(scans, tmp_path / "corr2", checkpoint=tiny_checkpoint)
+    fresh.open(1)
+    np.testing.assert_array_equal(fresh.predict(threshold=0.5), pre)
+    from busseg.inference import load_model, predict_mask
+
+    direct = predict_mask(fresh.current.image, load_model(tiny_checkpoint), threshold=0.5)
+    np.testing.assert_array_equal(direct, pre)
+
+
+def test_prefetch_cache_follows_the_checkpoint_and_settings(tmp_path, tiny_checkpoint,
+                                                             count_forward):
+    scans = _folder(tmp_path / "scans", n=3)
+    other = _second_checkpoint(tmp_path / "other")
+    s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
+    a = s.prefetch(0)
+    s.prefetch(1)
+    assert s.prefetched == 2
+    s.checkpoint = other  # e.g. a fine-tune adopted: the old masks no longer apply
+    assert s.cached_prediction(0) is None
+    b = s.prefetch(0)
+    assert s.prefetched == 1  # the other checkpoint's masks are dropped
+    s.open(0)
+    np.testing.assert_array_equal(s.predict(), b)
+    assert len(count_forward) == 3
+    s.checkpoint = tiny_checkpoint
+    s.open(0)
+    np.testing.assert_array_equal(s.predict(), a)  # computed again for this checkpoint
+    assert len(count_forward) == 4
+
+    # a checkpoint rewritten in place gets a new key
+    import os
+
+    key = s.prediction_key(0)
+    weights = Path(tiny_checkpoint) / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:
+        assert s.prediction_key(0) != key and s.cached_prediction(0) is None
+    finally:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert s.prediction_key(1, boxes=np.zeros((1, 4))) is None  # prompts: never cached
+
+
+def test_cache_lookup_imports_no_torch(tmp_path, tiny_checkpoint):
+    """The GUI thread looks up the cache before any model is loaded: no torch import then."""
+    scans = _folder(tmp_path / "scans", n=2)
+    code = f"""
+import sys
+from busseg.session import AnnotationSession
+s = AnnotationSession({str(scans)!r}, checkpoint={str(tiny_checkpoint)!r})
+assert s.prediction_key(0) is not None and s.cached_prediction(1) is None
+default = AnnotationSession({str(scans)!r})  # the shipped model
+assert default.prediction_key(0)[1][0].endswith("default")
+assert "torch" not in sys.modules, "torch imported"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from busseg.uncertainty import checkpoint_key  # the model cache's key: the same identity
+
+    s = AnnotationSession(scans, checkpoint=tiny_checkpoint)
+    assert s.prediction_key(0)[1] == checkpoint_key(tiny_checkpoint)
+
+
+def test_prefetch_cache_is_bounded(tmp_path, tiny_checkpoint):
+    scans = _folder(tmp_path / "scans", n=7, size=(64, 80))
+    s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
+    s.prefetch_limit = 3
+    for i in range(7):
+        s.prefetch(i)
+        assert s.prefetched == min(i + 1, 3)
+    assert [s.cached_prediction(i) is not None for i in range(7)] == [False] * 4 + [True] * 3
+    s.clear_predictions()
+    assert s.prefetched == 0
+
+
+def test_cancelled_prefetch_skips_the_model(tmp_path, tiny_checkpoint, count_forward):
     from busseg.engine import drain
 
-    assert drain(job).adopted and not s.finetune_running
+    scans = _folder(tmp_path / "scans", n=3)
+    s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
+    stale = s.prefetch_job(1)
+    wanted = s.prefetch_job(2, cancellable=False)
+    s.cancel_prefetch()  # the user moved on before the worker got to case 1
+    assert drain(stale) is None and s.cached_prediction(1) is None
+    assert drain(wanted) is not None and s.cached_prediction(2) is not None
+    assert len(count_forward) == 1
+    assert drain(s.prefetch_job(1)) is not None  # made after the cancel: runs
+    with pytest.raises(IndexError):
+        s.prefetch_job(3)
 
 
-def test_schedule_with_a_tiny_model(tmp_path, synthetic_pairs, tiny_checkpoint):
-    s = _corrected_session(
-        tmp_path, synthetic_pairs, 6, checkpoint=tiny_checkpoint, learn=True, learn_every=5,
-        finetune_options={"cfg": {"max_steps": 4, "batch_size": 2, "augment": False},
-                          "device": "cpu", "augment": False},
-    )
-    assert s.finetune_due()
-    out = s.run_due_finetune()
-    assert out.n_train + out.n_val == 6 and out.n_val >= 1  # the empty masks count too
-    assert out.checkpoint is not None and (out.checkpoint / "config.json").is_file()
-    from busseg.finetune import lesions_kept  # noqa: F401 - the rule the session applies
+def test_one_forward_pass_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
+    """A prefetch in a worker thread and predict() on the caller's thread never overlap."""
+    import threading
+    import time
 
-    heldout = json.loads((out.checkpoint / "config.json").read_text())["metrics"]["heldout"]
-    assert heldout["before"]["dice_lesion"] is not None  # a lesion pair was held out
-    kept = heldout["after"]["dice_lesion"] >= heldout["before"]["dice_lesion"]
-    assert out.adopted is (out.dice_after >= out.dice_before and kept)
-    assert s.checkpoint == (out.checkpoint if out.adopted else tiny_checkpoint)
-    assert out.message == s.status and "held-out Dice" in s.status
+    import busseg.inference
+
+    real = busseg.inference.predict_mask
+    active, overlaps, calls = [0], [], []
+    guard = threading.Lock()
+
+    def slow(*args, **kwargs):
+        with guard:
+            active[0] += 1
+            overlaps.append(active[0])
+        calls.append(threading.get_ident())
+        time.sleep(0.2)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    monkeypatch.setattr(busseg.inference, "predict_mask", slow)
+    scans = _folder(tmp_path / "scans", n=3)
+    s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
+    worker = threading.Thread(target=s.prefetch, args=(1,))
+    worker.start()
+    while not calls:
+        time.sleep(0.005)
+    s.open(1)
+    mask = s.predict()  # waits for the prefetch of the same case, then takes its result
+    worker.join()
+    assert max(overlaps) == 1
+    assert calls == [worker.ident]  # one forward pass, in the worker
+    np.testing.assert_array_equal(mask, s.cached_prediction(1))

@@ -25,13 +25,17 @@ What the session owns:
 - **progress**: :meth:`~AnnotationSession.progress` counts the cases with a stored correction,
   read from the corrections folder, so a session opened later on the same folders shows every
   case's status and :meth:`~AnnotationSession.first_uncorrected` says where to continue;
+- **prefetch**: :meth:`~AnnotationSession.prefetch_job` computes a case's automatic prediction
+  ahead of time (the very call :meth:`~AnnotationSession.predict` makes), so opening that case
+  next shows its mask at once; a few cases are kept, keyed by image, checkpoint and settings;
 - **learning as you go** (off by default): after every ``learn_every`` new corrections,
   :meth:`~AnnotationSession.finetune_due` turns True and :meth:`~AnnotationSession.finetune_job`
   fine-tunes the current checkpoint on all corrections so far (empty masks included) with
   :func:`busseg.finetune.finetune_iter`, one run at a time. The new checkpoint is adopted
-  only when its held-out Dice is not worse than the current checkpoint's on the same held-out
-  pairs; :attr:`~AnnotationSession.status` says what happened. The job is a generator
-  (DESIGN practice 2): napari wraps it in ``thread_worker``, scripts drain it with
+  only when the simulated annotation cost (:mod:`busseg.annotator`) of the held-out
+  corrections is not higher with it than with the current checkpoint, whatever the Dice
+  says; :attr:`~AnnotationSession.status` gives both numbers and says what happened. The job
+  is a generator (DESIGN practice 2): napari wraps it in ``thread_worker``, scripts drain it with
   :func:`busseg.engine.drain` (or call :meth:`~AnnotationSession.run_due_finetune`).
 
 Example (headless)::
@@ -53,6 +57,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +75,9 @@ VERSIONS_DIRNAME = "versions"
 #: Class folder of scans marked "no lesion".
 NORMAL = "normal"
 _VERSION_RE = re.compile(r"^(?P<name>.+)_mask\.v(?P<k>\d+)\.png$")
+#: Automatic predictions a session keeps for prefetched and recently seen cases (a few masks:
+#: memory stays flat over hundreds of cases).
+PREFETCH_CASES = 4
 
 
 def mask_fingerprint(mask: Any) -> str:
@@ -135,9 +143,15 @@ class FinetuneOutcome:
     n_train, n_val : int
         Corrected pairs trained on and held out.
     seconds : float
-        Wall-clock time of the run.
+        Wall-clock time of the run (the annotation-cost simulation included).
     message : str
         One line for a status bar.
+    interactions_before, interactions_after : float or None
+        Simulated annotation cost (:mod:`busseg.annotator`: interactions per scan) of the
+        previous and of the new checkpoint on the held-out pairs, the adoption criterion
+        (None when it was not simulated: no checkpoint, no held-out lesion).
+    costs : dict or None
+        :func:`busseg.finetune.heldout_costs`'s result (per-scan interactions, kinds).
     """
 
     adopted: bool
@@ -149,6 +163,9 @@ class FinetuneOutcome:
     n_val: int
     seconds: float
     message: str
+    interactions_before: float | None = None
+    interactions_after: float | None = None
+    costs: dict | None = None
 
 
 @dataclass
@@ -273,7 +290,9 @@ class AnnotationSession:
     -----
     Not thread-safe except for :meth:`finetune_job`, which may run in a worker thread while
     the GUI thread keeps moving through cases (it reads a snapshot of the corrections folder
-    at its start; files are written atomically).
+    at its start; files are written atomically), and :meth:`prefetch_job`, which may run in a
+    worker thread while the GUI thread moves through cases and calls :meth:`predict` or
+    :meth:`cached_prediction` (forward passes are serialised by a lock; the cache by another).
     """
 
     def __init__(
@@ -327,6 +346,13 @@ class AnnotationSession:
         self._mask: np.ndarray | None = None
         self._edited: bool | None = None
         self._no_lesion = False
+        # prefetch: automatic masks by (image, checkpoint, settings), most recent last; one
+        # forward pass at a time (a worker prefetches while the GUI thread may predict)
+        self.prefetch_limit = PREFETCH_CASES
+        self._predictions: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._predictions_lock = threading.Lock()
+        self._forward_lock = threading.Lock()
+        self._prefetch_epoch = 0
         self._finetune_lock = threading.Lock()
         self._finetune_running = False
         self._stop = threading.Event()
@@ -517,6 +543,10 @@ class AnnotationSession:
     def predict(self, **kwargs: Any) -> np.ndarray:
         """Predict the current case with :attr:`checkpoint` and record it as the baseline.
 
+        A prediction prefetched with the same checkpoint and settings (:meth:`prefetch_job`)
+        is returned at once; otherwise the model runs here (after a prefetch's forward pass
+        in progress, if any: one at a time) and the result is kept for the case.
+
         Parameters
         ----------
         **kwargs
@@ -525,15 +555,214 @@ class AnnotationSession:
         Returns
         -------
         numpy.ndarray
-            (H, W) bool automatic mask.
+            (H, W) bool automatic mask (a copy: the cached one is read-only).
         """
-        from busseg.inference import load_model, predict_mask
-
         case = self._require_case()
-        device = kwargs.pop("device", "auto")
-        mask = predict_mask(case.image, load_model(self.checkpoint, device=device), **kwargs)
+        mask = self._automatic_mask(case.index, self.checkpoint, kwargs, image=case.image)
+        mask = mask.copy()
         self.set_prediction(mask)
         return mask
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prediction_key(self, index: int, **kwargs: Any) -> tuple | None:
+        """Key of case ``index``'s automatic prediction in the prefetch cache.
+
+        Parameters
+        ----------
+        index : int
+            Position in :attr:`records`.
+        **kwargs
+            The settings :meth:`predict` would get.
+
+        Returns
+        -------
+        tuple or None
+            ``(image, checkpoint, settings)``: the image file with its modification time and
+            size, :attr:`checkpoint`'s folder with its files' modification time, size and
+            inode (the key :func:`busseg.inference.load_model` caches models by, so a
+            checkpoint rewritten in place gets a new key; computed without importing torch)
+            and the sorted settings. None when the prediction cannot be cached (prompt
+            arrays among the settings, an image or checkpoint that cannot be read:
+            predicting then says why).
+        """
+        return self._key(index, self.checkpoint, kwargs)
+
+    def _key(self, index: int, checkpoint: Path | None, kwargs: dict) -> tuple | None:
+        path = Path(self.records[index].image_path)
+        try:
+            st = path.stat()
+            ck = _checkpoint_identity(checkpoint)
+        except (OSError, ValueError):
+            return None
+        settings = tuple(sorted((k, str(v) if isinstance(v, os.PathLike) else v)
+                                for k, v in kwargs.items()))
+        key = ((str(path), st.st_mtime_ns, st.st_size), ck, settings)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def cached_prediction(self, index: int, **kwargs: Any) -> np.ndarray | None:
+        """Return the prefetched automatic mask of case ``index`` for these settings, or None.
+
+        Cheap (three ``stat`` calls, no model, no torch import): the browser calls it on the
+        GUI thread.
+
+        Parameters
+        ----------
+        index : int
+            Position in :attr:`records`.
+        **kwargs
+            The settings :meth:`predict` would get.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            (H, W) bool mask (read-only), exactly what :meth:`predict` returns for the case
+            with the current :attr:`checkpoint` and these settings; None when not cached.
+        """
+        return self._cached(self.prediction_key(index, **kwargs))
+
+    def prefetch_job(self, index: int, *, cancellable: bool = True,
+                     **kwargs: Any) -> Generator[tuple, None, np.ndarray | None]:
+        """Compute case ``index``'s automatic prediction ahead of time (a worker's generator).
+
+        The checkpoint (:attr:`checkpoint`) and settings are taken when the job is made (on
+        the GUI thread); the generator may then run in a worker thread.
+
+        Runs the very call :meth:`predict` makes (same checkpoint, settings, defaults of
+        :func:`busseg.inference.predict_mask`, normal-scan gate included) and keeps the mask
+        in the prefetch cache, so :meth:`predict` and :meth:`cached_prediction` return it at
+        once when the case is opened. Forward passes are serialised: a second job waits for
+        the first and then finds its result cached if it was for the same case and settings.
+        The cache holds :attr:`prefetch_limit` cases (least recently used dropped) and only
+        those of one checkpoint and settings: storing a prediction of another checkpoint or
+        settings drops the others.
+
+        Parameters
+        ----------
+        index : int
+            Position in :attr:`records`.
+        cancellable : bool
+            Whether :meth:`cancel_prefetch` may skip it (True: a guess ahead of the user; False:
+            the case the user has open).
+        **kwargs
+            As for :meth:`predict`.
+
+        Yields
+        ------
+        tuple
+            ``("prefetch", index)`` once, before waiting for the model (a worker can be quit
+            there).
+
+        Returns
+        -------
+        numpy.ndarray or None
+            (H, W) bool mask; None when :meth:`cancel_prefetch` was called after the job was
+            made and before its forward pass started.
+
+        Raises
+        ------
+        IndexError
+            If there is no such case.
+        busseg.data.io.ImageReadError, OSError, ValueError, busseg.models.CheckpointError
+            As :func:`busseg.data.io.read_image` and :func:`busseg.inference.predict_mask`.
+        """
+        if not -len(self.records) <= index < len(self.records):
+            raise IndexError(f"case {index} out of range: the session has {len(self)} cases")
+        index %= len(self.records)
+        epoch = self._prefetch_epoch if cancellable else None
+        return self._prefetch(index, self.checkpoint, dict(kwargs), epoch)
+
+    def _prefetch(self, index: int, checkpoint: Path | None, kwargs: dict,
+                  epoch: int | None) -> Generator[tuple, None, np.ndarray | None]:
+        yield ("prefetch", index)
+        if epoch is not None and epoch != self._prefetch_epoch:
+            return None
+        return self._automatic_mask(index, checkpoint, kwargs, epoch=epoch)
+
+    def prefetch(self, index: int, **kwargs: Any) -> np.ndarray:
+        """Run :meth:`prefetch_job` to the end in this thread (scripts, benchmarks, tests).
+
+        Returns
+        -------
+        numpy.ndarray
+            (H, W) bool automatic mask of case ``index``, now cached.
+        """
+        from busseg.engine import drain
+
+        return drain(self.prefetch_job(index, cancellable=False, **kwargs))
+
+    def cancel_prefetch(self) -> None:
+        """Make prefetch jobs made before now skip their forward pass if it has not started.
+
+        For a user moving faster than the model: the guesses queued for cases left behind
+        give up, so the case the user opens next is predicted without waiting behind them.
+        """
+        self._prefetch_epoch += 1
+
+    def clear_predictions(self) -> None:
+        """Forget every cached automatic prediction."""
+        with self._predictions_lock:
+            self._predictions.clear()
+
+    @property
+    def prefetched(self) -> int:
+        """Number of automatic predictions cached (at most :attr:`prefetch_limit`)."""
+        return len(self._predictions)
+
+    def _automatic_mask(self, index: int, checkpoint: Path | None, kwargs: dict, *,
+                        image: np.ndarray | None = None,
+                        epoch: int | None = None) -> np.ndarray | None:
+        """Make an automatic prediction (the one place): cache, else model (one at a time).
+
+        :meth:`predict` and :meth:`prefetch_job` both come here, so a prefetched mask is the
+        mask :meth:`predict` would compute. Returns the cached (read-only) array.
+        """
+        key = self._key(index, checkpoint, kwargs)
+        mask = self._cached(key)
+        if mask is not None:
+            return mask
+        if image is None:
+            from busseg.data.io import read_image
+
+            image = read_image(self.records[index].image_path)
+        with self._forward_lock:  # one forward pass at a time (2 cores: no gain in two)
+            mask = self._cached(key)  # computed meanwhile by the job we waited for
+            if mask is not None:
+                return mask
+            if epoch is not None and epoch != self._prefetch_epoch:
+                return None  # cancelled while waiting for the model
+            from busseg.inference import load_model, predict_mask
+
+            kw = dict(kwargs)
+            device = kw.pop("device", "auto")
+            mask = predict_mask(image, load_model(checkpoint, device=device), **kw)
+        mask = np.asarray(mask, dtype=bool)
+        mask.setflags(write=False)
+        if key is not None:
+            self._remember(key, mask)
+        return mask
+
+    def _cached(self, key: tuple | None) -> np.ndarray | None:
+        if key is None:
+            return None
+        with self._predictions_lock:
+            mask = self._predictions.get(key)
+            if mask is not None:
+                self._predictions.move_to_end(key)
+            return mask
+
+    def _remember(self, key: tuple, mask: np.ndarray) -> None:
+        with self._predictions_lock:
+            for old in [k for k in self._predictions if k[1:] != key[1:]]:
+                del self._predictions[old]  # another checkpoint or settings: stale
+            self._predictions[key] = mask
+            self._predictions.move_to_end(key)
+            while len(self._predictions) > max(int(self.prefetch_limit), 1):
+                self._predictions.popitem(last=False)
 
     def set_mask(self, mask: Any, *, edited: bool | None = None) -> None:
         """Set the current case's mask as the user has it now.
@@ -745,18 +974,21 @@ class AnnotationSession:
         self._stop.set()
 
     def finetune_job(self) -> Generator[Any, None, FinetuneOutcome]:
-        """Fine-tune the current checkpoint on every stored correction; adopt it if not worse.
+        """Fine-tune the current checkpoint on every stored correction; adopt it if it costs less.
 
         A generator (run it in a worker thread, or drain it): it yields the progress events of
         :func:`busseg.finetune.finetune_iter` and returns a :class:`FinetuneOutcome`. The
         corrections (normal scans with empty masks included) are read when it starts; the
         new-correction counter restarts then. The held-out pairs are drawn from lesion and
-        normal corrections alike (at least one with a lesion when two or more have one). When
-        the new checkpoint's held-out Dice is at least the current checkpoint's on the same
-        held-out pairs *and* its Dice on the held-out pairs with a lesion is too,
-        :attr:`checkpoint` switches to it; without a held-out lesion it is not adopted (a
-        model that learned to predict nothing would look perfect on normal scans alone).
-        :attr:`status` and :attr:`history` record the outcome.
+        normal corrections alike (at least one with a lesion when two or more have one).
+        Adoption (issue 17): the simulated annotator (:mod:`busseg.annotator`: accept, clear,
+        box then clicks, as the annotation-session benchmark counts) annotates the held-out
+        pairs with the current and with the new checkpoint, same box jitter; when the new
+        one's interactions per held-out scan are not higher, :attr:`checkpoint` switches to
+        it, whatever the Dice says. Without a held-out lesion it is not adopted (a model that
+        learned to predict nothing would cost nothing on normal scans alone). :attr:`status`
+        (interactions and held-out Dice, before -> after) and :attr:`history` record the
+        outcome.
 
         Yields
         ------
@@ -799,35 +1031,8 @@ class AnnotationSession:
             self.status = f"Fine-tuning on {len(images)} corrections …"
             result = yield from finetune_iter(images, masks, base, cfg=cfg, out_dir=out,
                                               names=names, stop=self._stop, **opts)
-            from busseg.finetune import lesions_kept
-
-            before, after = result.dice_before, result.dice_after
-            kept = lesions_kept(result)
-            adopted = (result.checkpoint is not None and before is not None
-                       and after is not None and after >= before and kept is True)
-            where = "the default model" if base is None else Path(base).name
-            if adopted:
-                self.checkpoint = Path(result.checkpoint)
-                msg = (f"New checkpoint adopted: held-out Dice {before:.3f} -> {after:.3f} "
-                       f"({result.n_train} trained, {result.n_val} held out); "
-                       f"now using {self.checkpoint}")
-            elif before is None or after is None:
-                msg = f"Fine-tune not adopted: no held-out pairs to compare; kept {where}"
-            elif kept is None:
-                msg = (f"Fine-tune not adopted: no held-out correction has a lesion, so it "
-                       f"cannot show that lesions are still found; kept {where}")
-            elif not kept:
-                h = result.extra["heldout"]
-                msg = (f"Fine-tune not adopted: held-out lesion Dice "
-                       f"{h['after']['dice_lesion']:.3f} < {h['before']['dice_lesion']:.3f} of "
-                       f"{where}, which is kept")
-            else:
-                msg = (f"Fine-tune not adopted: held-out Dice {after:.3f} < {before:.3f} of "
-                       f"{where}, which is kept")
-            outcome = FinetuneOutcome(adopted, result.checkpoint, base, before, after,
-                                      result.n_train, result.n_val,
-                                      time.perf_counter() - t0, msg)
-            self.status = msg
+            outcome = self._adoption(result, images, masks, base, t0)
+            self.status = outcome.message
             self.history.append(outcome)
             return outcome
         except Exception as exc:
@@ -835,6 +1040,63 @@ class AnnotationSession:
             raise
         finally:
             self._finetune_running = False
+
+    def _adoption(self, result: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                  base: Path | None, t0: float) -> FinetuneOutcome:
+        """Decide on a fine-tune's checkpoint by the simulated annotation cost (issue 17).
+
+        The held-out corrections are annotated by the simulated annotator
+        (:func:`busseg.finetune.heldout_costs`, :mod:`busseg.annotator`: accept, clear, box
+        then clicks) with the current and the new checkpoint, with the same box jitter. The
+        new checkpoint is adopted when its interactions per held-out scan are not higher,
+        whatever the Dice says; never without a held-out correction that has a lesion (on
+        normal scans alone a model that predicts nothing would cost nothing). Switches
+        :attr:`checkpoint` when adopted and returns the outcome (both numbers in its
+        message). ``t0``: the job's start (``time.perf_counter``).
+        """
+        from busseg.finetune import heldout_costs
+
+        before, after = result.dice_before, result.dice_after
+        val = list(result.extra.get("val_indices") or [])
+        n_lesion = sum(bool(np.asarray(masks[i]).any()) for i in val)
+        where = "the default model" if base is None else Path(base).name
+        costs, why = None, ""
+        if result.checkpoint is not None and val and n_lesion:
+            self.status = f"Simulating the annotator on {len(val)} held-out corrections …"
+            try:
+                costs = heldout_costs(images, masks, val, base, result.checkpoint, seed=0)
+            except ValueError as exc:  # a checkpoint without prompts
+                why = str(exc)
+        ib = costs["before"]["per_scan"] if costs else None
+        ia = costs["after"]["per_scan"] if costs else None
+        adopted = costs is not None and ia <= ib
+
+        def dice() -> str:
+            if before is None or after is None:
+                return "held-out Dice –"
+            return f"held-out Dice {before:.3f} -> {after:.3f}"
+
+        numbers = (f"{ib:.2f} -> {ia:.2f} interactions per held-out scan, {dice()}"
+                   if costs else "")
+        if adopted:
+            self.checkpoint = Path(result.checkpoint)
+            msg = (f"New checkpoint adopted: {numbers} ({result.n_train} trained, "
+                   f"{result.n_val} held out); now using {self.checkpoint}")
+        elif result.checkpoint is None:
+            msg = f"Fine-tune not adopted: no checkpoint was written; kept {where}"
+        elif not val:
+            msg = f"Fine-tune not adopted: no held-out pairs to compare; kept {where}"
+        elif not n_lesion:
+            msg = (f"Fine-tune not adopted: no held-out correction has a lesion, so it "
+                   f"cannot show that lesions are still found; kept {where}")
+        elif costs is None:
+            msg = f"Fine-tune not adopted: {why}; kept {where}"
+        else:
+            msg = (f"Fine-tune not adopted: it would cost more to annotate: {numbers}; "
+                   f"kept {where}")
+        return FinetuneOutcome(adopted, result.checkpoint, base, before, after,
+                               result.n_train, result.n_val, time.perf_counter() - t0, msg,
+                               interactions_before=ib, interactions_after=ia, costs=costs)
 
     def run_due_finetune(self, callback: Any = None) -> FinetuneOutcome | None:
         """Run a due fine-tune synchronously (benchmarks, scripts); None when none is due.
@@ -853,6 +1115,30 @@ class AnnotationSession:
         from busseg.engine import drain
 
         return drain(self.finetune_job(), callback)
+
+
+def _checkpoint_identity(checkpoint: str | os.PathLike | None) -> tuple:
+    """Folder and ``(mtime_ns, size, inode)`` of a checkpoint's two files, without torch.
+
+    The key :func:`busseg.inference.load_model` caches models by (``_checkpoint_dir`` and
+    ``_files_key`` there), computed here without importing :mod:`busseg.models` (which
+    imports torch), so the GUI thread can look up the prefetch cache before torch is loaded.
+
+    Raises
+    ------
+    OSError
+        If ``config.json`` or ``model.safetensors`` is missing (predicting then says why).
+    """
+    names = ("config.json", "model.safetensors")  # busseg.models.checkpoint's file names
+    if checkpoint is None:
+        p = Path(__file__).parent / "weights" / "default"  # default_checkpoint_path()
+    else:
+        p = Path(checkpoint).expanduser()
+        if p.name in names and not p.is_dir():
+            p = p.parent
+    p = p.resolve()
+    stats = [os.stat(p / n) for n in names]
+    return (str(p), tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in stats))
 
 
 def glob_escape(text: str) -> str:

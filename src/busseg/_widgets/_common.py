@@ -187,3 +187,72 @@ def connect_layer_changes(viewer: Any, callback: Any) -> None:
         emitter = getattr(ev, name, None)
         if emitter is not None:
             emitter.connect(callback)
+
+
+def scroll_rows(container: Any, *, min_height: int = 120, object_name: str = "",
+                fit_width: bool = False) -> Any:
+    """Put a container's first child (the form of rows) into a vertical scroll area.
+
+    A short dock (other docks beside it, a 900-pixel screen) then scrolls instead of
+    squashing its rows or forcing the window taller.
+
+    Parameters
+    ----------
+    container : magicgui.widgets.Container
+        A container whose first child is the form to scroll.
+    min_height : int
+        Minimum height of the scroll area in pixels (the dock's minimum, nearly).
+    object_name : str
+        Qt object name of the scroll area (tests find it by this name).
+    fit_width : bool
+        Keep the scroll area at least as wide as the form's minimum width (plus the scroll
+        bar), in the font and style it is shown in, so rows of buttons are never clipped
+        (there is no horizontal scroll bar).
+
+    Returns
+    -------
+    qtpy.QtWidgets.QScrollArea
+        The scroll area, now the container's only child widget.
+    """
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    form = container[0].native
+    scroll = QScrollArea()
+    if object_name:
+        scroll.setObjectName(object_name)
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
+    scroll.setMinimumHeight(min_height)
+    layout = container.native.layout()
+    layout.removeWidget(form)
+    scroll.setWidget(form)
+    layout.addWidget(scroll)
+    layout.setContentsMargins(0, 0, 0, 0)
+    if fit_width:
+        _fit_width(scroll, form)
+    return scroll
+
+
+def _fit_width(scroll: Any, form: Any) -> None:
+    """Widen ``scroll`` to ``form``'s minimum width whenever the form is laid out or styled."""
+    from qtpy.QtCore import QEvent, QObject
+
+    def fit() -> None:
+        bar = scroll.verticalScrollBar().sizeHint().width()
+        width = form.minimumSizeHint().width() + bar
+        if scroll.minimumWidth() != width:
+            scroll.setMinimumWidth(width)
+
+    class _Filter(QObject):
+        def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
+            if event.type() in (QEvent.Type.Show, QEvent.Type.StyleChange,
+                                QEvent.Type.FontChange, QEvent.Type.LayoutRequest):
+                fit()
+            return False
+
+    form._busseg_width_filter = _Filter(form)  # kept alive by the form
+    form.installEventFilter(form._busseg_width_filter)
+    fit()

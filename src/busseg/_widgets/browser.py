@@ -17,12 +17,27 @@ One case at a time. The viewer holds the open case's layers only: for a case ``<
   before), and the Segment lesions widget's ``"<stem> boxes"``, ``"<stem> clicks"`` and
   ``"<stem> probability"`` layers.
 
+Predict on open (on by default) and prefetch: opening a case shows its automatic prediction,
+made with the "Segment lesions" widget's checkpoint and settings (without that widget, the
+browser's own "Model" and the checkpoint's defaults). While the user works on a case, the next
+case of the list (in its order: by name, or by uncertainty when sorted so) is predicted in the
+background (:meth:`busseg.session.AnnotationSession.prefetch_job`, one worker, one forward
+pass at a time), so Next shows its mask at once; choosing a folder prefetches the selected
+case, which loads the model before the first Open. A prefetch the user has moved past is
+skipped; a prediction layer that exists (the user's edits, a loaded correction) is never
+replaced.
+
+The rows sit in a vertical scroll area with a small minimum height, so the browser and
+"Segment lesions" fit side by side or stacked in a 1500x900 window.
+
 Moving to another case (Next, Previous, a double-click, Open, Next suggested) saves the open
 case's prediction layer to the corrections folder when it was edited (autosave; an unedited
 automatic prediction is not a correction), keeping an earlier correction of the case under
-``versions/``, then **closes** the case's layers. Removing the prediction layer and closing
-napari save it too. When no corrections folder is chosen, one is made under
-``~/.busseg/corrections/`` for the dataset (``BUSSEG_HOME`` overrides ``~/.busseg``), so
+``versions/``, then **closes** the case's layers: hidden at once, removed
+:attr:`BusiBrowserWidget.CLOSE_DELAY_MS` later, once the new case is drawn (napari ends a layer
+removal with a full garbage collection, which would otherwise delay the new mask). Removing the
+prediction layer and closing napari save it too. When no corrections folder is chosen, one is
+made under ``~/.busseg/corrections/`` for the dataset (``BUSSEG_HOME`` overrides ``~/.busseg``), so
 reopening the same folder later shows every case's status and "Resume" continues at the
 first uncorrected case.
 
@@ -75,6 +90,7 @@ from busseg._widgets._common import (
     notify_info,
     notify_warning,
     prediction_name,
+    scroll_rows,
     wrap_label,
 )
 from busseg.corrections import CORRECTED, NOT_SEGMENTED, PREDICTED
@@ -90,6 +106,11 @@ SORT_UNCERTAINTY = "uncertainty (highest first)"
 WRITTEN_BY = "scan browser"
 #: Suffixes of the layers of one case, besides the image layer itself.
 CASE_LAYER_SUFFIXES = (" ground truth", " prediction", " boxes", " clicks", " probability")
+#: Settings of the Segment lesions widget that the browser's automatic predictions follow
+#: (keyword arguments of :meth:`busseg.session.AnnotationSession.predict`).
+PREDICT_SETTINGS = ("device", "threshold", "tta", "fill_holes", "keep", "min_area")
+#: Minimum height (pixels) of the browser's scroll area: the dock's minimum, nearly.
+MIN_HEIGHT = 160
 #: Keyboard shortcuts bound on the viewer: key -> (action, method of the browser).
 SHORTCUTS: dict[str, tuple[str, str]] = {
     "N": ("next case (saves the edited mask)", "next_case"),
@@ -137,14 +158,6 @@ def _path_or_none(value: Any) -> Path | None:
     if text in ("", "."):
         return None
     return Path(text).expanduser()
-
-
-def _predict(image: np.ndarray, model_path: Path | None) -> np.ndarray:
-    """Run in a worker thread: load (cached) and predict; returns (H, W) bool."""
-    from busseg.inference import load_model, predict_mask
-
-    model = load_model(model_path)
-    return predict_mask(image, model)
 
 
 def rank_job(paths: list[Path], checkpoint: Path | None, cache: Any = True):
@@ -202,6 +215,13 @@ def layer_edited(layer: Any) -> bool | None:
     return None
 
 
+def _data_sha1(data: np.ndarray) -> str:
+    """Hash a layer's data as Segment lesions does (its record of an unedited output)."""
+    from busseg._widgets.segment import data_sha1
+
+    return data_sha1(data)
+
+
 def _mark_saved(layer: Any, case_name: str) -> None:
     """Record in a prediction layer's metadata that its data is what is stored now."""
     meta = dict(busseg_metadata(layer))
@@ -242,10 +262,17 @@ class BusiBrowserWidget(Container):
     :meth:`cancel_ranking`, :meth:`set_sort`, :meth:`next_suggested`; :attr:`records` lists
     the cases shown, :attr:`session` is the :class:`~busseg.session.AnnotationSession`,
     :meth:`status_of` a case's status and :meth:`score_of` its uncertainty.
+    :attr:`prefetch_next` (default True) switches the background prediction of the next case
+    on or off; :attr:`prefetch_running` and :attr:`predicting` say whether a prefetch or the
+    open case's prediction is running, :attr:`closing_pending` whether the hidden layers of
+    the case left last are still to be removed.
     """
 
     #: How often (ms) the Segment lesions widget's checkpoint is compared with the ranked one.
     CHECKPOINT_POLL_MS = 500
+    #: Delay (ms) between moving on and removing the left case's (hidden) layers, so the new
+    #: case is drawn first: napari ends a layer removal with a full garbage collection.
+    CLOSE_DELAY_MS = 250
 
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__(labels=True)
@@ -268,6 +295,12 @@ class BusiBrowserWidget(Container):
         self._viewer_closing = False
         self._store_error: str | None = None
         self._finetune_worker: Any = None
+        self._doomed: list = []  # the left case's hidden layers, removed after a delay
+        self._prefetch_worker: Any = None  # one at a time
+        self._prefetch_wanted: int | None = None  # started when the running one finishes
+        self._prefetch_index: int | None = None  # the case the running prefetch is for
+        #: Predict the next case of the list in the background while a case is open.
+        self.prefetch_next = True
         #: Keyword arguments of :func:`busseg.finetune.finetune_iter` for learning as you go
         #: (see :class:`busseg.session.AnnotationSession`); applied to the next folder opened.
         self.finetune_options: dict = {}
@@ -284,7 +317,7 @@ class BusiBrowserWidget(Container):
         self._rank_cancel_btn = PushButton(text="Cancel", enabled=False)
         self._rank_progress = ProgressBar(label="Ranking", min=0, max=1, value=0)
         self._suggest_btn = PushButton(text="Next suggested")
-        self._predict_check = CheckBox(text="Predict on open", value=False)
+        self._predict_check = CheckBox(text="Predict on open", value=True)
         self._model_edit = FileEdit(
             mode="d", label="Model", nullable=True, tooltip="checkpoint folder; empty: default"
         )
@@ -324,8 +357,9 @@ class BusiBrowserWidget(Container):
                              widgets=[self._learn_check, self._learn_spin,
                                       Label(value="corrections")])
         learning.margins = (0, 0, 0, 0)
-        self.extend(
-            [
+        rows = Container(
+            labels=True,
+            widgets=[
                 self._root_edit,
                 self._from_layer_btn,
                 self._class_combo,
@@ -343,12 +377,21 @@ class BusiBrowserWidget(Container):
                 learning,
                 self._keys_label,
                 self._status,
-            ]
+            ],
         )
+        rows.margins = (4, 4, 4, 4)
+        self.append(rows)
+        self._scroll = scroll_rows(self, min_height=MIN_HEIGHT, fit_width=True,
+                                   object_name="busseg_browser_scroll")
         from qtpy.QtWidgets import QAbstractItemView
 
         self._cases.native.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self._cases.native.setMinimumHeight(200)
+        self._cases.native.setMinimumHeight(90)  # ~4 rows; the list takes the spare height
+        row = self._cases.native  # the list's row in the form (its labelled wrapper)
+        while row is not None and row.parentWidget() is not rows.native:
+            row = row.parentWidget()
+        if row is not None:
+            rows.native.layout().setStretchFactor(row, 1)
         self._cases.tooltip = (
             "[predicted]: a '<case> prediction' Labels layer is open; [corrected]: a mask is "
             "saved in the corrections folder; no mark: not segmented. u: uncertainty of the "
@@ -372,6 +415,10 @@ class BusiBrowserWidget(Container):
         self._corr_edit.tooltip = (
             "where corrected masks go (BUSI layout: <class>/<case>_mask.png); default: "
             "~/.busseg/corrections/<folder>-<id>")
+        self._predict_check.tooltip = (
+            "Show the automatic prediction when a case opens, and predict the next case in the "
+            "background meanwhile, so Next shows its mask at once (Segment lesions' model and "
+            "settings; without that widget, 'Model' below)")
         self._learn_check.tooltip = (
             "After every N new corrections, fine-tune the current checkpoint on all corrections "
             "in the background; Segment lesions switches to it only when its held-out Dice is "
@@ -394,6 +441,7 @@ class BusiBrowserWidget(Container):
         self._save_btn.changed.connect(self.save_correction)
         self._no_lesion_btn.changed.connect(self.no_lesion)
         self._learn_check.changed.connect(self._on_learning_changed)
+        self._predict_check.changed.connect(self._on_predict_changed)
         self._learn_spin.changed.connect(self._on_learning_changed)
         self._sort_combo.changed.connect(self._on_sort_changed)
         self._rank_btn.changed.connect(self.rank)
@@ -404,6 +452,10 @@ class BusiBrowserWidget(Container):
         self._poll = QTimer(self.native)
         self._poll.setInterval(self.CHECKPOINT_POLL_MS)
         self._poll.timeout.connect(self._on_checkpoint_poll)
+        self._close_timer = QTimer(self.native)
+        self._close_timer.setSingleShot(True)
+        self._close_timer.setInterval(self.CLOSE_DELAY_MS)
+        self._close_timer.timeout.connect(self._remove_doomed)
         self._viewer.layers.events.inserted.connect(self._on_layers_changed)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
         self._bind_keys()
@@ -475,7 +527,8 @@ class BusiBrowserWidget(Container):
                     return CORRECTED
             except ValueError:
                 pass
-        predicted = find_layer(self._viewer, prediction_name(record.name), "labels") is not None
+        layer = find_layer(self._viewer, prediction_name(record.name), "labels")
+        predicted = layer is not None and not self._is_doomed(layer)
         return PREDICTED if predicted else NOT_SEGMENTED
 
     def open_current(self) -> None:
@@ -1004,7 +1057,7 @@ class BusiBrowserWidget(Container):
         name = self._all[self._open_index].name
         ok, _ = self._autosave()
         if ok:
-            self._close_case_layers(name)
+            self._close_case_layers(name, later=True)
         else:
             for layer in self._case_layers(name):
                 layer.visible = False
@@ -1014,6 +1067,8 @@ class BusiBrowserWidget(Container):
         names = {name, *(name + s for s in CASE_LAYER_SUFFIXES)}
         out = []
         for layer in self._viewer.layers:
+            if self._is_doomed(layer):
+                continue
             meta = busseg_metadata(layer)
             if meta.get("kind") == "stack":
                 continue
@@ -1022,8 +1077,35 @@ class BusiBrowserWidget(Container):
                 out.append(layer)
         return out
 
-    def _close_case_layers(self, name: str) -> None:
+    @property
+    def closing_pending(self) -> bool:
+        """Whether the hidden layers of the case left last are still waiting to be removed."""
+        return bool(self._doomed)
+
+    def _is_doomed(self, layer: Any) -> bool:
+        return any(layer is d for d in self._doomed)
+
+    def _close_case_layers(self, name: str, *, later: bool = False) -> None:
+        """Remove a case's layers; ``later``: hide them now, remove them after a short delay."""
         doomed = self._case_layers(name)
+        if later:
+            self._remove_doomed()  # a fast user: the case before is removed now
+            for layer in doomed:
+                layer.visible = False
+            self._doomed = doomed
+            if doomed:
+                self._close_timer.start()
+            return
+        self._remove_layers(doomed)
+
+    def _remove_doomed(self) -> None:
+        """Remove the hidden layers of the case left last (the close timer's slot)."""
+        doomed, self._doomed = self._doomed, []
+        self._close_timer.stop()
+        if doomed and not self._viewer_closing:
+            self._remove_layers(doomed)
+
+    def _remove_layers(self, doomed: list) -> None:
         if not doomed:
             return
         self._closing_case = True
@@ -1043,6 +1125,9 @@ class BusiBrowserWidget(Container):
         rec = self._all[index]
         if self._open_index is not None and self._open_index != index:
             self._leave_open_case()
+        if any(layer.name == rec.name or layer.name.startswith(rec.name + " ")
+               for layer in self._doomed):
+            self._remove_doomed()  # back to the case just left: its old layers go first
         from napari.layers import Layer
 
         from busseg._reader import read_case
@@ -1070,10 +1155,18 @@ class BusiBrowserWidget(Container):
             if self._session.current is None or self._session.current.index != index:
                 self._session.open(index)
             self._open_index = index
+            if self._prefetch_index != index:
+                self._session.cancel_prefetch()  # guesses queued for other cases give up
             pred = find_layer(self._viewer, prediction_name(rec.name), "labels")
+            existed = pred is not None
             correction = self._session.current.correction
             if pred is None and correction is not None:
                 pred = self._add_prediction_layer(rec, correction.astype(np.uint8))
+            prefetched = None
+            if pred is None and self._predict_check.value and image_layer is not None:
+                prefetched = self._cached_prediction(index)
+                if prefetched is not None:  # predicted in the background: shown at once
+                    pred = self._add_prediction_layer(rec, prefetched)
         finally:
             self._closing_case = False
         active = pred if pred is not None else image_layer
@@ -1087,8 +1180,17 @@ class BusiBrowserWidget(Container):
             status += " (no lesion)" if label == "normal" and not correction.any() else ""
             status += "; the stored correction is loaded"
         self._status.value = f"{rec.rel_path}: {status}"
-        if self._predict_check.value and image_layer is not None:
-            self._start_prediction(rec, np.asarray(image_layer.data))
+        if not self._predict_check.value or image_layer is None:
+            return
+        if prefetched is not None:
+            self._status.value = f"{rec.rel_path}: predicted; correct it, then move on (saved)."
+        elif existed:
+            notify_info(f"'{prediction_name(rec.name)}' exists and is kept "
+                        "(it may hold your edits).")
+        elif pred is None:
+            self._start_prediction(index)
+            return  # the next case is prefetched once this one is predicted
+        self._schedule_prefetch()
 
     def _add_prediction_layer(self, rec: BusiRecord, data: np.ndarray) -> Any:
         data = np.asarray(data, dtype=np.uint8)
@@ -1101,6 +1203,8 @@ class BusiBrowserWidget(Container):
             "source": str(rec.image_path),
             "root": str(self._root) if self._root else None,
             "session_fp": mask_fingerprint(data),
+            # Segment lesions' record of an unedited output: Run/G replaces it without asking
+            "written_sha1": _data_sha1(data),
         }
         return self._viewer.add_labels(data, name=prediction_name(rec.name), opacity=0.5,
                                        metadata={"busseg": meta})
@@ -1123,10 +1227,25 @@ class BusiBrowserWidget(Container):
             return
         self.set_root(root)
 
+    def _on_predict_changed(self, on: Any = None) -> None:
+        """Predict the open case when switched on; drop queued prefetches when switched off."""
+        if self._session is None:
+            return
+        if not self._predict_check.value:
+            self._prefetch_wanted = None
+            self._session.cancel_prefetch()
+            return
+        rec = self.open_record
+        if rec is not None and find_layer(self._viewer, prediction_name(rec.name)) is None:
+            self._start_prediction(self._open_index)
+        elif rec is not None:
+            self._schedule_prefetch()
+
     def _on_root_changed(self, value: Any) -> None:
         path = _path_or_none(value)
         self._leave_open_case()
         self._all, self._root, self._session = [], None, None
+        self._prefetch_wanted = None  # indices of the previous folder
         self._scores.clear()  # keyed by path; a ranking of another folder does not apply
         if path is None or not path.is_dir():
             self._status.value = "Choose a folder of scans."
@@ -1163,6 +1282,8 @@ class BusiBrowserWidget(Container):
             first = session.first_uncorrected() if session.store is not None else None
             pos = self._shown.index(first) if first in self._shown else 0
             self.select(pos)
+            # predict the selected case now: the model is loaded before the first Open
+            self._schedule_prefetch(self._shown[pos])
 
     def _class_choices(self, _widget: Any = None) -> list[str]:
         """``"all"`` and the labels present in the folder (a callable: survives reset_choices)."""
@@ -1242,7 +1363,8 @@ class BusiBrowserWidget(Container):
             s = self._session
             has_store = s is not None and s.store is not None
             predicted = {
-                layer.name for layer in self._viewer.layers if layer.name.endswith(" prediction")
+                layer.name for layer in self._viewer.layers
+                if layer.name.endswith(" prediction") and not self._is_doomed(layer)
             }
             choices = []
             for i in self._shown:
@@ -1295,21 +1417,76 @@ class BusiBrowserWidget(Container):
         self.select(new)
         self.open_current()
 
-    def _start_prediction(self, rec: BusiRecord, image: np.ndarray) -> None:
-        name = prediction_name(rec.name)
-        if find_layer(self._viewer, name) is not None:
-            notify_info(f"'{name}' exists and is kept (it may hold your edits).")
-            return
-        if name in self._pending:
-            return
+    # ---------------------------------------------------------------- predict and prefetch
+
+    @property
+    def prefetch_running(self) -> bool:
+        """Whether a background prediction of an upcoming case is running."""
+        return self._prefetch_worker is not None
+
+    @property
+    def predicting(self) -> bool:
+        """Whether the open case's automatic prediction is running."""
+        return bool(self._pending)
+
+    def _prediction_settings(self) -> dict:
+        """Return the settings of automatic predictions; point the session at the checkpoint.
+
+        Segment lesions' checkpoint and :data:`PREDICT_SETTINGS` when that widget is open
+        (so a prediction on open is what its Run would make), else the browser's "Model"
+        with the checkpoint's own defaults.
+        """
+        from busseg._widgets.segment import find_segment_widget
+
+        self._session.checkpoint = self._current_checkpoint()
+        seg = find_segment_widget(self._viewer)
+        get = getattr(seg, "_settings", None)
+        if get is None:
+            return {}
+        try:
+            settings = get()
+        except (AttributeError, RuntimeError, TypeError, ValueError):
+            return {}
+        out = {k: settings[k] for k in PREDICT_SETTINGS if k in settings}
+        if settings.get("region_filter") is False:  # the widget's region filter switched off
+            out["region_filter"] = None
+        return out
+
+    def _cached_prediction(self, index: int) -> np.ndarray | None:
+        """Case ``index``'s prefetched mask for the current checkpoint and settings, or None."""
+        return self._session.cached_prediction(index, **self._prediction_settings())
+
+    def _start_prediction(self, index: int) -> None:
+        """Predict the open case in a worker (its prefetch, if running, is waited for)."""
         from napari.qt.threading import create_worker
 
+        rec = self._all[index]
+        name = prediction_name(rec.name)
+        if name in self._pending:
+            return
+        job = self._session.prefetch_job(index, cancellable=False, **self._prediction_settings())
+        worker = create_worker(guarded, job, _start_thread=False, _ignore_errors=True)
+        ref = weakref.ref(self)  # a late worker must not keep a closed viewer alive
+
+        def returned(mask: Any, rec: BusiRecord = rec) -> None:
+            widget = ref()
+            if widget is not None:
+                widget._on_prediction(rec, mask)
+
+        def errored(exc: BaseException, rec: BusiRecord = rec) -> None:
+            widget = ref()
+            if widget is not None and not widget._viewer_closing:
+                notify_error(f"Prediction of {rec.name} failed: {exc}")
+
+        def finished(name: str = name) -> None:
+            widget = ref()
+            if widget is not None:
+                widget._on_worker_finished(name, worker)
+
+        worker.returned.connect(returned)
+        worker.errored.connect(errored)
+        worker.finished.connect(finished)
         self._pending.add(name)
-        model_path = _path_or_none(self._model_edit.value)
-        worker = create_worker(_predict, image, model_path, _start_thread=False)
-        worker.returned.connect(lambda mask, rec=rec: self._on_prediction(rec, mask))
-        worker.errored.connect(lambda exc: notify_error(f"Prediction of {rec.name} failed: {exc}"))
-        worker.finished.connect(lambda: self._on_worker_finished(name, worker))
         self._workers.append(worker)
         self._status.value = f"Predicting {rec.name} ..."
         worker.start()
@@ -1319,17 +1496,94 @@ class BusiBrowserWidget(Container):
         if worker in self._workers:
             self._workers.remove(worker)
 
-    def _on_prediction(self, rec: BusiRecord, mask: np.ndarray) -> None:
+    def _on_prediction(self, rec: BusiRecord, mask: np.ndarray | None) -> None:
         name = prediction_name(rec.name)
-        if self._viewer_closing:  # napari is closing: no new layers
+        if self._viewer_closing or mask is None:  # napari is closing: no new layers
             return
         if self.open_record != rec:  # the user moved on meanwhile: the case is closed
             return
         if find_layer(self._viewer, name) is not None:  # made meanwhile (e.g. segment widget)
             notify_info(f"'{name}' appeared meanwhile and is kept; the new prediction is dropped.")
+            self._schedule_prefetch()
             return
-        self._add_prediction_layer(rec, mask)
+        if self._segment_running_on(rec.name):  # G or Run was pressed meanwhile: its mask wins
+            self._schedule_prefetch()
+            return
+        layer = self._add_prediction_layer(rec, mask)
+        active = self._viewer.layers.selection.active
+        if active is None or active.name == rec.name:  # paint on the mask without a click
+            self._viewer.layers.selection.active = layer
         self._status.value = f"{rec.rel_path}: predicted; correct it, then move on (saved)."
+        self._schedule_prefetch()
+
+    def _segment_running_on(self, image_name: str) -> bool:
+        """Whether Segment lesions is segmenting the image layer ``image_name`` now."""
+        from busseg._widgets.segment import find_segment_widget
+
+        seg = find_segment_widget(self._viewer)
+        if seg is None or not getattr(seg, "running", False):
+            return False
+        try:
+            image = seg.current_image()
+        except (AttributeError, RuntimeError):
+            return False
+        return image is not None and image.name == image_name
+
+    def _next_to_prefetch(self) -> int | None:
+        """Return the case after the open one in the list's order (or None at the end)."""
+        pos = self._shown.index(self._open_index) if self._open_index in self._shown else -1
+        if pos < 0 or pos + 1 >= len(self._shown):
+            return None
+        return self._shown[pos + 1]
+
+    def _wants_prefetch(self, index: int | None) -> bool:
+        s = self._session
+        if (index is None or s is None or not self.prefetch_next or self._viewer_closing
+                or not self._predict_check.value or not 0 <= index < len(self._all)):
+            return False
+        if s.store is not None and s.is_corrected(index):
+            return False  # its stored correction is shown, not a prediction
+        return find_layer(self._viewer, prediction_name(self._all[index].name)) is None
+
+    def _schedule_prefetch(self, index: int | None = None) -> None:
+        """Predict case ``index`` (default: the one after the open case) in the background.
+
+        One prefetch worker at a time: a request made while one runs replaces any earlier
+        waiting request and starts when the running one finishes.
+        """
+        if index is None:
+            index = self._next_to_prefetch()
+        if not self._wants_prefetch(index):
+            return
+        if self._prefetch_worker is not None:
+            self._prefetch_wanted = index
+            return
+        from napari.qt.threading import create_worker
+
+        settings = self._prediction_settings()  # snapshotted here, on the GUI thread
+        if self._session.cached_prediction(index, **settings) is not None:
+            return
+        job = self._session.prefetch_job(index, **settings)
+        worker = create_worker(guarded, job, _start_thread=False, _ignore_errors=True)
+        ref = weakref.ref(self)
+
+        def finished() -> None:
+            widget = ref()
+            if widget is not None:
+                widget._on_prefetch_finished()
+
+        # errors are not shown here: opening the case predicts it again and says why
+        worker.finished.connect(finished)
+        self._prefetch_worker = worker
+        self._prefetch_index = index
+        worker.start()
+
+    def _on_prefetch_finished(self) -> None:
+        self._prefetch_worker = None
+        self._prefetch_index = None
+        wanted, self._prefetch_wanted = self._prefetch_wanted, None
+        if wanted is not None and not self._viewer_closing:
+            self._schedule_prefetch(wanted)
 
 
 #: The widget's display name is "Scan browser"; both class names work.
