@@ -93,7 +93,9 @@ def score_checkpoint(path: Path, sets: dict, seed: int) -> dict:
 
     model = load_model(path, device="cpu")
     t0 = time.perf_counter()
-    row: dict = {"checkpoint": str(path)}
+    import _common as C
+
+    row: dict = {"checkpoint": C.repo_relative(path)}
     val_images = sets["busi_val"][0] + sets["busuclm_val"][0]
     val_truths = sets["busi_val"][1] + sets["busuclm_val"][1]
     cost = annotation_cost(model, val_images, val_truths, seed=seed,
@@ -127,7 +129,7 @@ def render(rows: list[dict], base: dict, chosen: dict, args, floor: float) -> st
     lines = [
         "# Checkpoint selection by simulated interactions",
         "",
-        f"Run `{args.run}` against the base `{args.base}`. Objective: box-then-clicks "
+        f"Run `{args.run}` against the base `{base['checkpoint']}`. Objective: box-then-clicks "
         "interactions per lesion scan on the validation patients (BUSI val + BUS-UCLM val, "
         "accept at IoU 0.85, cap 20; `busseg.annotator`). Guards: automatic lesion Dice on "
         f"each validation set at most {args.max_dice_drop} below the base's, BUS-BRA fold 1 "
