@@ -25,8 +25,10 @@ the **Segment lesions** and **Scan browser** docks (the shipped default model, o
 - **Next, prefetched**: ``--cases`` times, wait until the next case's prediction has been made
   in the background (what happens while the annotator looks at a case; a forward pass takes
   a fraction of a second), then **Next**: the time until the next case's mask is shown
-  (autosave of the case left, closing its layers, reading the next image, adding the image,
-  ground-truth and prediction layers, one draw). Medians and quartiles over the cases.
+  (autosave of the case left, reading the next image, swapping it, its ground truth and its
+  mask into the case left's layers, which the browser reuses, one draw). Medians and
+  quartiles over the cases. Choosing the folder is timed too: the browser's warm-up then
+  makes the first case's layers (transparent), so the first Open pays no first-layer costs.
 - **Next, not prefetched** (the baseline; ``--no-baseline`` skips it): the same with the
   prefetch switched off and the cache emptied, so every Next waits for a forward pass in a
   worker, as the browser did before issue 18.
@@ -267,6 +269,8 @@ def markdown(payload: dict, command: str) -> str:
         "| step | cases | median s | IQR s | max s | target s | median: layer in / "
         "call returned / cleanup done s |",
         "|---|---:|---:|---:|---:|---:|---|",
+        f"| choosing the folder (listing; the warm-up: the first case's layers made, transparent, "
+        f"and its prediction started) | 1 | {C.fmt(payload['set_root_s'])} | – | – | – | – |",
         f"| {first_row} | 1 | {C.fmt(first['seconds'])} | – | – | {TARGET_FIRST} | "
         f"{C.fmt(first['layer_s'])} / {C.fmt(first['call_s'])} / "
         f"{C.fmt(first['cleanup_s'])} |",
@@ -284,8 +288,9 @@ def markdown(payload: dict, command: str) -> str:
         "Shown = the prediction Labels layer is in the viewer and the canvas was repainted. "
         "Each prefetched Next waits first until the background prediction of that case is "
         "done (what the annotator's time on a case allows), then times the Next: autosave, "
-        "closing the case's layers, reading the next image, adding its layers with the "
-        "prefetched mask, one draw. Per case (s): "
+        "reading the next image and swapping it, its ground truth and its prefetched mask "
+        "into the layers of the case left (the same image, Labels and prompt layers, "
+        "renamed), one draw. Per case (s): "
         + ", ".join(f"{r['case']} {r['seconds']:.3f}" for r in payload["prefetched"]) + ".",
         "",
         f"The Scan browser's minimum height: {payload['browser_min_height_px']} px (its rows "

@@ -68,11 +68,18 @@ def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path, qtb
     widget.select(0)
     widget.open_current()
     assert _names(viewer) == ["benign (1)", "benign (1) ground truth"]
+    image, truth = viewer.layers["benign (1)"], viewer.layers["benign (1) ground truth"]
     widget.next_case()
     assert widget.current_record().name == "benign (2)"
-    # the previous case is hidden at once and closed a moment later (after the new one is drawn)
+    # the case left's layers are reused: the same layer objects hold the new case
     assert _names(viewer, visible_only=True) == ["benign (2)", "benign (2) ground truth"]
-    assert widget.closing_pending
+    assert viewer.layers["benign (2)"] is image
+    assert viewer.layers["benign (2) ground truth"] is truth
+    rec2 = widget.current_record()
+    np.testing.assert_array_equal(image.data, read_image(rec2.image_path))
+    np.testing.assert_array_equal(truth.data, read_mask(rec2.mask_paths))
+    assert image.metadata["busseg"]["name"] == "benign (2)"
+    assert truth.metadata["busseg"]["source"] == str(rec2.image_path)
     _closed(qtbot, widget)
     assert _names(viewer) == ["benign (2)", "benign (2) ground truth"]
 
@@ -344,11 +351,15 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
         pred_name = f"{rec.name} prediction"
         qtbot.waitUntil(lambda n=pred_name: n in _names(viewer), timeout=60_000)
         pred = viewer.layers[pred_name]
-        # the segment widget's prompt layers of this case, as it names them
-        viewer.add_shapes(name=f"{rec.name} boxes",
-                          metadata={"busseg": {"kind": "box prompts", "image": rec.name}})
-        viewer.add_points(name=f"{rec.name} clicks",
-                          metadata={"busseg": {"kind": "click prompts", "image": rec.name}})
+        # the segment widget's prompt layers of this case, as it names them (added when
+        # absent: the browser hands the case left's prompt layers on to the next case)
+        if f"{rec.name} boxes" not in _names(viewer):
+            viewer.add_shapes(name=f"{rec.name} boxes",
+                              metadata={"busseg": {"kind": "box prompts", "image": rec.name}})
+        if f"{rec.name} clicks" not in _names(viewer):
+            viewer.add_points(name=f"{rec.name} clicks",
+                              metadata={"busseg": {"kind": "click prompts",
+                                                   "image": rec.name}})
         pred.brush_size = 5
         pred.paint((10 + i, 12 + i), 1)  # the annotator paints
         pred.paint((30, 30 - i), 0)
@@ -923,3 +934,143 @@ def test_segment_replaces_an_unedited_browser_prediction_without_asking(
     _press(viewer, "G")
     assert asked == ["scan 00 prediction"]
     _settle(qtbot, widget)
+
+
+def test_next_reuses_the_layers_and_keeps_each_case_its_own_edits(
+    make_napari_viewer, notes, busseg_plugin, tiny_checkpoint, fake_busi, tmp_path, qtbot
+):
+    """Issue 18 item 4: Next swaps the data of the same layers; nothing crosses cases."""
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    widget = _dock(viewer, predict=True)
+    seg.use_checkpoint(tiny_checkpoint)
+    corr = tmp_path / "corrections"
+    widget.set_corrections(corr)
+    widget.set_root(fake_busi)
+    widget.set_class_filter("benign")
+    widget.select(0)
+    widget.open_current()
+    qtbot.waitUntil(lambda: "benign (1) prediction" in _names(viewer), timeout=60_000)
+    _settle(qtbot, widget)
+    names = ("", " ground truth", " prediction", " boxes", " clicks")
+    layers = [viewer.layers[f"benign (1){n}"] for n in names]
+    pred, boxes, clicks = layers[2], layers[3], layers[4]
+
+    saved = {}
+    for k in (1, 2):
+        name = f"benign ({k})"
+        assert [viewer.layers[f"{name}{n}"] for n in names] == layers  # the same objects
+        assert len(viewer.layers) == 5
+        assert not len(boxes.data) and not len(clicks.data)  # the prompts start empty
+        assert boxes.metadata["busseg"]["image"] == name
+        assert clicks.metadata["busseg"]["image"] == name
+        assert pred.metadata["busseg"]["name"] == name
+        assert browser_mod.layer_edited(pred) is False  # the prefetched mask, unedited
+        shown = np.array(pred.data)
+        pred.undo()  # nothing to undo: Ctrl+Z never reaches into the case left
+        np.testing.assert_array_equal(pred.data, shown)
+        pred.brush_size = 3
+        at = (5 + 3 * k, 6 + 2 * k)
+        value = 0 if shown[at] else 1  # the annotator's edit of this case: a change
+        pred.paint(at, value)
+        assert browser_mod.layer_edited(pred) is True
+        saved[name] = np.array(pred.data) > 0
+        pred.undo()
+        np.testing.assert_array_equal(pred.data, shown)  # undo works within the case
+        pred.paint(at, value)
+        # a prompt layer the annotator used; emptying it on Next runs no prompt
+        clicks.add([[4.0, 4.0]])
+        qtbot.waitUntil(lambda: not seg.prompt_busy, timeout=60_000)
+        saved[name] = np.array(pred.data) > 0
+        qtbot.waitUntil(lambda k=k: widget._cached_prediction(k) is not None,
+                        timeout=60_000)
+        _settle(qtbot, widget)
+        widget.next_case()
+        assert not widget.closing_pending, [d.name for d in widget._doomed]  # all reused
+        assert seg._image.value is layers[0]
+    qtbot.wait(100)
+    assert not seg.prompt_busy
+    # the saved correction of each case is that case's edits, not the next case's
+    for name, mask in saved.items():
+        np.testing.assert_array_equal(read_mask(corr / "benign" / f"{name}_mask.png"), mask)
+    rec = widget.open_record
+    assert rec.name == "benign (3)"
+    np.testing.assert_array_equal(layers[0].data, read_image(rec.image_path))
+    np.testing.assert_array_equal(layers[1].data, read_mask(rec.mask_paths))
+    np.testing.assert_array_equal(pred.data, widget._cached_prediction(2))
+    # Previous: the stored correction of benign (2) is shown in the same layer, unedited
+    widget.previous_case()
+    assert viewer.layers["benign (2) prediction"] is pred
+    np.testing.assert_array_equal(pred.data > 0, saved["benign (2)"])
+    assert browser_mod.layer_edited(pred) is False
+    _settle(qtbot, widget)
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_reused_layers_follow_the_case_shape_and_ground_truth(
+    browser, notes, tmp_path, qtbot
+):
+    """Cases of other sizes, with and without ground truth, in the reused layers."""
+    from PIL import Image
+
+    viewer, widget = browser
+    root = tmp_path / "mixed"
+    (root / "Images").mkdir(parents=True)
+    (root / "Masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(40, 48), (64, 30), (50, 50)]):
+        Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).save(
+            root / "Images" / f"bus_{i:04d}-l.png")
+        if i != 1:
+            m = np.zeros((h, w), np.uint8)
+            m[5:15, 5:15] = 255
+            Image.fromarray(m).save(root / "Masks" / f"mask_{i:04d}-l.png")
+    widget.set_root(root)
+    widget.set_corrections(tmp_path / "corr")
+    widget.select(0)
+    widget.open_current()
+    image = viewer.layers["bus_0000-l"]
+    assert _names(viewer) == ["bus_0000-l", "bus_0000-l ground truth"]
+    widget.next_case()  # no ground truth: that layer is closed
+    assert viewer.layers["bus_0001-l"] is image and image.data.shape == (64, 30)
+    _closed(qtbot, widget)
+    assert _names(viewer) == ["bus_0001-l"]
+    widget.next_case()  # ground truth again: a new layer, just above the image
+    assert viewer.layers["bus_0002-l"] is image and image.data.shape == (50, 50)
+    assert _names(viewer) == ["bus_0002-l", "bus_0002-l ground truth"]
+    assert tuple(image.contrast_limits) == (0, 255)
+    assert not [n for n in notes if n[0] == "error"]
+
+
+def test_first_open_takes_over_the_layers_made_when_the_folder_is_chosen(
+    make_napari_viewer, notes, busseg_plugin, tiny_checkpoint, fake_busi, tmp_path, qtbot
+):
+    """The warm-up: napari's first layer of each kind is made before the first Open."""
+    viewer = make_napari_viewer()
+    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    widget = _dock(viewer, predict=True)
+    seg.use_checkpoint(tiny_checkpoint)
+    widget.set_corrections(tmp_path / "corr")
+    widget.set_root(fake_busi)
+    spares = widget.spare_layers
+    assert set(spares) == {"image", "ground truth", "prediction", "boxes", "clicks"}
+    assert all(layer.opacity == 0 for layer in viewer.layers)  # drawn, not seen
+    assert viewer.layers.selection.active is None  # a click never lands in a spare
+    assert seg._image.value is None
+    assert not [c for c in seg._image.choices if c is not None]  # never offered
+    assert all(widget.status_of(r) == "not segmented" for r in widget.records)
+    widget.open_current()
+    rec = widget.open_record
+    for role, suffix in (("image", ""), ("ground truth", " ground truth"),
+                         ("boxes", " boxes"), ("clicks", " clicks")):
+        assert viewer.layers[f"{rec.name}{suffix}"] is spares[role]
+        assert spares[role].visible and spares[role].opacity > 0
+    assert viewer.layers[rec.name].metadata["busseg"]["kind"] == "case"
+    # Segment lesions listens to the prompt layers it did not make
+    assert {id(spares["boxes"]), id(spares["clicks"])} <= seg._connected
+    qtbot.waitUntil(lambda: f"{rec.name} prediction" in _names(viewer), timeout=60_000)
+    assert viewer.layers[f"{rec.name} prediction"] is spares["prediction"]
+    assert seg._image.value is viewer.layers[rec.name]
+    assert len(viewer.layers) == 5 and not widget.spare_layers
+    _settle(qtbot, widget)
+    assert not [n for n in notes if n[0] == "error"]

@@ -27,6 +27,16 @@ PREDICTION_SUFFIX = " prediction"
 GROUND_TRUTH_SUFFIX = " ground truth"
 
 
+#: Metadata kind (and name prefix) of the hidden layers the Scan browser makes ahead for the
+#: next case to take over; widgets do not offer them as images.
+SPARE_KIND = "busseg spare"
+
+
+def is_spare(layer: Any) -> bool:
+    """Whether ``layer`` is one of the Scan browser's hidden spare layers."""
+    return busseg_metadata(layer).get("kind") == SPARE_KIND
+
+
 def prediction_name(image_name: str) -> str:
     """Name of the prediction Labels layer of an image layer.
 

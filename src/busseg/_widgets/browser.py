@@ -33,10 +33,18 @@ The rows sit in a vertical scroll area with a small minimum height, so the brows
 Moving to another case (Next, Previous, a double-click, Open, Next suggested) saves the open
 case's prediction layer to the corrections folder when it was edited (autosave; an unedited
 automatic prediction is not a correction), keeping an earlier correction of the case under
-``versions/``, then **closes** the case's layers: hidden at once, removed
-:attr:`BusiBrowserWidget.CLOSE_DELAY_MS` later, once the new case is drawn (napari ends a layer
-removal with a full garbage collection, which would otherwise delay the new mask). Removing the
-prediction layer and closing napari save it too. When no corrections folder is chosen, one is
+``versions/``, then hands the case's layers on to the next case: napari makes a layer far more
+slowly than it swaps one's data, so one image, one ground-truth and one prediction Labels
+layer and Segment lesions' boxes and clicks layers serve every case. Their data, name,
+metadata and contrast limits become the new case's, the Labels undo history is emptied (Ctrl+Z
+never reaches into the case left) and the prompt layers are emptied (no prompt runs); a layer
+the new case does not need (its prediction is still to come, it has no ground truth, the
+probability map) is hidden at once and removed :attr:`BusiBrowserWidget.CLOSE_DELAY_MS` later,
+once the new case is drawn (napari ends a layer removal with a full garbage collection). When
+a folder is chosen with "Predict on open" on, the browser makes these layers ahead, hidden
+("warm-up"; Segment lesions never offers them), so the first Open does not pay napari's
+first-layer costs either. Removing the prediction layer and closing napari save it too.
+When no corrections folder is chosen, one is
 made under ``~/.busseg/corrections/`` for the dataset (``BUSSEG_HOME`` overrides ``~/.busseg``), so
 reopening the same folder later shows every case's status and "Resume" continues at the
 first uncorrected case.
@@ -61,6 +69,7 @@ when the "Segment lesions" widget switches checkpoint (polled; two ``stat`` call
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -83,6 +92,7 @@ from magicgui.widgets import (
 )
 
 from busseg._widgets._common import (
+    SPARE_KIND,
     busseg_metadata,
     find_layer,
     guarded,
@@ -104,6 +114,8 @@ SORT_NAME = "name"
 SORT_UNCERTAINTY = "uncertainty (highest first)"
 #: Who wrote a prediction layer the browser made (prediction on open, a loaded correction).
 WRITTEN_BY = "scan browser"
+#: Name prefix and metadata kind of the hidden layers made ahead for the first case.
+SPARE = SPARE_KIND
 #: Suffixes of the layers of one case, besides the image layer itself.
 CASE_LAYER_SUFFIXES = (" ground truth", " prediction", " boxes", " clicks", " probability")
 #: Settings of the Segment lesions widget that the browser's automatic predictions follow
@@ -296,11 +308,14 @@ class BusiBrowserWidget(Container):
         self._store_error: str | None = None
         self._finetune_worker: Any = None
         self._doomed: list = []  # the left case's hidden layers, removed after a delay
+        self._spares: dict[str, Any] = {}  # hidden layers made ahead, by role (warm-up)
         self._prefetch_worker: Any = None  # one at a time
         self._prefetch_wanted: int | None = None  # started when the running one finishes
         self._prefetch_index: int | None = None  # the case the running prefetch is for
         #: Predict the next case of the list in the background while a case is open.
         self.prefetch_next = True
+        #: Add the layers of the first case (hidden) when a folder is chosen.
+        self.warm_up = True
         #: Keyword arguments of :func:`busseg.finetune.finetune_iter` for learning as you go
         #: (see :class:`busseg.session.AnnotationSession`); applied to the next folder opened.
         self.finetune_options: dict = {}
@@ -1050,18 +1065,59 @@ class BusiBrowserWidget(Container):
         self._refresh_list()
         self._maybe_finetune()
 
-    def _leave_open_case(self) -> None:
-        """Autosave the open case, then close its layers (hide them if saving failed)."""
+    def _leave_open_case(self, *, reuse: bool = False) -> dict[str, Any]:
+        """Autosave the open case, then close its layers (hide them if saving failed).
+
+        With ``reuse`` the layers that the next case can take over (:meth:`_reusable`) are
+        returned instead of being closed, by role (``"image"``, ``"ground truth"``,
+        ``"prediction"``, ``"boxes"``, ``"clicks"``); the others are closed. The case's edits
+        are saved before any of its layers is handed on.
+        """
         if self._open_index is None:
-            return
+            return {}
         name = self._all[self._open_index].name
         ok, _ = self._autosave()
+        spare: dict[str, Any] = {}
         if ok:
-            self._close_case_layers(name, later=True)
+            if reuse:
+                spare = self._reusable(name)
+                self._doom([lay for lay in self._case_layers(name)
+                            if not any(lay is v for v in spare.values())])
+            else:
+                self._close_case_layers(name, later=True)
         else:
             for layer in self._case_layers(name):
                 layer.visible = False
         self._open_index = None
+        return spare
+
+    def _reusable(self, name: str) -> dict[str, Any]:
+        """Return the layers of case ``name`` that another case can reuse, by role."""
+        from napari.layers import Image, Labels, Points, Shapes
+
+        roles = {"image": (name, Image), "ground truth": (name + " ground truth", Labels),
+                 "prediction": (prediction_name(name), Labels),
+                 "boxes": (name + " boxes", Shapes), "clicks": (name + " clicks", Points)}
+        out = {}
+        for role, (layer_name, kind) in roles.items():
+            layer = find_layer(self._viewer, layer_name)
+            if (isinstance(layer, kind) and not self._is_doomed(layer)
+                    and not getattr(layer, "multiscale", False)
+                    and not (role == "image" and getattr(layer, "rgb", False))):
+                out[role] = layer
+        return out
+
+    def _doom(self, layers: list) -> None:
+        """Hide ``layers`` now and remove them :attr:`CLOSE_DELAY_MS` later (one batch)."""
+        layers = [lay for lay in layers if not self._is_doomed(lay)]
+        if not layers:
+            return
+        if len(self._doomed) + len(layers) > 6:
+            self._remove_doomed()  # a fast user: the ones left earlier go now
+        for layer in layers:
+            layer.visible = False
+        self._doomed.extend(layers)
+        self._close_timer.start()
 
     def _case_layers(self, name: str) -> list:
         names = {name, *(name + s for s in CASE_LAYER_SUFFIXES)}
@@ -1119,21 +1175,39 @@ class BusiBrowserWidget(Container):
             self._closing_case = False
 
     def _open_index_(self, index: int) -> None:
-        """Open case ``index`` of ``self._all``: autosave and close the open one first."""
+        """Open case ``index`` of ``self._all``: autosave and close the open one first.
+
+        The layers of the case left are reused (:meth:`_reuse_layer`): its image, ground-truth,
+        prediction, boxes and clicks layers get the new case's data, names and metadata
+        (napari adds a layer far more slowly than it swaps one's data); what the new case
+        does not need is closed.
+        """
         if self._session is None:
             return
         rec = self._all[index]
+        spare: dict[str, Any] = {}
         if self._open_index is not None and self._open_index != index:
-            self._leave_open_case()
+            spare = self._leave_open_case(reuse=True)
+        for role, layer in self.spare_layers.items():
+            if role in spare:
+                self._doom([layer])
+            else:
+                spare[role] = layer
+        self._spares = {}
         if any(layer.name == rec.name or layer.name.startswith(rec.name + " ")
                for layer in self._doomed):
             self._remove_doomed()  # back to the case just left: its old layers go first
         from napari.layers import Layer
 
         from busseg._reader import read_case
+        from busseg._widgets.segment import layers_swapping
 
         self._closing_case = True  # one list refresh at the end, not one per layer
+        pred = image_layer = correction = prefetched = None
+        existed = False
+        held = layers_swapping(self._viewer) if spare else contextlib.nullcontext()
         try:
+            held.__enter__()
             image_layer = find_layer(self._viewer, rec.name, "image")
             if image_layer is None:
                 try:
@@ -1145,13 +1219,19 @@ class BusiBrowserWidget(Container):
                     return
                 for data, kwargs, kind in layer_data:
                     existing = find_layer(self._viewer, kwargs["name"])
-                    if existing is None:
-                        self._viewer.add_layer(Layer.create(data, kwargs, kind))
-                    else:
-                        existing.visible = True
+                    if existing is not None:
+                        if not existing.visible:
+                            existing.visible = True
+                        continue
+                    role = "image" if kind == "image" else "ground truth"
+                    if self._reuse_layer(spare.pop(role, None), data, kwargs) is None:
+                        layer = self._viewer.add_layer(Layer.create(data, kwargs, kind))
+                        if role == "ground truth":  # just above the image, below the rest
+                            self._place_above(layer, find_layer(self._viewer, rec.name))
                 image_layer = find_layer(self._viewer, rec.name, "image")
             for layer in self._case_layers(rec.name):
-                layer.visible = True
+                if not layer.visible:  # napari redraws on every visible set
+                    layer.visible = True
             if self._session.current is None or self._session.current.index != index:
                 self._session.open(index)
             self._open_index = index
@@ -1161,14 +1241,22 @@ class BusiBrowserWidget(Container):
             existed = pred is not None
             correction = self._session.current.correction
             if pred is None and correction is not None:
-                pred = self._add_prediction_layer(rec, correction.astype(np.uint8))
-            prefetched = None
+                pred = self._show_prediction(rec, correction.astype(np.uint8), spare)
             if pred is None and self._predict_check.value and image_layer is not None:
                 prefetched = self._cached_prediction(index)
                 if prefetched is not None:  # predicted in the background: shown at once
-                    pred = self._add_prediction_layer(rec, prefetched)
+                    pred = self._show_prediction(rec, prefetched, spare)
+            if image_layer is not None:
+                self._reuse_prompts(spare, image_layer)
         finally:
             self._closing_case = False
+            keep = spare.pop("prediction", None)
+            if keep is not None and self._predict_check.value and pred is None:
+                self._keep_spare("prediction", keep)  # for the prediction on its way
+            elif keep is not None:
+                spare["prediction"] = keep
+            self._doom(list(spare.values()))  # what the new case did not take over
+            held.__exit__(None, None, None)
         active = pred if pred is not None else image_layer
         if active is not None:
             self._viewer.layers.selection.active = active
@@ -1192,9 +1280,179 @@ class BusiBrowserWidget(Container):
             return  # the next case is prefetched once this one is predicted
         self._schedule_prefetch()
 
-    def _add_prediction_layer(self, rec: BusiRecord, data: np.ndarray) -> Any:
+    @property
+    def spare_layers(self) -> dict[str, Any]:
+        """The hidden layers made ahead for the next case to take over, by role."""
+        self._spares = {k: v for k, v in self._spares.items() if v in self._viewer.layers}
+        return dict(self._spares)
+
+    def _warm_up(self) -> None:
+        """Add the (transparent) layers the first case will take over (see :attr:`warm_up`).
+
+        napari creates and first draws the first layer of each kind far more slowly than
+        later ones (its controls, its canvas visual and shaders); paying that when the folder
+        is chosen, while the model loads in the background, makes the first Open nearly as
+        fast as a Next. The spares are visible with opacity 0 so that the canvas draws them
+        (compiling their shaders) before the first Open; Segment lesions never offers them.
+        """
+        if (not self.warm_up or self._open_index is not None or self.spare_layers
+                or not self._predict_check.value or self._viewer_closing):
+            return
+        from busseg._widgets.segment import (
+            BOXES_SUFFIX,
+            CLICKS_SUFFIX,
+            find_segment_widget,
+            layers_swapping,
+        )
+
+        def meta(role: str) -> dict:
+            return {"busseg": {"kind": SPARE, "role": role}}
+
+        tiny = np.zeros((2, 2), np.uint8)
+        active = self._viewer.layers.selection.active
+        self._closing_case = True
+        try:
+            with layers_swapping(self._viewer):
+                v = self._viewer
+                self._spares["image"] = v.add_image(
+                    tiny, name=f"{SPARE} image", colormap="gray", contrast_limits=(0, 255),
+                    opacity=0.0, metadata=meta("image"))
+                if any(r.mask_paths for r in self._all[:50]):
+                    self._spares["ground truth"] = v.add_labels(
+                        tiny, name=f"{SPARE} ground truth", opacity=0.0,
+                        metadata=meta("ground truth"))
+                self._spares["prediction"] = v.add_labels(
+                    tiny, name=f"{SPARE} prediction", opacity=0.0,
+                    metadata=meta("prediction"))
+                seg = find_segment_widget(self._viewer)
+                if seg is not None:  # it adds a case's prompt layers: made ahead as well
+                    from busseg._widgets.segment import CLICK_COLOURS
+                    from busseg._widgets.segment import WRITTEN_BY as SEG
+
+                    self._spares["boxes"] = v.add_shapes(
+                        ndim=2, name=f"{SPARE}{BOXES_SUFFIX}", edge_color="yellow",
+                        face_color="transparent", opacity=0.0,
+                        metadata={"busseg": {"kind": "box prompts", "written_by": SEG,
+                                             "image": f"{SPARE} image", "spare": True}})
+                    self._spares["clicks"] = v.add_points(
+                        ndim=2, name=f"{SPARE}{CLICKS_SUFFIX}", face_color=CLICK_COLOURS[1],
+                        border_color="white", features={"label": np.zeros(0, np.int8)},
+                        feature_defaults={"label": 1}, opacity=0.0,
+                        metadata={"busseg": {"kind": "click prompts", "written_by": SEG,
+                                             "image": f"{SPARE} image", "spare": True}})
+                    self._spares["boxes"].mode = "add_rectangle"
+                    self._spares["clicks"].mode = "add"
+        finally:
+            self._closing_case = False
+        # the layers themselves, not napari's proxies of them (compared with ``is``)
+        self._spares = {k: getattr(v, "__wrapped__", v) for k, v in self._spares.items()}
+        if active is not None and active in self._viewer.layers:
+            self._viewer.layers.selection.active = active
+        else:  # no hidden spare is active (a click would land in it)
+            self._viewer.layers.selection.clear()
+
+    def _reuse_layer(self, layer: Any, data: np.ndarray, kwargs: dict) -> Any:
+        """Give ``layer`` (a layer of the case left) new data, name and metadata.
+
+        Parameters
+        ----------
+        layer : napari.layers.Image or napari.layers.Labels or None
+            The layer to reuse; None: nothing is done.
+        data : numpy.ndarray
+            The new data (same number of dimensions, else the layer is not reused).
+        kwargs : dict
+            Layer keyword arguments as :func:`busseg._reader.read_case` returns them
+            (``name``, ``metadata``, ``contrast_limits``, ``colormap``, ``opacity``).
+
+        Returns
+        -------
+        napari layer or None
+            ``layer``, or None when it was not reused (the caller adds a new layer then).
+            A Labels layer's undo history is emptied: Ctrl+Z never reaches into the case left.
+        """
+        if layer is None or np.ndim(data) != layer.ndim:
+            return None
+        from napari.layers import Labels
+
+        if find_layer(self._viewer, kwargs["name"]) is not None:
+            return None
+        ndim = layer.ndim
+        if not np.array_equal(layer.scale, kwargs.get("scale", (1.0,) * ndim)):
+            layer.scale = kwargs.get("scale", (1.0,) * ndim)
+        if not np.array_equal(layer.translate, kwargs.get("translate", (0.0,) * ndim)):
+            layer.translate = kwargs.get("translate", (0.0,) * ndim)
+        if isinstance(layer, Labels):
+            layer.data = data
+            reset = getattr(layer, "_reset_history", None)
+            if reset is not None:
+                reset()  # napari keeps the undo history across a data swap
+        else:
+            limits = kwargs.get("contrast_limits")
+            layer.data = data
+            if limits is not None:
+                limits = [float(v) for v in limits]
+                if [float(v) for v in layer.contrast_limits_range] != limits:
+                    layer.contrast_limits_range = limits
+                if [float(v) for v in layer.contrast_limits] != limits:
+                    layer.contrast_limits = limits
+            colormap = kwargs.get("colormap")
+            if colormap is not None and getattr(layer.colormap, "name", None) != colormap:
+                layer.colormap = colormap
+        opacity = kwargs.get("opacity", 1.0)  # napari's default (a spare's is 0)
+        if layer.opacity != opacity:
+            layer.opacity = opacity
+        layer.metadata = dict(kwargs.get("metadata") or {})
+        layer.name = kwargs["name"]
+        if not layer.visible:
+            layer.visible = True
+        return layer
+
+    def _keep_spare(self, role: str, layer: Any) -> None:
+        """Keep ``layer`` hidden as a spare for ``role`` (the next layer of that kind)."""
+        layer = getattr(layer, "__wrapped__", layer)
+        layer.visible = False
+        layer.metadata = {"busseg": {"kind": SPARE, "role": role}}
+        name = f"{SPARE} {role}"
+        if find_layer(self._viewer, name) is None:
+            layer.name = name
+        self._spares[role] = layer
+
+    def _show_prediction(self, rec: BusiRecord, data: np.ndarray, spare: dict) -> Any:
+        """Show ``data`` as case ``rec``'s prediction layer, reusing the spare one if any."""
         data = np.asarray(data, dtype=np.uint8)
-        meta = {
+        kwargs = {"name": prediction_name(rec.name), "opacity": 0.5,
+                  "metadata": {"busseg": self._prediction_meta(rec, data)}}
+        layer = self._reuse_layer(spare.pop("prediction", None), data, kwargs)
+        if layer is None:
+            layer = self._add_prediction_layer(rec, data)
+        return layer
+
+    def _reuse_prompts(self, spare: dict, image: Any) -> None:
+        """Hand the case left's boxes and clicks layers to ``image`` (emptied)."""
+        boxes, clicks = spare.get("boxes"), spare.get("clicks")
+        if boxes is None and clicks is None:
+            return
+        if boxes is not None and find_layer(self._viewer, image.name + " boxes") is None:
+            spare.pop("boxes")
+        else:
+            boxes = None
+        if clicks is not None and find_layer(self._viewer, image.name + " clicks") is None:
+            spare.pop("clicks")
+        else:
+            clicks = None
+        if (boxes is not None or clicks is not None) and all(
+                lay is None or lay.ndim == image.ndim for lay in (boxes, clicks)):
+            from busseg._widgets.segment import reuse_prompt_layers
+
+            reuse_prompt_layers(self._viewer, boxes, clicks, image)
+        else:  # another dimensionality: closed, Segment lesions adds fitting ones
+            for lay in (boxes, clicks):
+                if lay is not None:
+                    spare[lay.name] = lay
+
+    def _prediction_meta(self, rec: BusiRecord, data: np.ndarray) -> dict:
+        """Metadata (``"busseg"`` key) of a prediction layer the browser writes."""
+        return {
             "kind": "prediction",
             "written_by": WRITTEN_BY,
             "name": rec.name,
@@ -1206,8 +1464,32 @@ class BusiBrowserWidget(Container):
             # Segment lesions' record of an unedited output: Run/G replaces it without asking
             "written_sha1": _data_sha1(data),
         }
-        return self._viewer.add_labels(data, name=prediction_name(rec.name), opacity=0.5,
-                                       metadata={"busseg": meta})
+
+    def _add_prediction_layer(self, rec: BusiRecord, data: np.ndarray) -> Any:
+        data = np.asarray(data, dtype=np.uint8)
+        meta = self._prediction_meta(rec, data)
+        layer = self._viewer.add_labels(data, name=prediction_name(rec.name), opacity=0.5,
+                                        metadata={"busseg": meta})
+        self._below_prompts(layer, rec.name)
+        return layer
+
+    def _place_above(self, layer: Any, below: Any) -> None:
+        """Move ``layer`` just above ``below`` in the layer list (when both are there)."""
+        layers = self._viewer.layers
+        if below is None or layer not in layers or below not in layers:
+            return
+        src, dest = layers.index(layer), layers.index(below) + 1
+        if src not in (dest, dest - 1):
+            layers.move(src, dest)  # napari: inserted before the layer now at ``dest``
+
+    def _below_prompts(self, layer: Any, name: str) -> None:
+        """Move ``layer`` just below case ``name``'s boxes and clicks layers (prompts on top)."""
+        layers = self._viewer.layers
+        idx = [layers.index(lay) for lay in (find_layer(self._viewer, name + " boxes"),
+                                              find_layer(self._viewer, name + " clicks"))
+               if lay is not None]
+        if idx and layers.index(layer) > min(idx):
+            layers.move(layers.index(layer), min(idx))
 
     def _root_from_layers(self) -> Path | None:
         layers = list(self._viewer.layers)
@@ -1284,6 +1566,7 @@ class BusiBrowserWidget(Container):
             self.select(pos)
             # predict the selected case now: the model is loaded before the first Open
             self._schedule_prefetch(self._shown[pos])
+            self._warm_up()
 
     def _class_choices(self, _widget: Any = None) -> list[str]:
         """``"all"`` and the labels present in the folder (a callable: survives reset_choices)."""
@@ -1509,7 +1792,9 @@ class BusiBrowserWidget(Container):
         if self._segment_running_on(rec.name):  # G or Run was pressed meanwhile: its mask wins
             self._schedule_prefetch()
             return
-        layer = self._add_prediction_layer(rec, mask)
+        spare = self.spare_layers
+        layer = self._show_prediction(rec, mask, spare)
+        self._spares = spare
         active = self._viewer.layers.selection.active
         if active is None or active.name == rec.name:  # paint on the mask without a click
             self._viewer.layers.selection.active = layer

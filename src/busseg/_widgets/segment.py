@@ -42,7 +42,8 @@ from __future__ import annotations
 import hashlib
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,7 @@ from busseg._widgets._common import (
     connect_layer_changes,
     find_layer,
     ground_truth_name,
+    is_spare,
     prediction_name,
     wrap_label,
 )
@@ -163,6 +165,111 @@ def find_segment_widget(viewer: Any) -> SegmentWidget | None:
     _INSTANCES[:] = [r for r in _INSTANCES if r() is not None]
     mine = [w for w in (r() for r in _INSTANCES) if w is not None and w._viewer is viewer]
     return mine[-1] if mine else None
+
+
+def prompt_size(image: Any) -> float:
+    """Size (data pixels) of click markers, and four times the box edge width, for ``image``."""
+    shape = _spatial_shape(image)
+    return max(4.0, round(max(shape[-2:]) / 60))
+
+
+def _unwrapped(viewer: Any) -> Any:
+    """Return the viewer behind napari's ``PublicOnlyProxy`` (plugins get the proxy)."""
+    return getattr(viewer, "__wrapped__", viewer)
+
+
+def _widgets_of(viewer: Any) -> list:
+    """Return the live Segment lesions widgets of ``viewer``."""
+    _INSTANCES[:] = [r for r in _INSTANCES if r() is not None]
+    target = _unwrapped(viewer)
+    return [w for w in (r() for r in _INSTANCES)
+            if w is not None and _unwrapped(w._viewer) is target]
+
+
+@contextmanager
+def layers_swapping(viewer: Any) -> Iterator[None]:
+    """Hold the Segment lesions widgets of ``viewer`` still while layers are renamed and swapped.
+
+    Inside the block the widgets ignore layer-list and active-layer changes (a renamed image
+    layer would otherwise make a widget add prompt layers for a name about to change); on
+    leaving it they refresh their image choice once.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer whose widgets are held.
+    """
+    widgets = _widgets_of(viewer)
+    for w in widgets:
+        w._swapping += 1
+    try:
+        yield
+    finally:
+        for w in widgets:
+            w._swapping -= 1
+            if not w._swapping:
+                try:
+                    w._on_layers_changed()
+                except RuntimeError:  # the widget's Qt side is gone
+                    pass
+
+
+def reuse_prompt_layers(viewer: Any, boxes: Any, clicks: Any, image: Any) -> None:
+    """Empty a case's ``boxes`` and ``clicks`` layers and give them to another image layer.
+
+    The Scan browser keeps one pair of prompt layers for all cases (napari adds a layer far
+    more slowly than it swaps its data): on Next they are emptied, renamed
+    ``"<image> boxes"`` / ``"<image> clicks"``, their metadata points at ``image`` and their
+    marker sizes follow its shape. Emptying them runs no prompt (their data events are
+    blocked meanwhile), and every Segment lesions widget of the viewer forgets the prompts of
+    the old and the new image.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer holding the layers.
+    boxes : napari.layers.Shapes or None
+        The boxes layer to reuse.
+    clicks : napari.layers.Points or None
+        The clicks layer to reuse.
+    image : napari.layers.Image
+        The image layer they now belong to (its name and transform are already the new
+        case's).
+    """
+    old_names = {_image_name_of(lay) for lay in (boxes, clicks) if lay is not None}
+    size = prompt_size(image)
+    for layer, suffix in ((boxes, BOXES_SUFFIX), (clicks, CLICKS_SUFFIX)):
+        if layer is None:
+            continue
+        with layer.events.data.blocker():
+            if len(layer.data):
+                layer.selected_data = set()
+                if layer is clicks:
+                    layer.data = np.zeros((0, layer.ndim))
+                    layer.features = {"label": np.zeros(0, np.int8)}
+                    layer.face_color = CLICK_COLOURS[1]
+                else:
+                    layer.data = []
+        meta = dict(busseg_metadata(layer))
+        meta["image"] = image.name
+        layer.metadata = {**layer.metadata, META_KEY: meta}
+        layer.name = f"{image.name}{suffix}"
+        if not layer.visible:
+            layer.visible = True
+        if layer.opacity == 0:  # the Scan browser's transparent spare
+            layer.opacity = 1.0
+        if not np.array_equal(layer.scale, image.scale):
+            layer.scale = image.scale
+        if not np.array_equal(layer.translate, image.translate):
+            layer.translate = image.translate
+        if layer is clicks:
+            layer.current_size = size
+        else:
+            layer.current_edge_width = max(1.0, size / 4)
+    for widget in _widgets_of(viewer):
+        widget.forget_image(image.name, *(n for n in old_names if n))
+        # layers it did not make itself (the browser's spares): listen to them now
+        widget._ensure_prompt_layers(image, activate=False)
 
 
 def data_sha1(data: Any) -> str:
@@ -437,6 +544,7 @@ class SegmentWidget(Container):
         from busseg.devices import available_devices, get_device
 
         self._viewer = viewer
+        self._swapping = 0  # > 0 while the Scan browser swaps a case's layers
         self._worker = None
         self._run: _Run | None = None
         self.last_result: SegmentResult | None = None
@@ -712,9 +820,12 @@ class SegmentWidget(Container):
     def _image_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
         from napari.layers import Image
 
-        return [(lay.name, lay) for lay in self._viewer.layers if isinstance(lay, Image)]
+        return [(lay.name, lay) for lay in self._viewer.layers
+                if isinstance(lay, Image) and not is_spare(lay)]
 
     def _on_layers_changed(self, _event: Any = None) -> None:
+        if self._swapping:
+            return
         self._image.reset_choices()
         if self._image.value is None and not self.running:
             # e.g. the reader added an image and its ground truth, and the latter is active
@@ -725,11 +836,15 @@ class SegmentWidget(Container):
     def _on_active_layer(self, _event: Any = None) -> None:
         from napari.layers import Image
 
+        if self._swapping:
+            return
         if self.running:
             return
         active = self._viewer.layers.selection.active
         if not isinstance(active, Image):
             active = find_layer(self._viewer, _image_name_of(active) or "", "image")
+        if active is not None and is_spare(active):
+            return
         if active is not None:
             self._image.reset_choices()
             self._image.value = active
@@ -743,15 +858,18 @@ class SegmentWidget(Container):
         from napari.layers import Image
 
         active = self._viewer.layers.selection.active
-        if isinstance(active, Image):
+        if isinstance(active, Image) and not is_spare(active):
             return active
         owner = find_layer(self._viewer, _image_name_of(active) or "", "image")
-        if owner is not None:
+        if owner is not None and not is_spare(owner):
             return owner
-        images = [lay for lay in self._viewer.layers if isinstance(lay, Image)]
+        images = [lay for lay in self._viewer.layers
+                  if isinstance(lay, Image) and not is_spare(lay)]
         return images[-1] if images else None
 
     def _on_image_changed(self, value: Any = None) -> None:
+        if self._swapping:
+            return
         if value is not None:
             self._ensure_prompt_layers(value)
 
@@ -971,6 +1089,23 @@ class SegmentWidget(Container):
         return (boxes if isinstance(boxes, Shapes) else None,
                 clicks if isinstance(clicks, Points) else None)
 
+    def forget_image(self, *names: str) -> None:
+        """Forget the prompts applied to and queued for the image layers ``names``.
+
+        The Scan browser calls this when it reuses a case's layers for another case (Next):
+        the emptied boxes and clicks layers then start afresh, and a prompt event of the case
+        left is not run on the new one. The "vs truth" and "class" rows are cleared.
+        """
+        for name in names:
+            self._prompt_queue.pop(name, None)
+            for key in [k for k in self._applied if k and k[0] == name]:
+                del self._applied[key]
+        self._metrics.value = ""
+        self._classes.value = ""
+        self.last_metrics = None
+        if not self.running:
+            self._image.reset_choices()
+
     def _ensure_prompt_layers(self, image: Any, activate: bool = True) -> None:
         """Add the image's boxes and clicks layers if absent and listen to them.
 
@@ -978,8 +1113,7 @@ class SegmentWidget(Container):
         layer after this event-loop turn, ready to draw.
         """
         boxes, clicks = self.prompt_layers(image)
-        shape = _spatial_shape(image)
-        size = max(4.0, round(max(shape[-2:]) / 60))
+        size = prompt_size(image)
         active = self._viewer.layers.selection.active
 
         def meta(kind: str) -> dict:
@@ -1216,6 +1350,11 @@ class SegmentWidget(Container):
 
     def _apply_prompt(self, req: PromptRequest, res: PromptResult) -> None:
         """Write the prompted mask into the prediction layer: one undoable edit."""
+        if find_layer(self._viewer, req.image_name, "image") is None:
+            # the case was left meanwhile (the Scan browser reused its layers): never write
+            # one case's prompt into another case's mask
+            self._set_status(f"prompt of “{req.image_name}” dropped: its image is closed")
+            return
         layer = self._prompt_target(req)
         if layer is None:
             self._set_status(f"⚠ “{prediction_name(req.image_name)}” is not a Labels layer; "
