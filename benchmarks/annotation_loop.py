@@ -5,6 +5,7 @@ Usage (from the repository root)::
     python benchmarks/annotation_loop.py                 # shipped default model, full run
     python benchmarks/annotation_loop.py --checkpoint runs/x/best --quick
     python benchmarks/annotation_loop.py --compare-frozen --threads 2   # + frozen encoder
+    python benchmarks/annotation_loop.py --ks 0 10 --recipes v2-default replay l2sp
 
 Simulates a user of the *Fine-tune* widget at a site the model has not seen (BUS-BRA fold 1:
 other scanners, another hospital). Patients (``Case``) are split at random (``--seed``) into
@@ -12,21 +13,36 @@ a correction pool and an evaluation set of other patients (``--pool-fraction``, 
 half). For each draw (``--draws``, different random orders of the pool) and each ``k`` in
 ``--ks``: the first ``k`` pool images of that order are predicted by the base model, the user
 "corrects" them to the ground truth, and the base model is fine-tuned on those ``k`` pairs
-with the widget's defaults (:data:`busseg.finetune.FINETUNE_DEFAULTS`: 100 steps, batch 4,
-learning rate 3e-4, 20 % of the pairs held out to pick the best step, augmentation on, the
-whole network trained, BCE on every pair + Dice on pairs with a lesion). The orders are
+with the widget's defaults (:data:`busseg.finetune.FINETUNE_DEFAULTS`, one of the named
+recipes: 100 steps, batch 4, 20 % of the pairs held out to pick the best step, augmentation
+on, the whole network trained, BCE on every pair + Dice on pairs with a lesion; the learning
+rate, L2-SP, replay pairs and prompt rounds as the recipe says). The orders are
 nested: a draw's 10 images include its 5. ``k = 0`` is the base model. With
 ``--compare-frozen`` every fine-tune is repeated on the same pairs with the encoder frozen
 (the widget's "freeze the encoder" option, the default before issue 13), so both modes are
 shown side by side; the issue's targets are Dice gains over the base model of >= +0.04 at
-k = 10 and >= +0.06 at k = 40 with the widget defaults.
+k = 10 and >= +0.06 at k = 40 with the widget defaults. With ``--recipes NAME ...`` every
+fine-tune is run once per named recipe of :data:`busseg.finetune.FINETUNE_RECIPES` on the same
+pairs (the first recipe fills the main table), and a recipe table gives, per k and recipe,
+the Dice gain and the box-then-clicks interactions before and after (issue 17).
+
+Prompt skill (issue 17): on every lesion scan of the evaluation set, the simulated annotator
+of :mod:`busseg.annotator` (one implementation, :func:`busseg.annotator.annotation_cost`)
+draws one jittered box per lesion and then clicks until IoU >= 0.85 (the automatic mask is
+not offered, so this is the box-then-clicks part of the protocol alone), capped at 20
+interactions; the box jitter of scan ``i`` is seeded by ``(--seed, i)``, so every model sees
+the same boxes. Reported: interactions per lesion scan before (base model) and after each
+fine-tune, and the scans that never reach IoU 0.85. A recipe meets issue 17's target at
+k = 10 when its Dice gain is >= +0.04 and its interactions are no higher than the base
+model's; the rule that picks the default recipe (:func:`choose_recipe`) is printed with the
+table.
 
 Reported per ``k`` (mean and standard deviation over draws): Dice and IoU on the evaluation
 set; correction effort (``|pred XOR truth| / lesion area``,
 :func:`busseg.metrics.correction_effort`) on the evaluation set after fine-tuning, and on the
 ``k`` pool images before it (what the user had to repaint); fine-tuning wall time (per k
 and mode, checkpoint writing included); and Dice on the BUSI test split after fine-tuning
-(forgetting). Writes ``annotation_loop.md``,
+(forgetting). Also box-then-clicks interactions (below). Writes ``annotation_loop.md``,
 ``annotation_loop.json`` and ``annotation_loop.png`` into ``--out``.
 """
 
@@ -50,6 +66,9 @@ import _common as C  # noqa: E402
 NAME = "annotation_loop"
 #: Issue 13's targets: Dice gain over the base model at BUS-BRA fold 1, widget defaults.
 TARGET_GAIN = {10: 0.04, 40: 0.06}
+#: Issue 17's target for a recipe (at k = 10): this Dice gain, and box-then-clicks
+#: interactions per lesion scan no higher than the base model's.
+TARGET_RECIPE_GAIN = 0.04
 DEFAULT, FROZEN = "default", "frozen"
 
 
@@ -110,6 +129,168 @@ def score(model, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> d
     res["mean_dice_lesion"] = float(np.mean(lesion)) if lesion else math.nan
     res["fp_rate_normal"] = float(np.mean(normal)) if normal else math.nan
     return res
+
+
+def box_click_cost(model, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                   seed: int) -> dict | None:
+    """Box-then-clicks interactions of ``model`` on the lesion scans (issue 17).
+
+    The simulated annotator of :mod:`busseg.annotator` on every scan with a lesion, with an
+    empty automatic mask so that nothing is accepted or cleared: one jittered box per
+    lesion, then clicks until IoU >= 0.85, capped at 20 interactions (a scan that does not
+    get there counts 20 and "never converged"). The jitter of the ``i``-th lesion scan comes
+    from ``numpy.random.default_rng([seed, i])``, the same for every model.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A loaded model; one without guidance channels has no prompt skill to measure.
+    images, masks : sequence of numpy.ndarray
+        (H, W) images and bool ground truths (normal scans, empty masks, are skipped).
+    seed : int
+        Seed of the box jitter.
+
+    Returns
+    -------
+    dict or None
+        ``per_lesion_scan`` (mean interactions), ``never_converged`` (count), ``n`` (lesion
+        scans), ``interactions`` (list, per lesion scan); None for a model without prompts
+        or without lesion scans.
+    """
+    from busseg.annotator import annotation_cost
+    from busseg.inference import accepts_prompts
+
+    lesion = [i for i, m in enumerate(masks) if np.any(m)]
+    if not lesion or not accepts_prompts(model):
+        return None
+    truths = [np.asarray(masks[i]) > 0 for i in lesion]
+    res = annotation_cost(model, [images[i] for i in lesion], truths, seed=seed,
+                          autos=[np.zeros(t.shape, bool) for t in truths])
+    return {"per_lesion_scan": res["lesion_per_scan"], "never_converged": res["never_converged"],
+            "n": res["n"], "interactions": res["interactions"]}
+
+
+def _bc(run: dict, key: str = "per_lesion_scan") -> float:
+    bc = run.get("box_clicks")
+    return math.nan if not bc else float(bc[key])
+
+
+def recipe_rows(runs: list[dict], ks: Sequence[int], recipes: Sequence[str]) -> list[dict]:
+    """Per k > 0 and recipe: Dice and box-then-clicks interactions before and after.
+
+    "Before" is the base model (the k = 0 run) on the same evaluation set, the same for
+    every recipe; "after" the mean over draws of the fine-tuned models.
+
+    Returns
+    -------
+    list of dict
+        ``k``, ``recipe``, ``n_models``, ``dice_before``, ``dice_after`` (mean, sd),
+        ``gain``, ``inter_before``, ``inter_after`` (mean, sd), ``never_before``,
+        ``never_after`` (mean count), ``busi_dice_lesion``, ``finetune_s`` (mean, sd),
+        ``meets`` (issue 17's target at this k: gain >= +0.04 and interactions no higher
+        than the base model's; None where it is not measured).
+    """
+    base = next((r for r in runs if r["k"] == 0), None)
+    if base is None:
+        return []
+    d0, i0, n0 = base["eval"]["mean_dice"], _bc(base), _bc(base, "never_converged")
+    rows = []
+    for k in ks:
+        if k == 0:
+            continue
+        for name in recipes:
+            rs = [r for r in runs if r["k"] == k and r.get("mode") == name]
+            if not rs:
+                continue
+            dice = _agg([r["eval"]["mean_dice"] for r in rs])
+            inter = _agg([_bc(r) for r in rs])
+            gain = dice[0] - d0
+            meets = None
+            if math.isfinite(gain) and math.isfinite(inter[0]) and math.isfinite(i0):
+                meets = bool(gain >= TARGET_RECIPE_GAIN and inter[0] <= i0)
+            rows.append({
+                "k": k, "recipe": name, "n_models": len(rs), "dice_before": d0,
+                "dice_after": dice, "gain": gain, "inter_before": i0, "inter_after": inter,
+                "never_before": n0,
+                "never_after": _agg([_bc(r, "never_converged") for r in rs])[0],
+                "busi_dice_lesion": _agg([r["busi"]["mean_dice_lesion"] for r in rs
+                                          if r["busi"]]),
+                "finetune_s": _agg([r["finetune_s"] for r in rs]), "meets": meets,
+            })
+    return rows
+
+
+def choose_recipe(rows: Sequence[dict], k: int = 10) -> dict:
+    """Issue 17's rule for the default fine-tune recipe, on the recipe rows of ``k``.
+
+    Among the recipes whose Dice gain is >= +0.04 and whose box-then-clicks interactions
+    are no higher than the base model's, the one with the fewest interactions; if none
+    meets both, the one with the fewest interactions among those with a positive gain (the
+    target then counts as missed); None when no recipe gains.
+
+    Returns
+    -------
+    dict
+        ``recipe`` (str or None), ``met`` (bool), ``k`` and ``reason`` (one sentence).
+    """
+    at = [r for r in rows if r["k"] == k and math.isfinite(r["inter_after"][0])]
+    ok = [r for r in at if r["meets"]]
+    if ok:
+        best = min(ok, key=lambda r: (r["inter_after"][0], -r["gain"]))
+        return {"k": k, "recipe": best["recipe"], "met": True,
+                "reason": f"meets the target (gain {best['gain']:+.3f} >= "
+                          f"+{TARGET_RECIPE_GAIN:.2f}, {best['inter_after'][0]:.2f} <= "
+                          f"{best['inter_before']:.2f} interactions) with the fewest "
+                          "interactions of those that do"}
+    pos = [r for r in at if math.isfinite(r["gain"]) and r["gain"] > 0]
+    if pos:
+        best = min(pos, key=lambda r: (r["inter_after"][0], -r["gain"]))
+        return {"k": k, "recipe": best["recipe"], "met": False,
+                "reason": f"no recipe meets the target; fewest interactions "
+                          f"({best['inter_after'][0]:.2f} against "
+                          f"{best['inter_before']:.2f} before) among those with a positive "
+                          f"Dice gain ({best['gain']:+.3f})"}
+    return {"k": k, "recipe": None, "met": False,
+            "reason": "no recipe measured at this k has a positive Dice gain"}
+
+
+def recipe_lines(rows: Sequence[dict], choice: dict | None) -> list[str]:
+    """The recipe table (issue 17) and the rule's choice, as Markdown lines."""
+    if not rows:
+        return []
+    md = [
+        "### Fine-tune recipes: automatic Dice and box-then-clicks interactions (issue 17)",
+        "",
+        "Interactions per lesion scan of the evaluation set to IoU >= 0.85 from a jittered box "
+        "(boxes count; capped at 20); *never*: scans that do not get there (mean count per "
+        "model). *Before* is the base model. Target at k = 10: gain >= "
+        f"+{TARGET_RECIPE_GAIN:.2f} and interactions no higher than before.",
+        "",
+        "| k | recipe | models | Dice before | Dice after | gain | interactions before | "
+        "interactions after | never, before / after | BUSI lesion Dice | fine-tune s | "
+        "target |",
+        "|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|",
+    ]
+    for r in rows:
+        ia, fs, bu = r["inter_after"], r["finetune_s"], r["busi_dice_lesion"]
+
+        def ms(x, digits=3):
+            if not math.isfinite(x[0]):
+                return "–"
+            return f"{x[0]:.{digits}f}" + (f" ± {x[1]:.{digits}f}" if math.isfinite(x[1])
+                                           else "")
+
+        target = {None: "–", True: "met", False: "missed"}[r["meets"]]
+        md.append(
+            f"| {r['k']} | {r['recipe']} | {r['n_models']} | {r['dice_before']:.3f} | "
+            f"{ms(r['dice_after'])} | {r['gain']:+.3f} | {C.fmt(r['inter_before'], 2)} | "
+            f"{ms(ia, 2)} | {C.fmt(r['never_before'], 0)} / {C.fmt(r['never_after'], 1)} | "
+            f"{ms(bu)} | {ms(fs, 0)} | {target} |")
+    md.append("")
+    if choice is not None:
+        name = choice["recipe"] or "none"
+        md += [f"Rule (issue 17) at k = {choice['k']}: **{name}** — {choice['reason']}.", ""]
+    return md
 
 
 def _busi_test(args) -> list[tuple[Path, list[Path]]]:
@@ -244,17 +425,25 @@ def render(result: dict) -> str:
     ]
     if a["quick"]:
         md += ["**Quick run: few images and steps; not a result.**", ""]
+    if a.get("models_done", 0) < a.get("models_total", 0):
+        md += [f"**Partial: {a['models_done']} of {a['models_total']} fine-tunes done "
+               "(a stopped run; draws run one after the other).**", ""]
     ft = a["finetune"]
     md += [
         f"BUS-BRA fold 1 patients split at random (seed {a['seed']}): correction pool "
         f"{a['n_pool']} images of {a['n_pool_patients']} patients, evaluation set "
         f"{a['n_eval']} images of {a['n_eval_patients']} other patients. {a['draws']} random "
         "draw(s) of the pool per k (nested: a draw's larger k contains its smaller k). "
-        f"Fine-tuning from the base model with the fine-tune widget's defaults: "
-        f"{ft['max_steps']} steps, batch {ft['batch_size']}, lr {ft['lr']}, held-out fraction "
+        + ("Fine-tuning from the base model with the fine-tune widget's defaults: "
+           if not a.get("recipes_order") else
+           f"Fine-tuning from the base model; main table: recipe {a['recipes_order'][0]}: ")
+        + f"{ft['max_steps']} steps, batch {ft['batch_size']}, lr {ft['lr']}, held-out fraction "
         f"{ft['val_fraction']}, augmentation {'on' if ft['augment'] else 'off'}, "
         f"{'encoder frozen (decoder only)' if ft.get('freeze_encoder') else 'whole network'}, "
-        f"loss {ft.get('loss', '?')}. k = 0 is the base model."
+        f"loss {ft.get('loss', '?')}, {ft.get('replay', 0)} BUSI replay pairs, L2-SP alpha "
+        f"{ft.get('l2sp_alpha', 0.0)}, prompts {ft.get('prompts')}. k = 0 is the base model."
+        + (f" Evaluation limited to a fixed random subset of {a['n_eval']} images "
+           "(--eval-limit)." if a.get("eval_limit") else "")
         + (" Frozen-encoder fine-tunes on the same pairs are compared below."
            if result.get("frozen_summary") else ""),
         "",
@@ -265,8 +454,9 @@ def render(result: dict) -> str:
         "",
         "| k | models | Dice (eval) | gain over base | IoU (eval) | Effort (eval, after) | "
         "Effort (pool, before) | BUSI Dice (lesion) | BUSI FP rate (normal) | "
-        "Fine-tune time (s) | Dice (eval, gate off) | eval masks the gate empties |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Fine-tune time (s) | Dice (eval, gate off) | eval masks the gate empties | "
+        "box then clicks (interactions / lesion scan) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["summary"]:
         rs = row["raw"]
@@ -280,9 +470,11 @@ def render(result: dict) -> str:
             f"{_cell([r['busi']['fp_rate_normal'] for r in rs if r['busi']], 2)} | "
             f"{_cell([r['finetune_s'] for r in rs], 0) if row['k'] else '–'} | "
             f"{_cell([r['eval'].get('mean_dice_ungated', math.nan) for r in rs])} | "
-            f"{_cell([r['eval'].get('n_gated_lesion', math.nan) for r in rs], 1)} |"
+            f"{_cell([r['eval'].get('n_gated_lesion', math.nan) for r in rs], 1)} | "
+            f"{_cell([_bc(r) for r in rs], 2)} |"
         )
     md += [""] + target_lines(result["summary"])
+    md += recipe_lines(result.get("recipe_rows") or [], result.get("recipe_choice"))
     if result.get("frozen_summary"):
         md += compare_lines(result["summary"], result["frozen_summary"])
     md += [
@@ -295,7 +487,7 @@ def render(result: dict) -> str:
 
 
 def make_figure(result: dict):
-    fig, axes = C.new_figure(1, 3, size=(4.6, 3.8))
+    fig, axes = C.new_figure(1, 4, size=(4.6, 3.8))
     summ = result["summary"]
     ks = [r["k"] for r in summ]
 
@@ -351,6 +543,25 @@ def make_figure(result: dict):
         ax.legend(fontsize=7)
     ax.set_xlabel("k corrected images")
     ax.set_title("Forgetting: BUSI after fine-tuning", fontsize=9)
+    ax = axes[0][3]
+    base = next((r for r in result["runs"] if r["k"] == 0), None)
+    modes = result["settings"].get("recipes_order") or [None]
+    for name in modes:
+        pts = [(r["k"], _bc(r)) for r in result["runs"]
+               if r["k"] > 0 and (name is None or r.get("mode") == name)
+               and math.isfinite(_bc(r))]
+        if base is not None and math.isfinite(_bc(base)):
+            pts = [(0, _bc(base))] + pts
+        if not pts:
+            continue
+        ks_ = sorted({k for k, _ in pts})
+        ax.plot(ks_, [np.mean([v for k, v in pts if k == kk]) for kk in ks_], "o-",
+                label=name or "widget defaults")
+    ax.set_xlabel("k corrected images")
+    ax.set_ylabel("interactions per lesion scan (eval)")
+    ax.set_title("Box then clicks to IoU 0.85", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -408,6 +619,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "at every k, reported side by side with the default",
     )
     p.add_argument(
+        "--recipes",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="fine-tune once per named recipe of busseg.finetune.FINETUNE_RECIPES on the same "
+        "pairs (the first fills the main table) and print the recipe table; default: the "
+        "widget's defaults only",
+    )
+    p.add_argument(
+        "--no-box-clicks",
+        action="store_true",
+        help="skip the box-then-clicks interactions (faster; no prompt-skill numbers)",
+    )
+    p.add_argument(
         "--max-steps",
         type=int,
         default=None,
@@ -437,6 +662,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.max_steps = 3 if args.max_steps is None else args.max_steps
     if any(k < 0 for k in args.ks) or args.draws < 1:
         raise SystemExit("--ks must be >= 0 and --draws >= 1")
+    if args.recipes is not None:
+        from busseg.finetune import FINETUNE_RECIPES
+
+        unknown = [r for r in args.recipes if r not in FINETUNE_RECIPES]
+        if unknown:
+            raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(FINETUNE_RECIPES)}")
+        args.recipes = list(dict.fromkeys(args.recipes))
     args.ks = sorted(set(args.ks))
     return args
 
@@ -477,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     busbra = C.require_dir(args.busbra, "BUS-BRA", "--busbra")
 
     from busseg.devices import get_device
-    from busseg.finetune import FINETUNE_DEFAULTS, finetune, finetune_config
+    from busseg.finetune import DEFAULT_RECIPE, finetune, finetune_config, recipe_settings
     from busseg.inference import clear_model_cache, load_model
 
     device = get_device(args.device)
@@ -500,21 +733,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
             C.log("BUSI not found: forgetting check skipped (pass --busi or --no-busi)", args.quiet)
 
     overrides = {} if args.max_steps is None else {"max_steps": args.max_steps}
-    cfg = finetune_config(**overrides)
-    ft_settings = {**FINETUNE_DEFAULTS, **cfg.to_dict()}
+    first = args.recipes[0] if args.recipes else None
+    cfg = finetune_config(first, **overrides)
+    ft_settings = {**recipe_settings(first), **cfg.to_dict()}
 
     # base model: k = 0, and its predictions on the pool (the user's starting point)
     base = load_model(ckpt, device=device)
     t0 = time.perf_counter()
     base_eval = score(base, eval_images, eval_masks)
     eval_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    base_bc = (None if args.no_box_clicks
+               else box_click_cost(base, eval_images, eval_masks, args.seed))
+    bc_s = time.perf_counter() - t0
     base_pool = score(base, [pool_images[i] for i in needed], [pool_masks[i] for i in needed])
     pool_effort = dict(zip(needed, base_pool["effort"], strict=True))
     t0 = time.perf_counter()
     base_busi = score(base, busi_images, busi_masks) if busi_images else None
     busi_s = time.perf_counter() - t0
     C.log(
-        f"base model: eval Dice {base_eval['mean_dice']:.3f} ({eval_s:.0f} s); BUSI {busi_s:.0f} s",
+        f"base model: eval Dice {base_eval['mean_dice']:.3f} ({eval_s:.0f} s); BUSI {busi_s:.0f} s"
+        + (f"; box then clicks {base_bc['per_lesion_scan']:.2f} interactions per lesion scan, "
+           f"{base_bc['never_converged']} never converge ({bc_s:.0f} s)" if base_bc else ""),
         args.quiet,
     )
 
@@ -527,16 +767,90 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "ids": [],
                 "eval": base_eval,
                 "busi": base_busi,
+                "box_clicks": base_bc,
                 "pool_effort_before": math.nan,
                 "finetune_s": 0.0,
             }
         )
-    modes = [(DEFAULT, {})]
+    # a mode: (name, recipe, extra TrainConfig overrides); without --recipes the widget's
+    # defaults are the mode "default"
+    modes = ([(name, name, {}) for name in args.recipes] if args.recipes
+             else [(DEFAULT, None, {})])
+    main_mode = modes[0][0]
     if args.compare_frozen and not cfg.freeze_encoder:
-        modes.append((FROZEN, {"freeze_encoder": True}))
-    mode_cfgs = {m: finetune_config(**{**overrides, **extra}) for m, extra in modes}
+        modes.append((FROZEN, first, {"freeze_encoder": True}))
+    mode_cfgs = {m: finetune_config(rec, **{**overrides, **extra}) for m, rec, extra in modes}
+    mode_recipe = {m: rec for m, rec, _ in modes}
     n_ft = len([k for k in args.ks if k > 0]) * args.draws * len(modes)
     estimate = time.perf_counter() - t_start
+    def report(runs: list[dict], done_models: int) -> dict:
+        """Write the results of the runs so far (after every model: a stopped run keeps them)."""
+        partial = done_models < n_ft
+        seconds = time.perf_counter() - t_start
+        base_dice = base_eval["mean_dice"]
+        summary = summary_rows(runs, args.ks, main_mode, base_dice=base_dice)
+        recipes = [m for m, _, _ in modes if m != FROZEN] if args.recipes else []
+        rrows = recipe_rows(runs, args.ks, recipes) if recipes else []
+        choice = choose_recipe(rrows, 10) if any(r["k"] == 10 for r in rrows) else None
+        frozen_summary = (summary_rows(runs, args.ks, FROZEN, base_dice=base_dice)
+                          if any(m == FROZEN for m, _, _ in modes) else [])
+        ft_times = [r["finetune_s"] + r.get("score_s", 0.0) + r.get("box_clicks_s", 0.0)
+                    for r in runs if r["k"] > 0]
+        per_model = float(np.median(ft_times)) if ft_times else 0.0
+        result = {
+            "benchmark": NAME,
+            "hardware": C.hardware_info(device),
+            "checkpoint": C.checkpoint_summary(ckpt),
+            "seconds": seconds,
+            "estimate_s": estimate + per_model * n_ft,
+            "settings": {
+                "quick": bool(args.quick),
+                "models_done": done_models,
+                "models_total": n_ft,
+                "seed": args.seed,
+                "draws": args.draws,
+                "ks": args.ks,
+                "n_pool": len(pool),
+                "n_pool_patients": len({r.case for r in pool}),
+                "n_eval": len(evalset),
+                "n_eval_patients": len({r.case for r in evalset}),
+                "n_busi": len(busi_images) if busi_images else 0,
+                "finetune": ft_settings,
+                "recipes": {m: recipe_settings(m) for m in recipes},
+                "recipes_order": recipes,
+                "eval_limit": args.eval_limit,
+                "box_clicks": not args.no_box_clicks,
+                "compare_frozen": any(m == FROZEN for m, _, _ in modes),
+                "device": str(device),
+                "threads": threads,
+            },
+            "eval_ids": [r.id for r in evalset],
+            "pool_ids": [r.id for r in pool],
+            "base_pool_effort": {pool[i].id: pool_effort[i] for i in needed},
+            "base_dice": base_dice,
+            "summary": [{k: v for k, v in row.items() if k != "raw"} for row in summary],
+            "frozen_summary": [{k: v for k, v in row.items() if k != "raw"}
+                               for row in frozen_summary],
+            "recipe_rows": rrows,
+            "recipe_choice": choice,
+            "targets": {str(k): {"gain": next((r["gain"] for r in summary if r["k"] == k), None),
+                                 "limit": lim} for k, lim in TARGET_GAIN.items()},
+            "runs": runs,
+        }
+        full = {**result, "summary": summary, "frozen_summary": frozen_summary}
+        markdown = render(full)
+        fig = make_figure(full)
+        paths = C.write_results(args.out, NAME, markdown, result, fig)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        if not partial:
+            print(markdown)
+        C.log(f"wrote {', '.join(str(p) for p in paths.values())}"
+              + (f" ({done_models} of {n_ft} fine-tunes)" if partial else ""), args.quiet)
+        return result
+
+
     tmp = None
     work = Path(args.work_dir) if args.work_dir else None
     if work is None:
@@ -545,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         done = 0
         for d, order in enumerate(orders):
-            for k, (mode, _) in [(k, m) for k in args.ks if k > 0 for m in modes]:
+            for k, (mode, _, _) in [(k, m) for k in args.ks if k > 0 for m in modes]:
                 idx = [int(i) for i in order[:k]]
                 ids = [pool[i].id for i in idx]
                 out_dir = work / (f"draw{d}_k{k}" + ("" if mode == DEFAULT else f"_{mode}"))
@@ -558,6 +872,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     out_dir=out_dir,
                     names=ids,
                     device=str(device),
+                    recipe=mode_recipe[mode],
                 )
                 ft_s = time.perf_counter() - t0
                 if res.checkpoint is None:
@@ -567,18 +882,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 ev = score(model, eval_images, eval_masks)
                 bu = score(model, busi_images, busi_masks) if busi_images else None
                 sc_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                bc = (None if args.no_box_clicks
+                      else box_click_cost(model, eval_images, eval_masks, args.seed))
+                bc_s = time.perf_counter() - t0
                 runs.append(
                     {
                         "k": k,
                         "draw": d,
                         "mode": mode,
+                        "recipe": mode_recipe[mode] or DEFAULT_RECIPE,
                         "freeze_encoder": bool(mode_cfgs[mode].freeze_encoder),
                         "ids": ids,
                         "eval": ev,
                         "busi": bu,
+                        "box_clicks": bc,
                         "pool_effort_before": float(np.mean([pool_effort[i] for i in idx])),
                         "finetune_s": ft_s,
                         "score_s": sc_s,
+                        "box_clicks_s": bc_s,
+                        "n_replay": res.extra.get("n_replay", 0),
                         "steps": res.fit.steps,
                         "n_train": res.n_train,
                         "n_val": res.n_val,
@@ -589,63 +912,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 clear_model_cache()
                 done += 1
                 per = (time.perf_counter() - t_start - estimate) / done
+                if done < n_ft:  # a stopped run keeps what is done
+                    report(runs, done_models=done)
                 C.log(
                     f"draw {d} k {k} {mode}: fine-tune {ft_s:.0f} s, eval Dice "
                     f"{ev['mean_dice']:.3f}"
-                    f" ({done}/{n_ft}; about {per * (n_ft - done) / 60:.0f} min left)",
+                    + (f", box then clicks {bc['per_lesion_scan']:.2f} ({bc_s:.0f} s)"
+                       if bc else "")
+                    + f" ({done}/{n_ft}; about {per * (n_ft - done) / 60:.0f} min left)",
                     args.quiet,
                 )
     finally:
         if tmp is not None:
             tmp.cleanup()
 
-    seconds = time.perf_counter() - t_start
-    base_dice = base_eval["mean_dice"]
-    summary = summary_rows(runs, args.ks, base_dice=base_dice)
-    frozen_summary = (summary_rows(runs, args.ks, FROZEN, base_dice=base_dice)
-                      if len(modes) > 1 else [])
-    ft_times = [r["finetune_s"] + r.get("score_s", 0.0) for r in runs if r["k"] > 0]
-    per_model = float(np.median(ft_times)) if ft_times else 0.0
-    result = {
-        "benchmark": NAME,
-        "hardware": C.hardware_info(device),
-        "checkpoint": C.checkpoint_summary(ckpt),
-        "seconds": seconds,
-        "estimate_s": estimate + per_model * n_ft,
-        "settings": {
-            "quick": bool(args.quick),
-            "seed": args.seed,
-            "draws": args.draws,
-            "ks": args.ks,
-            "n_pool": len(pool),
-            "n_pool_patients": len({r.case for r in pool}),
-            "n_eval": len(evalset),
-            "n_eval_patients": len({r.case for r in evalset}),
-            "n_busi": len(busi_images) if busi_images else 0,
-            "finetune": ft_settings,
-            "compare_frozen": len(modes) > 1,
-            "device": str(device),
-            "threads": threads,
-        },
-        "eval_ids": [r.id for r in evalset],
-        "pool_ids": [r.id for r in pool],
-        "base_pool_effort": {pool[i].id: pool_effort[i] for i in needed},
-        "base_dice": base_dice,
-        "summary": [{k: v for k, v in row.items() if k != "raw"} for row in summary],
-        "frozen_summary": [{k: v for k, v in row.items() if k != "raw"}
-                           for row in frozen_summary],
-        "targets": {str(k): {"gain": next((r["gain"] for r in summary if r["k"] == k), None),
-                             "limit": lim} for k, lim in TARGET_GAIN.items()},
-        "runs": runs,
-    }
-    full = {**result, "summary": summary, "frozen_summary": frozen_summary}
-    markdown = render(full)
-    fig = make_figure(full)
-    paths = C.write_results(args.out, NAME, markdown, result, fig)
-    print(markdown)
-    C.log(f"wrote {', '.join(str(p) for p in paths.values())}", args.quiet)
-    return result
-
+    return report(runs, done_models=n_ft)
 
 if __name__ == "__main__":
     main()

@@ -533,6 +533,63 @@ def test_annotation_loop_compare_frozen(tmp_path, fake_busbra, tiny_checkpoint):
     assert "whole network, loss bce_lesion_dice" in md
 
 
+def test_annotation_loop_recipes_same_pairs_and_box_clicks(tmp_path, fake_busbra,
+                                                          tiny_prompt_checkpoint):
+    """``--recipes``: one fine-tune per recipe on the same pairs; box-then-clicks numbers."""
+    loop = _load("annotation_loop")
+    out = tmp_path / "out"
+    loop.main(["--checkpoint", str(tiny_prompt_checkpoint), "--busbra", str(fake_busbra),
+               "--no-busi", "--out", str(out), "--ks", "0", "2", "--draws", "1",
+               "--eval-limit", "3", "--max-steps", "2", "--recipes", "replay", "v2-default",
+               "--quiet"])
+    saved = _outputs(out, "annotation_loop")
+    runs = saved["runs"]
+    assert [(r["k"], r.get("mode")) for r in runs] == [(0, None), (2, "replay"),
+                                                        (2, "v2-default")]
+    assert runs[1]["ids"] == runs[2]["ids"]  # the same corrected pairs
+    assert runs[1]["n_replay"] == 30 and runs[2]["n_replay"] == 0
+    for r in runs:
+        bc = r["box_clicks"]
+        assert bc["n"] == 3 and len(bc["interactions"]) == 3  # every eval scan has a lesion
+        assert all(1 <= x <= 20 for x in bc["interactions"])  # a box at least
+        assert bc["per_lesion_scan"] == pytest.approx(np.mean(bc["interactions"]))
+    rows = {r["recipe"]: r for r in saved["recipe_rows"]}
+    assert set(rows) == {"replay", "v2-default"}
+    assert rows["replay"]["inter_before"] == pytest.approx(runs[0]["box_clicks"]["per_lesion_scan"])
+    assert rows["replay"]["inter_after"][0] == pytest.approx(
+        runs[1]["box_clicks"]["per_lesion_scan"])
+    assert rows["v2-default"]["gain"] == pytest.approx(
+        runs[2]["eval"]["mean_dice"] - runs[0]["eval"]["mean_dice"])
+    assert saved["recipe_choice"] is None  # k = 10 not run
+    assert saved["settings"]["finetune"]["replay"] == 30  # the first recipe's settings
+    md = (out / "annotation_loop.md").read_text()
+    assert "### Fine-tune recipes: automatic Dice and box-then-clicks interactions" in md
+    assert "| 2 | replay | 1 |" in md
+    with pytest.raises(SystemExit, match="unknown recipe"):
+        loop.parse_args(["--recipes", "nope"])
+
+
+def _recipe_row(recipe, gain, inter, base_inter=2.0, k=10):
+    return {"k": k, "recipe": recipe, "gain": gain, "inter_before": base_inter,
+            "inter_after": (inter, 0.0), "meets": gain >= 0.04 and inter <= base_inter}
+
+
+def test_annotation_loop_choose_recipe_rule():
+    loop = _load("annotation_loop")
+    rows = [_recipe_row("a", 0.06, 1.9), _recipe_row("b", 0.05, 1.8),
+            _recipe_row("c", 0.09, 2.5), _recipe_row("d", 0.03, 1.0),
+            _recipe_row("e", 0.08, 0.5, k=40)]
+    got = loop.choose_recipe(rows)
+    assert got["recipe"] == "b" and got["met"] is True  # fewest interactions among the met
+    # none meets both: fewest interactions among positive gains, target missed
+    rows = [_recipe_row("a", 0.06, 2.4), _recipe_row("b", 0.01, 2.2),
+            _recipe_row("c", -0.01, 1.0)]
+    got = loop.choose_recipe(rows)
+    assert got["recipe"] == "b" and got["met"] is False and "no recipe meets" in got["reason"]
+    got = loop.choose_recipe([_recipe_row("c", -0.01, 1.0)])
+    assert got["recipe"] is None and got["met"] is False
+
+
 def test_active_learning_quick(tmp_path, fake_busbra, tiny_checkpoint):
     al = _load("active_learning")
     loop = _load("annotation_loop")

@@ -282,3 +282,28 @@ def test_pairs_from_a_padded_folder_stack_are_cropped(viewer, finetune):
     assert pair.name == "benign (4) [0]"
     assert pair.image.shape == pair.mask.shape == (30, 36)
     assert pair.mask.sum() == 25
+
+
+def test_recipe_combo_fills_the_settings_and_reaches_the_run(
+    qtbot, viewer, segment, finetune, synthetic_pairs, tmp_path
+):
+    """Issue 17: a named recipe (its replay pairs included) reaches the fine-tune."""
+    from busseg.finetune import DEFAULT_RECIPE, FINETUNE_RECIPES
+
+    assert finetune._recipe.value == DEFAULT_RECIPE
+    finetune._recipe.value = "lr1e-4"
+    assert finetune._lr.value == pytest.approx(FINETUNE_RECIPES["lr1e-4"]["lr"])
+    finetune._recipe.value = "replay"
+    assert finetune._lr.value == pytest.approx(FINETUNE_RECIPES["replay"]["lr"])
+    images, masks = synthetic_pairs(3, size=(40, 44), seed=4)
+    add_pairs(viewer, finetune, images, masks)
+    finetune._out.value = tmp_path / "replay-run"
+    finetune._amount.value = 2
+    finetune._batch.value = 2
+    finetune._start_btn.native.click()
+    qtbot.waitUntil(lambda: not finetune.running, timeout=TIMEOUT_MS)
+    assert finetune.last_result is not None, finetune._status.value
+    cfg = json.loads((tmp_path / "replay-run" / "best" / "config.json").read_text())
+    assert cfg["training"]["recipe"] == "replay"
+    assert cfg["training"]["n_replay"] == FINETUNE_RECIPES["replay"]["replay"]
+    assert cfg["training"]["hyperparameters"]["max_steps"] == 2  # the widget's value wins

@@ -104,6 +104,7 @@ def finetune_job(
     out_dir: str | Path | None = None,
     device: str = "auto",
     stop: Any = None,
+    recipe: str | None = None,
 ) -> Generator[Any, None, FinetuneResult]:
     """Collect the pairs and fine-tune, yielding progress (runs in a worker thread).
 
@@ -122,6 +123,9 @@ def finetune_job(
         ``lr``, ``batch_size`` ...).
     val_fraction, augment, out_dir, device, stop
         As :func:`busseg.finetune.finetune_iter`.
+    recipe : str, optional
+        A named recipe (:data:`busseg.finetune.FINETUNE_RECIPES`) whose settings the
+        ``overrides`` start from (its replay pairs included); None for the defaults.
 
     Yields
     ------
@@ -158,11 +162,11 @@ def finetune_job(
             "no training pairs: add pairs from the viewer (Add pair) or choose a corrections "
             "folder that holds corrected cases"
         )
-    cfg = finetune_config(**(overrides or {}))
+    cfg = finetune_config(recipe, **(overrides or {}))
     yield ("status", f"loading the base model; {len(images)} pair(s) …")
     result = yield from finetune_iter(
         images, masks, base, cfg=cfg, val_fraction=val_fraction, augment=augment,
-        out_dir=out_dir, names=names, device=device, stop=stop,
+        out_dir=out_dir, names=names, device=device, stop=stop, recipe=recipe,
     )
     return result
 
@@ -185,7 +189,12 @@ class FineTuneWidget(Container):
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
-        from busseg.finetune import FINETUNE_DEFAULTS, default_output_dir
+        from busseg.finetune import (
+            DEFAULT_RECIPE,
+            FINETUNE_DEFAULTS,
+            FINETUNE_RECIPES,
+            default_output_dir,
+        )
 
         self._viewer = viewer
         self._worker = None
@@ -215,6 +224,11 @@ class FineTuneWidget(Container):
                               value=BASE_SEGMENT)
         self._base_path = FileEdit(label="base checkpoint", mode="d", nullable=True,
                                    enabled=False)
+        self._recipe = ComboBox(
+            label="recipe", choices=list(FINETUNE_RECIPES), value=DEFAULT_RECIPE,
+            tooltip="Named fine-tune settings (busseg.finetune.FINETUNE_RECIPES); choosing one "
+            "fills the settings below. The default keeps box and click prompts working "
+            "(benchmarks/annotation_loop.py --recipes compares them)")
         self._unit = ComboBox(label="train for", choices=["steps", "epochs"], value="steps")
         self._amount = SpinBox(label="steps", min=1, max=1_000_000,
                                value=int(self._defaults["max_steps"]))
@@ -252,7 +266,8 @@ class FineTuneWidget(Container):
             self._pair_image, self._pair_labels, self._scope,
             Container(widgets=[self._add_btn, self._remove_btn], layout="horizontal",
                       labels=False),
-            self._pair_list, self._folder, self._base, self._base_path, self._unit,
+            self._pair_list, self._folder, self._base, self._base_path, self._recipe,
+            self._unit,
             self._amount, self._lr, self._batch, self._augment, self._freeze,
             self._val_fraction, self._out,
             Container(widgets=[self._start_btn, self._stop_btn], layout="horizontal",
@@ -264,6 +279,7 @@ class FineTuneWidget(Container):
         self._remove_btn.changed.connect(self._on_remove_pairs)
         self._base.changed.connect(self._on_base_changed)
         self._unit.changed.connect(self._on_unit_changed)
+        self._recipe.changed.connect(self._on_recipe_changed)
         self._start_btn.changed.connect(self._on_start)
         self._stop_btn.changed.connect(self._on_stop)
         connect_layer_changes(viewer, self._on_layers_changed)
@@ -327,6 +343,19 @@ class FineTuneWidget(Container):
 
     def _on_base_changed(self, _value: Any = None) -> None:
         self._base_path.enabled = self._base.value == BASE_CHECKPOINT
+
+    def _on_recipe_changed(self, _value: Any = None) -> None:
+        from busseg.finetune import recipe_settings
+
+        self._defaults = recipe_settings(self._recipe.value)
+        d = self._defaults
+        if self._unit.value == "steps":
+            self._amount.value = int(d["max_steps"])
+        self._lr.value = float(d["lr"])
+        self._batch.value = int(d["batch_size"])
+        self._augment.value = bool(d["augment"])
+        self._freeze.value = bool(d["freeze_encoder"])
+        self._val_fraction.value = float(d["val_fraction"])
 
     def _on_unit_changed(self, _value: Any = None) -> None:
         steps = self._unit.value == "steps"
@@ -434,7 +463,7 @@ class FineTuneWidget(Container):
             [p.image for p in self.pairs], [p.mask for p in self.pairs],
             [p.name for p in self.pairs], corrections=folder, base=base, overrides=overrides,
             val_fraction=float(self._val_fraction.value), augment=bool(self._augment.value),
-            out_dir=out, stop=self._stop_event,
+            out_dir=out, stop=self._stop_event, recipe=self._recipe.value,
         )
         worker = create_worker(guarded, job, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_yielded)
