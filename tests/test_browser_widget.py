@@ -24,16 +24,25 @@ def notes(monkeypatch):
     return seen
 
 
-def _dock(viewer, *, predict=False):
-    """Dock the Scan browser; "Predict on open" (on by default) off unless asked for.
+def _dock(viewer, *, predict=False, learn=False):
+    """Dock the Scan browser; "Predict on open" and "Learn as you go" (both on by default)
+    off unless asked for.
 
-    Tests of other behaviour switch it off so that no background prediction adds layers
-    while they count layers or add their own prediction layers.
+    Tests of other behaviour switch them off so that no background prediction adds layers
+    while they count layers or add their own prediction layers, and no background fine-tune
+    starts after ten saved corrections.
     """
     _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
     assert isinstance(widget, browser_mod.BusiBrowserWidget)
     widget._predict_check.value = predict
+    widget._learn_check.value = learn
     return widget
+
+
+def test_learning_and_predict_on_open_are_on_by_default(make_napari_viewer, busseg_plugin):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
+    assert widget._learn_check.value and widget._predict_check.value
 
 
 def _closed(qtbot, widget):
@@ -613,7 +622,6 @@ def test_learn_as_you_go_switches_segment_lesions(
     _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
     widget = _dock(viewer)  # the test adds its own prediction layers
     seg.use_checkpoint(tiny_checkpoint)
-    assert not widget._learn_check.value  # off by default
     widget.set_learning(True, every=2)
     scans = _write_scans(tmp_path / "scans", 6)
     widget.set_corrections(tmp_path / "corr")
