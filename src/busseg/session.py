@@ -28,13 +28,13 @@ What the session owns:
 - **prefetch**: :meth:`~AnnotationSession.prefetch_job` computes a case's automatic prediction
   ahead of time (the very call :meth:`~AnnotationSession.predict` makes), so opening that case
   next shows its mask at once; a few cases are kept, keyed by image, checkpoint and settings;
-- **learning as you go** (``learn=True``; the Scan browser turns it on by default): after every ``learn_every`` new corrections,
-  :meth:`~AnnotationSession.finetune_due` turns True and :meth:`~AnnotationSession.finetune_job`
-  fine-tunes the current checkpoint on all corrections so far (empty masks included) with
-  :func:`busseg.finetune.finetune_iter`, one run at a time. The new checkpoint is adopted
-  only when the simulated annotation cost (:mod:`busseg.annotator`) of the held-out
-  corrections is not higher with it than with the current checkpoint, whatever the Dice
-  says; :attr:`~AnnotationSession.status` gives both numbers and says what happened. The job
+- **learning as you go** (``learn=True``; the Scan browser turns it on by default): after every
+  ``learn_every`` new corrections, :meth:`~AnnotationSession.finetune_due` turns True and
+  :meth:`~AnnotationSession.finetune_job` fine-tunes the current checkpoint on all corrections so
+  far (empty masks included) with :func:`busseg.finetune.finetune_iter`, one run at a time. The
+  new checkpoint is adopted only when the simulated annotation cost (:mod:`busseg.annotator`) of
+  the held-out corrections is not higher with it than with the current checkpoint, whatever the
+  Dice says; :attr:`~AnnotationSession.status` gives both numbers and says what happened. The job
   is a generator (DESIGN practice 2): napari wraps it in ``thread_worker``, scripts drain it with
   :func:`busseg.engine.drain` (or call :meth:`~AnnotationSession.run_due_finetune`).
 
