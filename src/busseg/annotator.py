@@ -48,6 +48,32 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
 
 
+def _box_then_clicks(truth: np.ndarray, boxes: np.ndarray, region: np.ndarray,
+                     prompt: PromptFn, accept_iou: float, max_clicks: int) -> dict[str, Any]:
+    """Prompt the boxes, then clicks inside ``region`` until IoU >= ``accept_iou``.
+
+    The one prompted loop of :func:`annotate_scan` and :func:`prompt_path`. Returns ``pred``
+    (the last mask), ``iou``, ``ious`` (after each prompt call), ``points``, ``labels`` and
+    ``calls``.
+    """
+    pred = np.asarray(prompt(boxes, np.zeros((0, 2)), np.zeros(0, np.int8), None)) > 0
+    ious = [_iou(pred, truth)]
+    points: list[tuple[int, int]] = []
+    labels: list[int] = []
+    inside = truth & region
+    while ious[-1] < accept_iou and len(points) < max_clicks:
+        click = next_click(pred & region, inside)
+        if click is None:  # nothing left to click inside the boxes
+            break
+        points.append(click[:2])
+        labels.append(click[2])
+        pred = np.asarray(prompt(boxes, np.asarray(points, np.float64),
+                                 np.asarray(labels, np.int8), pred)) > 0
+        ious.append(_iou(pred, truth))
+    return {"pred": pred, "iou": ious[-1], "ious": ious, "points": points, "labels": labels,
+            "calls": len(ious)}
+
+
 def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | None:
     """:func:`busseg.prompts.next_click`, computed on the crop around the errors.
 
@@ -146,26 +172,11 @@ def annotate_scan(auto: np.ndarray, truth: np.ndarray, prompt: PromptFn,
     region = box_mask(boxes, truth.shape, box_margin)
     out["boxes"], out["erases"] = len(boxes), int(bool((auto & ~region).any()))
     n = len(boxes) + out["erases"]
-    pred = np.asarray(prompt(boxes, np.zeros((0, 2)), np.zeros(0, np.int8), None)) > 0
-    out["prompt_calls"] = 1
-    iou = _iou(pred, truth)
-    out["ious"].append(iou)
-    points: list[tuple[int, int]] = []
-    labels: list[int] = []
-    inside = truth & region
-    while iou < accept_iou and n < max_interactions:
-        click = next_click(pred & region, inside)
-        if click is None:  # nothing left to click inside the boxes
-            break
-        points.append(click[:2])
-        labels.append(click[2])
-        n += 1
-        pred = np.asarray(prompt(boxes, np.asarray(points, np.float64),
-                                 np.asarray(labels, np.int8), pred)) > 0
-        out["prompt_calls"] += 1
-        iou = _iou(pred, truth)
-        out["ious"].append(iou)
-    out["clicks"] = len(points)
+    run = _box_then_clicks(truth, boxes, region, prompt, accept_iou, max_interactions - n)
+    pred, iou = run["pred"], run["iou"]
+    n += len(run["points"])
+    out["prompt_calls"], out["ious"] = run["calls"], run["ious"]
+    out["clicks"] = len(run["points"])
     out["final_iou"] = iou
     if iou >= accept_iou:
         return {**out, "kind": "prompted", "interactions": n, "mask": pred}
@@ -315,26 +326,11 @@ def prompt_path(truth: np.ndarray, prompt: PromptFn, rng: np.random.Generator, *
         raise ValueError("prompt_path needs a lesion scan (the truth is empty)")
     boxes = np.stack([jitter_box(b, truth.shape, rng, jitter) for b in mask_to_boxes(truth)])
     region = box_mask(boxes, truth.shape, box_margin)
-    pred = np.asarray(prompt(boxes, np.zeros((0, 2)), np.zeros(0, np.int8), None)) > 0
-    calls, iou = 1, _iou(pred, truth)
-    points: list[tuple[int, int]] = []
-    labels: list[int] = []
-    inside = truth & region
-    n = len(boxes)
-    while iou < accept_iou and n < max_interactions:
-        click = next_click(pred & region, inside)
-        if click is None:
-            break
-        points.append(click[:2])
-        labels.append(click[2])
-        n += 1
-        pred = np.asarray(prompt(boxes, np.asarray(points, np.float64),
-                                 np.asarray(labels, np.int8), pred)) > 0
-        calls += 1
-        iou = _iou(pred, truth)
+    run = _box_then_clicks(truth, boxes, region, prompt, accept_iou,
+                           max_interactions - len(boxes))
     return {"boxes": len(boxes), "region": region,
-            "clicks_to_accept": len(points) if iou >= accept_iou else None,
-            "prompt_calls": calls, "accept_iou": accept_iou,
+            "clicks_to_accept": len(run["points"]) if run["iou"] >= accept_iou else None,
+            "prompt_calls": run["calls"], "accept_iou": accept_iou,
             "max_interactions": max_interactions}
 
 
