@@ -534,3 +534,28 @@ def test_evaluate_dataset_reports_interactions_for_prompt_models(monkeypatch):
     assert ev["mean_interactions"] == 1.0 and ev["never_converged"] == 0
     plain = evaluate_dataset(_model(), TensorDataset(images, masks), interactions=True)
     assert np.isnan(plain["mean_interactions"])
+
+
+class _StopAfter:
+    """A stop flag that turns on at its ``n``-th ``is_set()`` call (a race made repeatable)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def is_set(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+@pytest.mark.parametrize("turns_on_at", [5, 6])
+def test_a_stop_between_steps_still_returns_validated_weights(four, tmp_path, turns_on_at):
+    # calls: before each step and after it (no validation due for 50 steps); the 5th call is
+    # the epoch-end check after step 2, the 6th the check before step 3: either way the
+    # steps done were never validated, so one more step runs and is validated
+    out = tmp_path / f"run{turns_on_at}"
+    cfg = _cfg(max_steps=100, eval_every_steps=50, batch_size=2)
+    result = fit(_model(), four, four, cfg, device="cpu", stop=_StopAfter(turns_on_at),
+                 out_dir=out, checkpoint_config=CKPT_CONFIG)
+    assert result.stopped and result.steps == 3
+    assert result.history and result.history[-1]["step"] == 3 and result.best_step == 3
+    assert result.checkpoint == out / "best" and (out / "best" / "model.safetensors").is_file()

@@ -315,6 +315,8 @@ def test_finetune_defaults_train_the_whole_network():
     from busseg.finetune import finetune_config
 
     cfg = finetune_config()
-    assert not cfg.freeze_encoder and cfg.prompts == {"max_rounds": 0, "from_auto": 0.0}
+    # the default recipe keeps the prompts: correction rounds, L2-SP towards the base weights
+    assert not cfg.freeze_encoder and cfg.prompts["max_rounds"] == 4
+    assert cfg.l2sp_alpha > 0
     assert cfg.loss == "bce_lesion_dice"
     assert finetune_config(freeze_encoder=True).freeze_encoder

@@ -64,7 +64,7 @@ def test_smoke_run_on_real_busi(busi_root, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "loaded 8 train and 2 val images" in proc.stdout
     assert "test split untouched" in proc.stdout
-    assert "best validation Dice" in proc.stdout
+    assert "best validation dice" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["best", "curves.png", "last", "log.csv"]
     assert len(_log_rows(out)) == 1
     model, config = load_checkpoint(out / "best")
@@ -146,7 +146,7 @@ def test_ddp_two_processes_on_cpu(fake_run, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # 4 training images over 2 processes with batch 1: 2 steps per epoch, 4 in all
     assert "training on cpu: 4 images, 4 steps" in proc.stdout
-    assert proc.stdout.count("best validation Dice") == 1  # only rank 0 reports
+    assert proc.stdout.count("best validation dice") == 1  # only rank 0 reports
     assert [int(r["step"]) for r in _log_rows(out)] == [2, 4]
     config = json.loads((out / "best" / "config.json").read_text())
     assert config["training"]["hardware"]["world_size"] == 2

@@ -914,7 +914,11 @@ def fit_iter(
         train_model.train()
         losses: list[float] = []
         for x, y, *extra in loader:
-            if step >= total or (stop is not None and stop.is_set()):
+            # a stop request ends training once the steps done are validated: when it arrives
+            # between a step's own check and the next batch, one more step runs and is
+            # validated, so a stopped run always returns (and saves) validated weights
+            validated = step == 0 or (history and history[-1]["step"] == step)
+            if step >= total or (stop is not None and stop.is_set() and validated):
                 break
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             prompted = torch.zeros(x.shape[0], dtype=torch.bool, device=dev)
@@ -1028,7 +1032,8 @@ def fit_iter(
             if cfg.early_stopping is not None and bad >= cfg.early_stopping:
                 early = True
                 break
-        if stop is not None and stop.is_set():
+        validated = step == 0 or (history and history[-1]["step"] == step)
+        if stop is not None and stop.is_set() and validated:
             stopped = True
         if stopped or early or step >= total:
             break
