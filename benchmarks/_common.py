@@ -381,13 +381,6 @@ def split_records(root: str | os.PathLike, split_csv: str | os.PathLike, split: 
     return records, skipped
 
 
-def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | None:
-    """:func:`busseg.annotator.next_click` (the click simulator on the crop around the errors)."""
-    from busseg.annotator import next_click as _next_click
-
-    return _next_click(pred, truth)
-
-
 # --------------------------------------------------------------------------- statistics
 
 

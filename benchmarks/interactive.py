@@ -66,8 +66,8 @@ of this run against an earlier ``interactive.json`` (another checkpoint), per da
 
 Writes ``interactive.md``, ``interactive.json`` and ``interactive.png`` into ``--out``
 (default ``benchmarks/results``: write trial runs elsewhere, e.g. ``--out /tmp/bench``).
-Clicks are simulated by :func:`busseg.prompts.next_click` on the crop around the errors
-(``_common.next_click``: the same click, faster on large scans).
+Clicks are simulated by :func:`busseg.prompts.next_click` (computed on the crop around the
+errors: the same click, faster on large scans).
 """
 
 from __future__ import annotations
@@ -262,6 +262,7 @@ def click_curve(image: np.ndarray, truth: np.ndarray, model: Any, max_clicks: in
     """
     from busseg.inference import predict
     from busseg.metrics import iou_score
+    from busseg.prompts import next_click
 
     pred = np.zeros_like(truth, dtype=bool)
     points: list[tuple[int, int]] = []
@@ -269,7 +270,7 @@ def click_curve(image: np.ndarray, truth: np.ndarray, model: Any, max_clicks: in
     ious: list[float] = []
     seconds: list[float] = []
     for _ in range(max_clicks):
-        click = C.next_click(pred, truth)
+        click = next_click(pred, truth)
         if click is None:
             ious.append(1.0)
             continue
@@ -326,7 +327,7 @@ def box_click_curve(image: np.ndarray, truth: np.ndarray, model: Any, boxes: np.
     """
     from busseg.inference import predict
     from busseg.metrics import iou_score
-    from busseg.prompts import box_mask
+    from busseg.prompts import box_mask, next_click
 
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     if not len(boxes):
@@ -346,7 +347,7 @@ def box_click_curve(image: np.ndarray, truth: np.ndarray, model: Any, boxes: np.
     while len(ious) < max_interactions:
         if stop_at is not None and ious[-1] >= stop_at:
             break
-        click = C.next_click(pred & region, inside)
+        click = next_click(pred & region, inside)
         if click is None:  # no error left inside the boxes
             break
         points.append(click[:2])

@@ -3,8 +3,9 @@
 :func:`annotate_scan` is checked with fake prompt functions whose answers are known:
 acceptance at IoU 0.85, the normal-scan clear, one interaction per box and one for erasing
 false regions outside the grown boxes, clicks inside the grown boxes with the boxes kept and
-the previous mask fed back, the cap of 20 (then brushed to the truth). :func:`next_click` is
-compared with :func:`busseg.prompts.next_click` on random masks. :func:`annotation_cost` is
+the previous mask fed back, the cap of 20 (then brushed to the truth). :func:`next_click` (the
+cropped click simulator of :mod:`busseg.prompts`) is compared with the same rule on the whole
+image on random masks. :func:`annotation_cost` is
 checked with :func:`busseg.inference.predict` replaced by a fake whose masks are known, and
 once end to end with a tiny untrained prompt model.
 """
@@ -21,8 +22,8 @@ from scipy import ndimage
 
 import busseg.inference as inf
 from busseg import annotator as A
+from busseg.prompts import _deepest_error_click as reference_click
 from busseg.prompts import jitter_box, mask_to_boxes
-from busseg.prompts import next_click as reference_click
 
 
 def _rect(shape, r0, c0, r1, c1):

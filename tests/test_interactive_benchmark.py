@@ -381,21 +381,6 @@ def test_box_then_clicks_stops_at_the_target_and_two_boxes_count_two(bench, monk
     assert bench.noc(ious, 0.85, 20) == 2 and bench.noc(ious, 0.90, 20) == 2
 
 
-def test_fast_next_click_is_the_project_click_simulator(bench):
-    import _common as C
-    from scipy import ndimage
-
-    from busseg.prompts import next_click
-
-    rng = np.random.default_rng(1)
-    for _ in range(200):
-        h, w = rng.integers(4, 60, 2)
-        truth = ndimage.binary_dilation(rng.random((h, w)) < 0.03, iterations=3)
-        pred = ndimage.binary_dilation(rng.random((h, w)) < 0.03, iterations=2)
-        assert C.next_click(pred, truth) == next_click(pred, truth)
-    assert C.next_click(truth, truth) is None
-
-
 @pytest.mark.realdata
 def test_busuclm_test_split_on_the_real_data(bench, repo_root):
     import _common as C

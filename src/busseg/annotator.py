@@ -75,24 +75,7 @@ def _box_then_clicks(truth: np.ndarray, boxes: np.ndarray, region: np.ndarray,
 
 
 def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | None:
-    """:func:`busseg.prompts.next_click`, computed on the crop around the errors.
-
-    The same click as ``busseg.prompts.next_click(pred, truth)`` (the project's one click
-    simulator, Xu et al., CVPR 2016), called on a crop: the Euclidean distance to the nearest
-    pixel outside an error region is the same within the bounding box of the errors grown by
-    one pixel (a ring of correct pixels, or the image border, which the simulator treats as
-    outside), and row-major order, which breaks ties, is kept. Several times faster on
-    600x800 scans whose errors cover a small part of the image.
-
-    Parameters
-    ----------
-    pred, truth : numpy.ndarray
-        (H, W) masks (any value > 0 is lesion).
-
-    Returns
-    -------
-    tuple of int or None
-        ``(row, col, label)``, label 1 (lesion) or 0 (background); None when they agree.
+    """Return :func:`busseg.prompts.next_click` (imported on use: this module imports no torch).
 
     Raises
     ------
@@ -101,20 +84,7 @@ def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | No
     """
     from busseg.prompts import next_click as _next_click
 
-    pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred {pred.shape} and truth {truth.shape} differ in shape")
-    err = pred ^ truth
-    rows = np.flatnonzero(err.any(axis=1))
-    if not len(rows):
-        return None
-    cols = np.flatnonzero(err.any(axis=0))
-    r0, r1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, pred.shape[0])
-    c0, c1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, pred.shape[1])
-    click = _next_click(pred[r0:r1, c0:c1], truth[r0:r1, c0:c1])
-    if click is None:  # pragma: no cover - err is not empty
-        return None
-    return click[0] + r0, click[1] + c0, click[2]
+    return _next_click(pred, truth)
 
 
 def annotate_scan(auto: np.ndarray, truth: np.ndarray, prompt: PromptFn,

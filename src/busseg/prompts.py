@@ -312,12 +312,16 @@ def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | No
     false-negative (missed lesion) and false-positive regions, take the Euclidean distance
     of each pixel to the nearest pixel outside its region (the image border counts as
     outside), and click at the largest distance, positive in the false-negative region,
-    negative in the false-positive one.
+    negative in the false-positive one; ties go to the false negative, then to the first
+    pixel in row-major order. Computed on the bounding box of the errors grown by one pixel
+    (a ring of correct pixels, or the image border, which counts as outside, so every
+    distance is the same as on the whole image): several times faster on 600x800 scans
+    whose errors cover a small part of the image.
 
     Parameters
     ----------
     pred : numpy.ndarray
-        (H, W) bool, the current prediction.
+        (H, W) bool, the current prediction (any value > 0 is lesion).
     truth : numpy.ndarray
         (H, W) bool, the ground truth.
 
@@ -332,11 +336,24 @@ def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | No
     ValueError
         If the shapes differ.
     """
-    from scipy import ndimage
-
     pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
     if pred.shape != truth.shape:
         raise ValueError(f"pred {pred.shape} and truth {truth.shape} differ in shape")
+    err = pred ^ truth
+    rows = np.flatnonzero(err.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(err.any(axis=0))
+    r0, r1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, pred.shape[0])
+    c0, c1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, pred.shape[1])
+    r, c, label = _deepest_error_click(pred[r0:r1, c0:c1], truth[r0:r1, c0:c1])
+    return r + r0, c + c0, label
+
+
+def _deepest_error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | None:
+    """:func:`next_click`'s rule on the whole arrays (bool, same shape), without the crop."""
+    from scipy import ndimage
+
     fn, fp = truth & ~pred, pred & ~truth
     if not fn.any() and not fp.any():
         return None
