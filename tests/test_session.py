@@ -181,23 +181,6 @@ def test_fingerprint_ignores_dtype_and_scale():
 # --------------------------------------------------------------------------- learning as you go
 
 
-def _corrected_session(tmp_path, synthetic_pairs, n, **kwargs):
-    images, masks = synthetic_pairs(n, size=(32, 32))
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(scans / f"s{i:02d}.png")
-    s = AnnotationSession(scans, tmp_path / "corr", models_dir=tmp_path / "models", **kwargs)
-    s.open(0)
-    for i in range(n):
-        s.set_prediction(np.zeros_like(masks[i]))
-        s.set_mask(masks[i] if i % 4 else np.zeros_like(masks[i]), edited=True)
-        if i + 1 < n:
-            s.next()
-    s.save()
-    return s
-
-
 # The adoption tests of learning as you go (issue 17: adopted on the simulated annotation
 # cost, whatever the Dice says) are in tests/test_session_adoption.py.
 
