@@ -78,28 +78,37 @@ def _pairs(records):
 NETWORK_ONLY = {"normal_gate": None, "region_filter": None}
 
 
-def _lesion_dice(model, images, truths) -> float:
+def _automatic_masks(model, images) -> list[np.ndarray]:
     from busseg.inference import predict
+
+    return [predict(im, model, **NETWORK_ONLY).mask for im in images]
+
+
+def _mean_dice(masks, truths) -> float:
     from busseg.metrics import dice_score
 
-    return float(np.mean([dice_score(predict(im, model, **NETWORK_ONLY).mask, t)
-                          for im, t in zip(images, truths, strict=True)]))
+    return float(np.mean([dice_score(m, t) for m, t in zip(masks, truths, strict=True)]))
 
 
 def score_checkpoint(path: Path, sets: dict, seed: int) -> dict:
-    """Interactions on the validation lesion scans and lesion Dice on each set."""
+    """Interactions on the validation lesion scans and lesion Dice on each set.
+
+    Each scan's automatic mask is computed once and serves both the Dice and the annotator.
+    """
+    import _common as C
+
     from busseg.annotator import annotation_cost
     from busseg.inference import load_model
 
     model = load_model(path, device="cpu")
     t0 = time.perf_counter()
-    import _common as C
-
     row: dict = {"checkpoint": C.repo_relative(path)}
-    val_images = sets["busi_val"][0] + sets["busuclm_val"][0]
-    val_truths = sets["busi_val"][1] + sets["busuclm_val"][1]
-    cost = annotation_cost(model, val_images, val_truths, seed=seed,
-                           predict_kwargs=NETWORK_ONLY)
+    autos = {key: _automatic_masks(model, sets[key][0]) for key in sets}
+    for key in ("busi_val", "busuclm_val", "busbra"):
+        row[f"dice_{key}"] = _mean_dice(autos[key], sets[key][1])
+    cost = annotation_cost(model, sets["busi_val"][0] + sets["busuclm_val"][0],
+                           sets["busi_val"][1] + sets["busuclm_val"][1], seed=seed,
+                           autos=autos["busi_val"] + autos["busuclm_val"])
     n_busi = len(sets["busi_val"][0])
     inter = np.asarray(cost["interactions"], float)
     row.update(val_interactions=float(inter.mean()),
@@ -107,8 +116,6 @@ def score_checkpoint(path: Path, sets: dict, seed: int) -> dict:
                val_interactions_busuclm=float(inter[n_busi:].mean()),
                val_never_converged=int(cost["never_converged"]),
                val_accepted=int(cost["kinds"]["accepted"]))
-    for key in ("busi_val", "busuclm_val", "busbra"):
-        row[f"dice_{key}"] = _lesion_dice(model, *sets[key])
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
