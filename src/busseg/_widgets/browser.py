@@ -1725,11 +1725,10 @@ class BusiBrowserWidget(Container):
 
         self._session.checkpoint = self._current_checkpoint()
         seg = find_segment_widget(self._viewer)
-        get = getattr(seg, "_settings", None)
-        if get is None:
+        if seg is None:
             return {}
         try:
-            settings = get()
+            settings = seg.settings()
         except (AttributeError, RuntimeError, TypeError, ValueError):
             return {}
         out = {k: settings[k] for k in PREDICT_SETTINGS if k in settings}

@@ -923,7 +923,17 @@ class SegmentWidget(Container):
 
     # ---------------------------------------------------------------- run
 
-    def _settings(self) -> dict:
+    def settings(self) -> dict:
+        """Return a snapshot of the widget's segmentation settings (read on the GUI thread).
+
+        Returns
+        -------
+        dict
+            ``checkpoint`` (Path or None: the shipped default), ``device`` (str),
+            ``threshold`` (float in (0, 1)), ``tta``, ``fill_holes``, ``region_filter``,
+            ``with_proba`` (bool), ``keep`` (str) and ``min_area`` (int, pixels): what Run
+            passes to :func:`busseg.jobs.segment_job`; the Scan browser predicts with them.
+        """
         return {
             "checkpoint": self.current_checkpoint(),
             "device": self._device.value,
@@ -946,7 +956,7 @@ class SegmentWidget(Container):
             self._set_status("add or open an Image layer first (File > Open, or the BUSI "
                              "samples), then choose it above")
             return
-        settings = self._settings()
+        settings = self.settings()
         if self._source.value == CHECKPOINT_FOLDER and settings["checkpoint"] is None:
             self._set_status("choose a checkpoint folder, or switch the model to "
                              f"'{DEFAULT_MODEL}'")
@@ -1269,7 +1279,7 @@ class SegmentWidget(Container):
         if len(points) and pred is not None and _spatial_shape(pred) == shape:
             previous = np.asarray(pred.data[lead]) > 0
         data = image.data[0] if image.multiscale else image.data
-        settings = self._settings()
+        settings = self.settings()
         req = PromptRequest(
             data=data, index=lead, boxes=boxes, points=points, point_labels=labels,
             previous_mask=previous,
@@ -1324,7 +1334,7 @@ class SegmentWidget(Container):
             return None
         labels = np.zeros(_spatial_shape(image), np.uint8)
         active = self._viewer.layers.selection.active
-        s = self._settings()
+        s = self.settings()
         layer = self._viewer.add_labels(
             labels, name=prediction_name(image_name), scale=image.scale,
             translate=image.translate,
