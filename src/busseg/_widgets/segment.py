@@ -72,6 +72,7 @@ from busseg._widgets._common import (
     ground_truth_name,
     is_spare,
     prediction_name,
+    scroll_rows,
     wrap_label,
 )
 
@@ -368,23 +369,9 @@ class _TextRow(Label):
 
 def _scroll_rows(container: Any) -> None:
     """Put a container's first child (the form of rows) into a vertical scroll area."""
-    from qtpy.QtCore import Qt
-    from qtpy.QtWidgets import QFrame, QScrollArea
-
     form = container[0].native
-    scroll = QScrollArea()
-    scroll.setObjectName("busseg_segment_scroll")
-    scroll.setWidgetResizable(True)
-    scroll.setFrameShape(QFrame.Shape.NoFrame)
-    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-    scroll.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded)
-    scroll.setMinimumHeight(120)
     form.layout().addStretch(1)  # rows at the top when the dock is taller than they are
-    layout = container.native.layout()
-    layout.removeWidget(form)
-    scroll.setWidget(form)
-    layout.addWidget(scroll)
-    layout.setContentsMargins(0, 0, 0, 0)
+    scroll_rows(container, min_height=120, object_name="busseg_segment_scroll")
     form.setMinimumWidth(300)
 
 
