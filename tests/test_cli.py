@@ -550,9 +550,113 @@ def test_unreadable_and_empty_images_are_named_once(tmp_path, tiny_checkpoint, c
     assert code == 1
     for name in ("broken.png", "empty.png"):
         lines = [ln for ln in err.splitlines() if name in ln]
-        assert lines, err
-        assert all(ln.count(name) == 1 for ln in lines), lines
+        assert len(lines) == 1, err  # named once, not again in the summary at the end
+        assert lines[0].count(name) == 1, lines
     assert any("empty.png is empty (0 bytes)" in ln for ln in err.splitlines()), err
+    assert "could not read 2 image(s), each named above" in err
+    assert (tmp_path / "o" / "good_mask.png").is_file()
+
+
+class _ModelLoaded(Exception):
+    pass
+
+
+def test_bad_input_is_refused_before_the_model_loads(tmp_path, tiny_checkpoint, capsys,
+                                                     monkeypatch):
+    import busseg.inference
+
+    def no_load(*args, **kwargs):
+        raise _ModelLoaded("the model was loaded for input that cannot be segmented")
+
+    monkeypatch.setattr(busseg.inference, "load_model", no_load)
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "empty.png").write_bytes(b"")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out_dir = tmp_path / "o"
+    for argv in (["predict", src], ["predict", src / "empty.png"]):
+        code, out, err = _run([*argv, "--out", out_dir, "--checkpoint", tiny_checkpoint,
+                               "--no-progress"], capsys)
+        assert code == 1, err
+        assert "empty.png is empty (0 bytes)" in err
+        assert "no mask written" in err and not out_dir.exists()
+    assert "no mask written: 2 image(s) could not be read" in _run(
+        ["predict", src, "--out", out_dir, "--checkpoint", tiny_checkpoint], capsys)[2]
+
+
+def test_bad_input_is_refused_without_importing_torch(tmp_path, tiny_checkpoint):
+    (tmp_path / "empty.png").write_bytes(b"")
+    code = (
+        "import sys; from busseg.cli import main; "
+        f"status = main(['predict', {str(tmp_path / 'empty.png')!r}, '--out', "
+        f"{str(tmp_path / 'o')!r}, '--checkpoint', {str(tiny_checkpoint)!r}]); "
+        "print('status', status, 'torch', 'torch' in sys.modules)"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=_env(), timeout=120)
+    assert res.stdout.strip().splitlines()[-1] == "status 1 torch False", res.stdout + res.stderr
+    assert "is empty (0 bytes)" in res.stderr
+
+
+def _fake_pairs(root, images="Images", masks="Masks", image_name="bus_{}-l.png",
+                mask_name="mask_{}-l.png", size=(20, 24)):
+    """A tiny image/mask folder pair: BUS-BRA naming by default, BUS-UCLM's with the args."""
+    for d in (images, masks):
+        (root / d).mkdir(parents=True)
+    for k, rows in (("0001", slice(4, 10)), ("0002", slice(8, 16))):
+        Image.fromarray(np.full(size, 90, np.uint8)).save(root / images / image_name.format(k))
+        m = np.zeros(size, np.uint8)
+        m[rows, 5:12] = 255
+        Image.fromarray(m).save(root / masks / mask_name.format(k))
+    return root
+
+
+@pytest.mark.parametrize("layout", ["busbra", "busuclm"])
+def test_single_image_of_a_pair_layout_gets_its_dice(layout, tmp_path, tiny_checkpoint, capsys):
+    """``busseg predict Images/bus_X.png``: its ground truth in Masks/ is found by discover."""
+    if layout == "busbra":
+        root = _fake_pairs(tmp_path / "bra")
+        image, mask = root / "Images" / "bus_0002-l.png", root / "Masks" / "mask_0002-l.png"
+    else:
+        root = _fake_pairs(tmp_path / "uclm", "images", "masks", "ALWI_{}.png", "ALWI_{}.png")
+        image, mask = root / "images" / "ALWI_0002.png", root / "masks" / "ALWI_0002.png"
+    code, out, err = _run(["predict", image, "--out", tmp_path / "o", "--checkpoint",
+                           tiny_checkpoint, "--no-progress"], capsys)
+    assert code == 0, err
+    dice = _printed_dice(out)
+    assert list(dice) == [image.name], out
+    pred = _mask_png(tmp_path / "o" / f"{image.stem}_mask.png")
+    assert dice[image.name] == pytest.approx(dice_score(pred, read_mask(mask)), abs=5e-4)
+    assert "mean Dice" in out
+    # the mask itself is not an input
+    code, out, err = _run(["predict", mask, "--out", tmp_path / "m", "--checkpoint",
+                           tiny_checkpoint, "--no-progress"], capsys)
+    assert code == 2 and "ground-truth mask of" in err, err
+
+
+def test_single_image_outside_a_pair_has_no_dice(tmp_path, tiny_checkpoint, capsys):
+    root = tmp_path / "plain"
+    (root / "scans").mkdir(parents=True)
+    Image.fromarray(np.full((20, 24), 90, np.uint8)).save(root / "scans" / "bus_0001-l.png")
+    code, out, err = _run(["predict", root / "scans" / "bus_0001-l.png", "--out",
+                           tmp_path / "o", "--checkpoint", tiny_checkpoint, "--no-progress"],
+                          capsys)
+    assert code == 0, err
+    assert not _printed_dice(out) and "mean Dice" not in out
+
+
+@pytest.mark.realdata
+def test_single_real_busbra_image_gets_its_dice(busbra_root, tiny_checkpoint, tmp_path,
+                                                capsys):
+    image = sorted((busbra_root / "Images").glob("bus_*-l.png"))[0]
+    mask = busbra_root / "Masks" / image.name.replace("bus_", "mask_", 1)
+    assert mask.is_file()
+    code, out, err = _run(["predict", image, "--out", tmp_path / "o", "--checkpoint",
+                           tiny_checkpoint, "--no-progress"], capsys)
+    assert code == 0, err
+    pred = _mask_png(tmp_path / "o" / f"{image.stem}_mask.png")
+    dice = _printed_dice(out)
+    assert dice[image.name] == pytest.approx(dice_score(pred, read_mask(mask)), abs=5e-4)
 
 
 def test_classes_csv_paths_are_relative_to_the_input_folder(make_head_checkpoint, tmp_path,

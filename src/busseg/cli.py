@@ -24,7 +24,9 @@ single files go straight into OUT. The ``path`` column of ``classes.csv`` is the
 path relative to its PATH folder (the shipped samples' folder for ``--samples``; the file
 name for single files), the same relative place its mask has under OUT. Mask files are never
 taken as input; when an image has ground-truth masks (BUSI ``<stem>_mask*.png`` siblings, or
-the dataset's mask folder), its Dice is printed, and the mean at the end.
+the dataset's mask folder as :func:`busseg.data.discover` pairs it, for a folder and for a
+single image file alike), its Dice is printed, and the mean at the end. Empty files and files
+that do not open as an image are named once and refused before torch and the model load.
 
 Output is plain text when it is not a terminal (no progress bar frames), and a closed pipe
 (``busseg rank ... | head -1``) silences the output without a traceback; the work goes on.
@@ -227,7 +229,39 @@ def _folder_jobs(folder: Path, out: Path) -> list[Job]:
     return jobs
 
 
-def _file_job(path: Path, out: Path) -> Job:
+def _pair_records(root: Path, cache: dict) -> tuple[dict[Path, tuple[Path, ...]],
+                                                     dict[Path, Path]]:
+    """Masks by image, and image by mask, of an image/mask folder pair, as discover pairs them.
+
+    ``root`` holds the pair (BUS-BRA's ``Images/`` + ``Masks/``, BUS-UCLM's ``images/`` +
+    ``masks/``); both dicts (keyed by resolved path) are empty when it holds none. Results are
+    kept in ``cache`` by folder, so many files of one dataset cost one discovery.
+    """
+    from busseg.data.discover import detect_layout, discover
+
+    key = root.resolve()
+    if key not in cache:
+        masks: dict[Path, tuple[Path, ...]] = {}
+        try:
+            layout = detect_layout(root)
+            if layout in ("busbra", "pairs"):
+                masks = {r.image_path.resolve(): tuple(r.mask_paths)
+                         for r in discover(root, layout=layout, check_sizes=False).records}
+        except (OSError, ValueError):  # no readable pair there: no ground truth
+            masks = {}
+        owners = {m.resolve(): image for image, ms in masks.items() for m in ms}
+        cache[key] = (masks, owners)
+    return cache[key]
+
+
+def _file_job(path: Path, out: Path, pairs: dict | None = None) -> Job:
+    """One job for a file given on the command line, with its ground truth where it has one.
+
+    The ground truth is found as :func:`busseg.data.discover` finds it: BUSI ``_mask``
+    siblings, or the mask folder of the image/mask folder pair whose image folder holds
+    ``path`` (a BUS-BRA ``Images/bus_X.png`` gets ``Masks/mask_X.png``). ``pairs`` caches the
+    pairs' discovery across files (see :func:`_pair_records`).
+    """
     from busseg.data.busi import is_busi_image
     from busseg.data.discover import scan_suffixes
 
@@ -240,7 +274,14 @@ def _file_job(path: Path, out: Path) -> Job:
         )
     if not is_busi_image(path):
         raise UsageError(f"{path} is named like a mask (*_mask*); pass the image instead")
-    return Job(path, out / f"{path.stem}_mask.png", path.name, _sibling_masks(path))
+    masks = _sibling_masks(path)
+    if not masks:
+        by_image, by_mask = _pair_records(path.parent.parent, {} if pairs is None else pairs)
+        masks = by_image.get(path.resolve(), ())
+        owner = by_mask.get(path.resolve())
+        if owner is not None:
+            raise UsageError(f"{path} is the ground-truth mask of {owner}; pass the image instead")
+    return Job(path, out / f"{path.stem}_mask.png", path.name, masks)
 
 
 def collect_jobs(paths: list[str], out: Path, samples: bool) -> list[Job]:
@@ -268,6 +309,7 @@ def collect_jobs(paths: list[str], out: Path, samples: bool) -> list[Job]:
         would pass for a ground-truth mask) or on an input file.
     """
     jobs: list[Job] = []
+    pairs: dict = {}
     if samples:
         from busseg.samples import samples_dir
 
@@ -277,7 +319,7 @@ def collect_jobs(paths: list[str], out: Path, samples: bool) -> list[Job]:
         if path.is_dir():
             jobs += _folder_jobs(path, out)
         elif path.is_file():
-            jobs.append(_file_job(path, out))
+            jobs.append(_file_job(path, out, pairs))
         else:
             raise UsageError(f"no such file or folder: {path}")
     if not jobs:
@@ -324,6 +366,18 @@ def _predict(args: argparse.Namespace) -> int:
     existing = [j for j in jobs if j.out.exists()] if not args.overwrite else []
     skip = {id(j) for j in existing}
     todo = [j for j in jobs if id(j) not in skip]
+    # refuse empty and unreadable images before torch and the model load (seconds)
+    failed: list[str] = []
+    for j in todo:
+        problem = _unreadable(j.image)
+        if problem is not None:
+            failed.append(problem)
+            print(problem, file=sys.stderr)
+            skip.add(id(j))
+    if failed:
+        todo = [j for j in todo if id(j) not in skip]
+        if not todo:
+            return _finish(out, 0, failed, existing, dice=[], classes={})
 
     from busseg.inference import load_model
     from busseg.models import CheckpointError
@@ -336,7 +390,6 @@ def _predict(args: argparse.Namespace) -> int:
         _report_existing(existing)
         return EXIT_PARTIAL
 
-    import numpy as np
     from tqdm import tqdm
 
     from busseg.data.io import ImageReadError, read_image, read_mask, write_mask_png
@@ -360,7 +413,6 @@ def _predict(args: argparse.Namespace) -> int:
     if head:
         print("class probabilities P(normal) / P(benign) / P(malignant) are research output, "
               f"not a diagnosis (also into {CLASSES_CSV} in --out)")
-    failed: list[str] = []
     dice: list[tuple[str, float, bool]] = []
     classes: dict[str, dict] = {}
     written = 0
@@ -413,7 +465,15 @@ def _predict(args: argparse.Namespace) -> int:
             dice.append((job.display, d, bool(truth.any())))
             tqdm.write(f"{job.display}: Dice {d:.3f}" + ("" if truth.any() else " (no lesion)"))
     bar.close()
+    return _finish(out, written, failed, existing, dice=dice, classes=classes)
 
+
+def _finish(out: Path, written: int, failed: list[str], existing: list[Job], *,
+            dice: list[tuple[str, float, bool]], classes: dict[str, dict]) -> int:
+    """Print the end of a ``busseg predict`` run and return its exit status.
+
+    Each unreadable image was named once when it was found; here only their number.
+    """
     if written:
         print(f"wrote {written} mask(s) to {out}")
     else:
@@ -422,6 +482,8 @@ def _predict(args: argparse.Namespace) -> int:
         path = write_classes_csv(out / CLASSES_CSV, classes)
         print(f"wrote {path} ({len(classes)} row(s) from this run)")
     if dice:
+        import numpy as np
+
         values = np.array([d for _, d, _ in dice])
         lesion = np.array([d for _, d, has in dice if has])
         line = f"mean Dice {values.mean():.3f} over {len(values)} image(s) with ground truth"
@@ -432,16 +494,45 @@ def _predict(args: argparse.Namespace) -> int:
     if existing:
         _report_existing(existing)
         status = EXIT_PARTIAL
+    if failed and written:
+        print(f"could not read {len(failed)} image(s), each named above", file=sys.stderr)
     if failed:
-        print(f"could not read {len(failed)} image(s):", file=sys.stderr)
-        for f in failed[:10]:
-            print(f"  {f}", file=sys.stderr)
-        if len(failed) > 10:
-            print(f"  ... and {len(failed) - 10} more", file=sys.stderr)
         status = EXIT_PARTIAL
     if not written:
         status = max(status, EXIT_PARTIAL)
     return status
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image, or None if it looks readable.
+
+    Cheap: the file's size and image header only (no pixels decoded, no torch). Where the
+    header does not open, :func:`busseg.data.io.read_image` reads the file to name the
+    problem (and to accept what it can read all the same: a TIFF only ``tifffile`` decodes).
+    An image whose header is fine but whose pixels are damaged is reported when it is read.
+    """
+    from busseg.data.io import ImageReadError, read_image
+
+    try:
+        if path.stat().st_size > 0 and (path.suffix.lower() == ".dcm" or _header_opens(path)):
+            return None
+    except OSError:
+        pass
+    try:
+        read_image(path)
+    except (ImageReadError, OSError) as exc:
+        return _read_error(path, exc)
+    return None
+
+
+def _header_opens(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except Exception:  # noqa: BLE001 - any failure: read_image names it
+        return False
 
 
 def _read_error(path: Path, exc: BaseException) -> str:
@@ -602,13 +693,14 @@ def _add_rank_parser(sub) -> None:
 def _rank_inputs(paths: list[str]) -> tuple[list[Path], dict[int, str]]:
     """Expand files and folders into image paths (deduplicated) and BUSI classes by index."""
     found: list[tuple[Path, str | None]] = []
+    pairs: dict = {}
     for text in paths:
         path = Path(text).expanduser()
         if path.is_dir():
             found += [(r.image_path, r.label if r.label != "unknown" else None)
                       for r in _folder_records(path)]
         elif path.is_file():
-            found.append((_file_job(path, path.parent).image, None))
+            found.append((_file_job(path, path.parent, pairs).image, None))
         else:
             raise UsageError(f"no such file or folder: {path}")
     images: list[Path] = []
