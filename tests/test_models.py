@@ -1,6 +1,12 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
 import pytest
+import skimage.io
 import torch
 
+import busseg.samples
 from busseg.models import (
     ResNetUNet,
     UNet,
@@ -156,3 +162,105 @@ def test_norm_variants():
     for norm in ("instance", "none"):
         model = build_model({"depth": 2, "base_channels": 4, "norm": norm})
         assert model(torch.randn(1, 1, 16, 16)).shape == (1, 1, 16, 16)
+
+
+# --------------------------------------------------------------------------- fixed outputs
+# Recorded with the models as they were before the encoder registry and the shared U-Net
+# decoder (three separate U-Net classes), on the CPU with one thread: the shipped default
+# model and freshly seeded models must give the same logits and the same state-dict keys.
+
+
+def _key_signature(model):
+    state = model.state_dict()
+    text = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in state.items())
+    return {"n_params": n_params(model), "n_keys": len(state),
+            "keys_sha": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+
+def _check_logits(t, expected, atol=1e-4):
+    flat = t.detach().double().flatten()
+    picks = [0, 1000, flat.numel() // 2, flat.numel() - 1]
+    assert flat.sum().item() == pytest.approx(expected["sum"], rel=1e-5)
+    assert flat.abs().sum().item() == pytest.approx(expected["abs_sum"], rel=1e-5)
+    got = [flat[i].item() for i in picks]
+    assert got == pytest.approx(expected["vals"], abs=atol)
+
+
+SEEDED = {  # name: (config, key signature, eval-mode logits on a seeded 64x64 input)
+    "plain": ({}, {"n_params": 1942289, "n_keys": 118, "keys_sha": "aec158c6b6947c4a"},
+              {"sum": -1935.3338547479361, "abs_sum": 3950.0247427430004,
+               "vals": [-0.6909927129745483, 0.28390979766845703, -0.8238838315010071,
+                        0.08739295601844788]}),
+    "plain_b8d3_instance_bilinear": (
+        {"base_channels": 8, "depth": 3, "norm": "instance", "upsample": "bilinear"},
+        {"n_params": 112969, "n_keys": 50, "keys_sha": "7d366db4790f4c63"},
+        {"sum": -11415.124569447711, "abs_sum": 11441.66140458174,
+         "vals": [-2.058134078979492, -3.9122884273529053, -0.8251804113388062,
+                  -1.2202961444854736]}),
+    "resnet34": ({"encoder": "resnet34"},
+                 {"n_params": 568713, "n_keys": 244, "keys_sha": "0213f047fc7baaac"},
+                 {"sum": -29625.05110964179, "abs_sum": 35948.63208642602,
+                  "vals": [-2.165905237197876, -3.9860730171203613, 2.7246570587158203,
+                           1.0020546913146973]}),
+    "resnet34_b8d5_bilinear": (
+        {"encoder": "resnet34", "base_channels": 8, "depth": 5, "upsample": "bilinear"},
+        {"n_params": 376453, "n_keys": 300, "keys_sha": "36071c08a4e7999b"},
+        {"sum": -301535.4949371617, "abs_sum": 301547.06612036633,
+         "vals": [-104.53536987304688, -34.90546417236328, -362.6268005371094,
+                  5.7855916023254395]}),
+    "efficientnet_lite0_prompts_class_head": (
+        {"encoder": "efficientnet_lite0", "in_channels": 5, "num_classes": 3},
+        {"n_params": 3779124, "n_keys": 362, "keys_sha": "aa3106e38ee4f935"},
+        {"sum": -102.71103350515477, "abs_sum": 251.5749629054335,
+         "vals": [-3.171898424625397e-05, 0.12389551848173141, -0.026667732745409012,
+                  -0.046029090881347656]}),
+    "efficientnet_lite0": (
+        {"encoder": "efficientnet_lite0"},
+        {"n_params": 3777009, "n_keys": 360, "keys_sha": "6a72f0e6db69b817"},
+        {"sum": 22.848272093455307, "abs_sum": 381.6831965694437,
+         "vals": [-0.0560329370200634, 0.05649784207344055, -0.08950968086719513,
+                  0.028827257454395294]}),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEDED))
+def test_seeded_models_unchanged(name):
+    """Same keys, shapes, parameter count and seed-initialised logits as before the registry."""
+    config, signature, logits = SEEDED[name]
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    assert _key_signature(model) == signature
+    x = torch.randn(1, model.in_channels, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _check_logits(model(x), logits)
+
+
+def test_shipped_default_model_predicts_as_before():
+    """The shipped weights load strictly with their config.json and give the same logits."""
+    from busseg.models import default_checkpoint_path, load_checkpoint
+
+    model, _ = load_checkpoint(default_checkpoint_path())
+    assert _key_signature(model) == SEEDED["efficientnet_lite0_prompts_class_head"][1]
+    # seeded random input; guidance channels binary (noise above 1.5)
+    x = torch.randn(2, 5, 256, 256, generator=torch.Generator().manual_seed(0))
+    x[:, 1:] = (x[:, 1:] > 1.5).float()
+    with torch.no_grad():
+        seg, cls = model(x, with_class=True)
+    _check_logits(seg, {"sum": -288911.0352596799, "abs_sum": 382099.8789414698,
+                        "vals": [-5.111860275268555, -5.240578651428223, -4.971089839935303,
+                                 -5.571702003479004]})
+    assert cls.flatten().tolist() == pytest.approx(
+        [1.1000937223434448, -1.9731965065002441, 0.7325046062469482,
+         1.0668517351150513, -1.9793109893798828, 0.7388315200805664], abs=1e-4)
+    # a real BUSI scan (z-scored top-left 256x256 crop), no prompts
+    path = Path(busseg.samples.__file__).parent / "benign" / "benign (100).png"
+    image = skimage.io.imread(path).astype(np.float32)[:256, :256]
+    xs = torch.zeros(1, 5, 256, 256)
+    xs[0, 0] = torch.from_numpy((image - image.mean()) / image.std())
+    with torch.no_grad():
+        seg, cls = model(xs, with_class=True)
+    _check_logits(seg, {"sum": -486763.7219271995, "abs_sum": 521228.810677778,
+                        "vals": [-5.214500904083252, -8.166609764099121, -6.365567684173584,
+                                 -6.0016770362854]})
+    assert cls.flatten().tolist() == pytest.approx(
+        [0.11243735253810883, 1.4734714031219482, -1.7416412830352783], abs=1e-4)

@@ -1,7 +1,15 @@
 """Segmentation networks, built from a plain config dict, and self-describing checkpoints.
 
 ``build_model(config)`` is the only way the rest of busseg creates a network, so a
-checkpoint's ``config.json`` (its ``"model"`` section) is enough to rebuild it.
+checkpoint's ``config.json`` (its ``"model"`` section) is enough to rebuild it. The config's
+``"encoder"`` is looked up in the encoder registry (:mod:`busseg.models.registry`); every
+encoder gets the same U-Net decoder and heads (:mod:`busseg.models.base`,
+:mod:`busseg.models.decoder`).
+
+Modules: ``layers`` (shared blocks), ``decoder`` (the U-Net decoder, the class head),
+``base`` (the encoder interface and the U-Net over any encoder), one module per encoder
+family (``unet``: plain, ``resnet``: resnet34, ``efficientnet``: efficientnet_lite0),
+``registry`` (name -> encoder), ``checkpoint`` (save/load).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from .base import Encoder, EncoderUNet
 from .checkpoint import (
     CheckpointError,
     default_checkpoint_path,
@@ -19,22 +28,30 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .efficientnet import CLASS_NAMES, EfficientNetLite0UNet
-from .resnet import MAX_DEPTH as _RESNET_MAX_DEPTH
+from .layers import NORMS, UPSAMPLES
+from .registry import ENCODERS, EncoderInfo, encoder_names, get_encoder, register_encoder
 from .resnet import ResNetUNet
-from .unet import NORMS, UPSAMPLES, UNet
+from .unet import UNet
 
 __all__ = [
     "CLASS_NAMES",
+    "ENCODERS",
     "CheckpointError",
     "EfficientNetLite0UNet",
+    "Encoder",
+    "EncoderInfo",
+    "EncoderUNet",
     "ResNetUNet",
     "UNet",
     "build_model",
     "default_checkpoint_path",
     "default_model_config",
+    "encoder_names",
+    "get_encoder",
     "load_checkpoint",
     "normalize_model_config",
     "read_checkpoint_config",
+    "register_encoder",
     "required_multiple",
     "save_checkpoint",
 ]
@@ -53,13 +70,9 @@ _DEFAULTS: dict[str, Any] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "arch": ("unet",),
-    "encoder": ("plain", "resnet34", "efficientnet_lite0"),
     "norm": NORMS,
     "upsample": UPSAMPLES,
 }
-_MAX_DEPTH = {"plain": 7, "resnet34": _RESNET_MAX_DEPTH, "efficientnet_lite0": 5}
-#: EfficientNet-Lite0 has a fixed width and five down-sampling steps
-_EFFICIENTNET_FIXED = {"depth": 5, "norm": "batch"}
 
 
 def default_model_config() -> dict:
@@ -79,6 +92,16 @@ def _positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"model config {key!r} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _lookup_encoder(name: Any) -> EncoderInfo:
+    try:
+        return get_encoder(name)
+    except ValueError:
+        raise ValueError(
+            f"model config 'encoder' must be one of {', '.join(map(repr, encoder_names()))}, "
+            f"got {name!r}"
+        ) from None
 
 
 def normalize_model_config(config: Mapping[str, Any] | None = None) -> dict:
@@ -114,13 +137,13 @@ def normalize_model_config(config: Mapping[str, Any] | None = None) -> dict:
             f"allowed keys: {', '.join(_DEFAULTS)}"
         )
     cfg = {**_DEFAULTS, **config}
-    if cfg["encoder"] == "efficientnet_lite0":
-        for key, fixed in _EFFICIENTNET_FIXED.items():
-            if key not in config:
-                cfg[key] = fixed
-            elif config[key] != fixed:
-                raise ValueError(f"model config {key!r} must be {fixed!r} for encoder "
-                                 f"'efficientnet_lite0', got {config[key]!r}")
+    info = _lookup_encoder(cfg["encoder"])
+    for key, fixed in info.fixed.items():
+        if key not in config:
+            cfg[key] = fixed
+        elif config[key] != fixed:
+            raise ValueError(f"model config {key!r} must be {fixed!r} for encoder "
+                             f"{info.name!r}, got {config[key]!r}")
     for key, allowed in _CHOICES.items():
         if cfg[key] not in allowed:
             raise ValueError(
@@ -129,7 +152,7 @@ def normalize_model_config(config: Mapping[str, Any] | None = None) -> dict:
             )
     for key in ("in_channels", "out_channels", "base_channels", "depth"):
         cfg[key] = _positive_int(key, cfg[key])
-    max_depth = _MAX_DEPTH[cfg["encoder"]]
+    max_depth = info.max_depth
     if cfg["depth"] > max_depth:
         raise ValueError(
             f"model config 'depth' must be between 1 and {max_depth} for encoder "
@@ -154,7 +177,8 @@ def build_model(config: Mapping[str, Any] | None = None) -> nn.Module:
     ----------
     config : mapping or None, optional
         Model config; keys (defaults): ``arch`` ("unet"), ``encoder`` ("plain" |
-        "resnet34"), ``in_channels`` (1), ``out_channels`` (1), ``base_channels`` (16),
+        "resnet34" | "efficientnet_lite0": a name in the encoder registry,
+        :func:`encoder_names`), ``in_channels`` (1), ``out_channels`` (1), ``base_channels`` (16),
         ``depth`` (4), ``norm`` ("batch" | "instance" | "none"), ``dropout`` (0.0),
         ``upsample`` ("transpose" | "bilinear"), ``num_classes`` (0). ``encoder="plain"``
         gives the classic U-Net of Ronneberger et al. (MICCAI 2015, arXiv:1505.04597);
@@ -163,7 +187,10 @@ def build_model(config: Mapping[str, Any] | None = None) -> nn.Module:
         encoder (Tan and Le, ICML 2019; :mod:`busseg.models.efficientnet`), fixed width
         (``base_channels`` unused), depth 5, and with ``num_classes`` > 0 an image-level
         class head (normal, benign, malignant for 3). The class head exists only for
-        ``efficientnet_lite0``.
+        encoders registered with ``class_head=True`` (``efficientnet_lite0``). Every
+        encoder gets the same U-Net decoder (:class:`busseg.models.decoder.UNetDecoder`);
+        ``in_channels`` > 1 adds prompt-guidance channels whose input-convolution weights
+        start at zero.
 
     Returns
     -------
@@ -176,23 +203,16 @@ def build_model(config: Mapping[str, Any] | None = None) -> nn.Module:
     Raises
     ------
     ValueError
-        If the config is invalid (see :func:`normalize_model_config`).
+        If the config is invalid (see :func:`normalize_model_config`; an unknown encoder's
+        message lists the registered ones), or asks for a class head of an encoder that has
+        none.
     """
     cfg = normalize_model_config(config)
-    if cfg["num_classes"] and cfg["encoder"] != "efficientnet_lite0":
-        raise ValueError("model config 'num_classes' > 0 (a class head) needs encoder "
-                         "'efficientnet_lite0'")
-    if cfg["encoder"] == "efficientnet_lite0":
-        model: nn.Module = EfficientNetLite0UNet(
-            in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-            num_classes=cfg["num_classes"], dropout=cfg["dropout"], upsample=cfg["upsample"])
-        model.busseg_model_config = cfg
-        return model
-    kwargs = {k: v for k, v in cfg.items() if k not in ("arch", "encoder", "num_classes")}
-    if cfg["encoder"] == "plain":
-        model = UNet(**kwargs)
-    else:
-        model = ResNetUNet(**kwargs)
+    info = get_encoder(cfg["encoder"])
+    if cfg["num_classes"] and not info.class_head:
+        able = " or ".join(repr(e.name) for e in ENCODERS.values() if e.class_head)
+        raise ValueError(f"model config 'num_classes' > 0 (a class head) needs encoder {able}")
+    model = info.model.from_config(cfg)
     model.busseg_model_config = cfg
     return model
 
@@ -223,4 +243,5 @@ def required_multiple(config: Mapping[str, Any] | nn.Module | None = None) -> in
                 "pass its config dict instead"
             )
         return int(multiple)
-    return 2 ** normalize_model_config(config)["depth"]
+    cfg = normalize_model_config(config)
+    return max(get_encoder(cfg["encoder"]).feature_strides(cfg))

