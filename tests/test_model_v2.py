@@ -168,7 +168,7 @@ def test_training_with_class_head_and_simulated_prompts(synthetic_pairs, tmp_pat
 
 
 def test_class_weights_balance_the_classes():
-    from busseg.engine import _WithClass
+    from busseg.engine import WithClass
 
     class DS:
         labels = ["benign"] * 6 + ["malignant"] * 2 + ["normal"] * 2 + ["unknown"]
@@ -176,7 +176,7 @@ def test_class_weights_balance_the_classes():
         def __len__(self):
             return len(self.labels)
 
-    wrapped = _WithClass(DS())
+    wrapped = WithClass(DS())
     assert wrapped.targets.tolist() == [1] * 6 + [2] * 2 + [0] * 2 + [-1]
     w = wrapped.class_weights(3)
     counts = torch.tensor([2.0, 6.0, 2.0])
