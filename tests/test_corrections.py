@@ -136,3 +136,18 @@ def test_core_module_imports_no_qt():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_store_names_its_manifest(tmp_path):
+    from busseg.manifest import MANIFEST_NAME, CaseManifest
+
+    store = CorrectionStore(tmp_path / "corr")
+    assert isinstance(store.manifest, CaseManifest)
+    assert store.manifest.path == tmp_path / "corr" / MANIFEST_NAME
+    assert store.manifest.read() == []  # no manifest yet: no rows, nothing written
+    assert not (tmp_path / "corr").exists()
+    image, mask = _pair()
+    store.save("a", "benign", image, mask)
+    # the manifest beside the class folders does not disturb reading the folder as BUSI
+    store.manifest.write([])
+    assert [r.rel_path for r in store.records()] == ["benign/a.png"]

@@ -36,11 +36,11 @@ def test_the_core_imports_no_qt():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_autosave_on_move_unedited_not_saved_and_resume(tmp_path):
+def test_autosave_on_move_unedited_recorded_as_accepted_and_resume(tmp_path):
     scans = _folder(tmp_path / "scans")
     corr = tmp_path / "corr"
     s = AnnotationSession(scans, corr)
-    assert len(s) == 5 and s.progress_text() == "0 of 5 corrected"
+    assert len(s) == 5 and s.progress_text() == "0 of 5 recorded"
     assert s.first_uncorrected() == 0
 
     case = s.open(0)
@@ -51,30 +51,34 @@ def test_autosave_on_move_unedited_not_saved_and_resume(tmp_path):
     assert s.is_edited()
     s.next()  # autosave
     assert s.last_save is not None and s.last_save.label == "unknown"
+    assert s.last_save.status == "corrected"
     np.testing.assert_array_equal(read_mask(corr / "unknown" / "scan0_mask.png"), edited > 0)
 
-    s.set_prediction(_mask(shape, 1))  # accepted as predicted: no correction
+    s.set_prediction(_mask(shape, 1))  # left as predicted: recorded as accepted
     s.set_mask(_mask(shape, 1) * 255)  # same lesion pixels in another dtype/scale
     assert not s.is_edited()
     s.next()
-    assert s.last_save is None
-    assert not (corr / "unknown" / "scan1_mask.png").exists()
+    assert s.last_save is not None and s.last_save.status == "accepted"
+    np.testing.assert_array_equal(read_mask(corr / "unknown" / "scan1_mask.png"),
+                                  _mask(shape, 1) > 0)
 
     s.set_mask(_mask(shape, 2))  # no prediction: a painted lesion is an edit
     s.next()
-    assert s.progress() == (2, 5)
+    assert s.progress() == (3, 5)
     s.set_mask(np.zeros(shape, np.uint8))  # an empty layer, no prediction: nothing to save
     s.close()
-    assert s.progress() == (2, 5) and s.current is None
+    assert s.progress() == (3, 5) and s.current is None
 
-    # reopening later: status from the folder, resume at the first uncorrected case
+    # reopening later: status from the folder, resume at the first unrecorded case
     again = AnnotationSession(scans, corr)
-    assert again.progress_text() == "2 of 5 corrected"
-    assert [again.is_corrected(i) for i in range(5)] == [True, False, True, False, False]
-    assert again.first_uncorrected() == 1
-    assert again.first_uncorrected(2) == 3
+    assert again.progress_text() == "3 of 5 recorded"
+    assert [again.is_corrected(i) for i in range(5)] == [True, True, True, False, False]
+    assert [again.status_of(i) for i in range(5)] == [
+        "corrected", "accepted", "corrected", None, None]
+    assert again.first_uncorrected() == 3
+    assert again.first_uncorrected(4) == 4
     case = again.resume()
-    assert case.index == 1 and case.correction is None
+    assert case.index == 3 and case.correction is None
     opened = again.open(0)  # a stored correction is loaded and is the baseline
     np.testing.assert_array_equal(opened.correction, edited > 0)
     again.set_mask(opened.correction)

@@ -24,6 +24,10 @@ def _session(tmp_path, synthetic_pairs, n, **kwargs) -> AnnotationSession:
     scans.mkdir()
     for i, im in enumerate(images):
         Image.fromarray(im).save(scans / f"s{i:02d}.png")
+    # these tests check the adoption rule on the fine-tuned network itself ("whole"); the
+    # site checkpoints of the default mode are tested in tests/test_site.py
+    opts = kwargs.setdefault("finetune_options", {})
+    opts.setdefault("site", "whole")
     s = AnnotationSession(scans, tmp_path / "corr", models_dir=tmp_path / "models", **kwargs)
     s.open(0)
     for i in range(n):

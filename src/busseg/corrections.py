@@ -10,6 +10,10 @@ so the corrections folder is itself a BUSI-layout dataset that
 BUSI. Files are written atomically and never over an existing correction without
 ``overwrite=True``. The folder must lie outside the dataset it corrects, so a correction can never
 replace an expert mask.
+
+The annotation session (:mod:`busseg.session`) also keeps ``<corrections>/manifest.csv``, one
+row per case with what the annotator decided (accepted, corrected, normal, brushed), read and
+written by :class:`busseg.manifest.CaseManifest` (:attr:`CorrectionStore.manifest`).
 """
 
 from __future__ import annotations
@@ -32,13 +36,16 @@ from busseg.data.io import (
     to_grey,
     write_mask_png,
 )
+from busseg.manifest import CORRECTED as _MANIFEST_CORRECTED
+from busseg.manifest import CaseManifest
 
 #: Class folders a correction may go to: BUSI's classes, and "unknown" for images of no class
 #: (what the reader labels images outside a class folder).
 LABELS = ("benign", "malignant", "normal", "unknown")
 
-#: Case status values, in order of precedence.
-CORRECTED = "corrected"
+#: Case status values, in order of precedence (``"corrected"`` stands for a stored mask of
+#: any manifest status here; :data:`busseg.manifest.STATUSES` tells them apart).
+CORRECTED = _MANIFEST_CORRECTED
 PREDICTED = "predicted"
 NOT_SEGMENTED = "not segmented"
 
@@ -151,6 +158,11 @@ class CorrectionStore:
 
     def __repr__(self) -> str:
         return f"CorrectionStore({str(self.root)!r})"
+
+    @property
+    def manifest(self) -> CaseManifest:
+        """The folder's case manifest (``<root>/manifest.csv``; it need not exist yet)."""
+        return CaseManifest(self.root)
 
     @staticmethod
     def _name_label(record_or_name: Any, label: str | None) -> tuple[str, str]:

@@ -77,7 +77,16 @@ FINETUNE_RECIPES: dict[str, dict[str, Any]] = {
     "l2sp0.1": {**_V2, "l2sp_alpha": 0.1, "weight_decay": 0.0},
     "l2sp+replay10+rounds4": {**_V2, "l2sp_alpha": 0.01, "weight_decay": 0.0, "replay": 10,
                               "prompts": dict(_ROUNDS4)},
+    # the adapted network of a site checkpoint (busseg.site): it draws or votes on the
+    # automatic mask only, prompts stay with the base network unless the adapted one costs
+    # no more, so nothing holds it back from fitting the site (whole network, the site's
+    # normal scans in the loss, no replay, no correction rounds)
+    "site": dict(_V2),
 }
+
+#: The recipe of a site checkpoint's adapted network (learning as you go, "vote" and
+#: "adapted" modes of :meth:`busseg.session.AnnotationSession.finetune_job`).
+SITE_RECIPE = "site"
 
 #: Name of the recipe :data:`FINETUNE_DEFAULTS` holds, chosen by issue 17's rule: at k = 10
 #: corrected BUS-BRA scans, automatic Dice gain on other patients >= +0.04 and box-then-clicks
@@ -278,6 +287,54 @@ def split_pairs(n: int, val_fraction: float = 0.2, seed: int = 0,
     return sorted(set(range(n)) - set(val)), sorted(val)
 
 
+def later_split(has_lesion: Sequence[bool], fraction: float = 0.2, *, minimum: int = 2,
+                maximum: int | None = 12) -> tuple[list[int], list[int]]:
+    """Hold out the most recent answers (leave-later-out) for a fine-tune on a site's stream.
+
+    A model adapted to a site is judged on the scans that come next, so the held-out pairs
+    are the latest ones recorded, not a random draw: a random draw would reward memorising
+    neighbours of the training scans. When the latest window holds no lesion but an earlier
+    pair does, the most recent lesion pair is held out too (a held-out set of normal scans
+    alone rewards a model that predicts nothing).
+
+    Parameters
+    ----------
+    has_lesion : sequence of bool
+        (n,) per recorded pair in the order recorded, True when its mask has a lesion.
+    fraction : float
+        Share held out, in (0, 1).
+    minimum, maximum : int
+        Bounds on the held-out count before the lesion rule (``maximum`` None: no bound);
+        at least one pair is always trained on.
+
+    Returns
+    -------
+    train, val : list of int
+        Sorted positions.
+
+    Raises
+    ------
+    ValueError
+        If fewer than two pairs are given or ``fraction`` is outside (0, 1).
+    """
+    n = len(has_lesion)
+    if n < 2:
+        raise ValueError(f"a held-out split needs at least 2 recorded pairs, got {n}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    k = max(int(minimum), int(round(n * fraction)))
+    if maximum is not None:
+        k = min(k, int(maximum))
+    k = max(1, min(k, n - 1))
+    val = list(range(n - k, n))
+    if not any(has_lesion[i] for i in val):
+        earlier = [i for i in range(n - k) if has_lesion[i]]
+        if earlier and n - k > 1:
+            val = [earlier[-1], *val]
+    train = [i for i in range(n) if i not in set(val)]
+    return train, sorted(val)
+
+
 def default_output_dir(root: str | os.PathLike | None = None) -> Path:
     """Return a new, time-stamped folder for a fine-tuned checkpoint.
 
@@ -347,6 +404,7 @@ def finetune_iter(
     stop: Any = None,
     recipe: str | None = None,
     replay: int | None = None,
+    val_indices: Sequence[int] | None = None,
 ) -> Generator[ProgressEvent, None, FinetuneResult]:
     """Fine-tune a checkpoint on corrected pairs, yielding progress; return the new checkpoint.
 
@@ -379,6 +437,10 @@ def finetune_iter(
         Shipped BUSI training pairs (:func:`replay_pairs`) added to the pairs trained on,
         never to the held-out ones (default the recipe's). The held-out split is drawn from
         the user's pairs alone, so the held-out Dice measures the user's site.
+    val_indices : sequence of int, optional
+        Hold out exactly these pairs (positions in ``images``) instead of a random draw of
+        ``val_fraction``: learning as you go holds out the most recent answers
+        (leave-later-out, :func:`later_split`). At least one pair must remain to train on.
 
     Yields
     ------
@@ -414,7 +476,15 @@ def finetune_iter(
     cfg = cfg or finetune_config(recipe)
     names = list(names) if names is not None else [f"pair {i}" for i in range(len(images))]
     has_lesion = [bool(np.asarray(m).any()) for m in masks]
-    tr, va = split_pairs(len(images), vf, cfg.seed, strata=has_lesion)
+    if val_indices is None:
+        tr, va = split_pairs(len(images), vf, cfg.seed, strata=has_lesion)
+    else:
+        va = sorted({int(i) for i in val_indices})
+        if va and (va[0] < 0 or va[-1] >= len(images)):
+            raise ValueError(f"val_indices {va} do not fit {len(images)} pairs")
+        tr = [i for i in range(len(images)) if i not in set(va)]
+        if not tr:
+            raise ValueError("every pair is held out; leave at least one to train on")
     r_images, r_masks, r_names = replay_pairs(n_replay) if n_replay else ([], [], [])
     base_path = Path(base) if base is not None else default_checkpoint_path()
     dev = get_device(device)
@@ -574,6 +644,82 @@ def heldout_costs(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
         res = annotator.annotation_cost(model, hi, hm, seed=seed, predict_kwargs=predict_kwargs)
         out[name] = {k: res[k] for k in keys}
     return out
+
+
+def prompt_costs(images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                 val_indices: Sequence[int], models: dict[str, Any], *,
+                 seed: int = 0) -> dict[str, float]:
+    """Box-then-clicks interactions per held-out lesion scan, for each of several networks.
+
+    On a lesion scan the prompted part of the simulated annotator (:mod:`busseg.annotator`)
+    depends only on the truth, the jittered boxes and the network that answers prompts, so
+    it is run once per network (:func:`busseg.annotator.prompt_path`) with the same boxes;
+    the cost counted is the boxes plus the clicks to IoU 0.85 (the cap when never reached).
+    A site checkpoint takes its prompt network from the cheaper one (ties: the base).
+
+    Parameters
+    ----------
+    images, masks : sequence of numpy.ndarray
+        All recorded pairs ((H, W) masks, > 0 = lesion).
+    val_indices : sequence of int
+        The held-out pairs; those without a lesion are skipped.
+    models : dict
+        Name -> prompt model (``torch.nn.Module`` or checkpoint path).
+    seed : int
+        Seed of the box jitter (scan ``i`` uses ``default_rng([seed, i])``).
+
+    Returns
+    -------
+    dict
+        Name -> mean interactions per held-out lesion scan (NaN when there is none).
+    """
+    from busseg.annotator import model_prompt, prompt_path
+    from busseg.inference import load_model
+
+    lesion = [int(i) for i in val_indices if np.asarray(masks[int(i)]).any()]
+    out: dict[str, float] = {}
+    for name, model in models.items():
+        net = model if hasattr(model, "forward") else load_model(model)
+        costs = []
+        for i in lesion:
+            truth = np.asarray(masks[i]) > 0
+            path = prompt_path(truth, model_prompt(images[i], net),
+                               np.random.default_rng([seed, i]))
+            k = path["clicks_to_accept"]
+            costs.append(path["max_interactions"] if k is None
+                         else min(path["boxes"] + k, path["max_interactions"]))
+        out[name] = float(np.mean(costs)) if costs else float("nan")
+    return out
+
+
+#: Held-out lesion answers needed before the adapted network may answer prompts.
+MIN_PROMPT_EVIDENCE = 3
+
+
+def prompts_from_adapted(costs: dict[str, float], images: Sequence[np.ndarray],
+                         masks: Sequence[np.ndarray], val_indices: Sequence[int]) -> bool:
+    """Whether a site checkpoint's prompts should come from its adapted network.
+
+    Only when :func:`prompt_costs` says it costs strictly fewer interactions than the base
+    on at least :data:`MIN_PROMPT_EVIDENCE` held-out lesion answers: ties and small samples
+    keep the base network, whose box-and-click skill was trained on thousands of prompts.
+
+    Parameters
+    ----------
+    costs : dict
+        ``{"base": float, "adapted": float}`` from :func:`prompt_costs` (NaN: not measured).
+    images, masks, val_indices
+        As :func:`prompt_costs`.
+
+    Returns
+    -------
+    bool
+    """
+    del images  # the count of held-out lesion answers is what matters
+    n_lesion = sum(bool(np.asarray(masks[int(i)]).any()) for i in val_indices)
+    a, b = costs.get("adapted", np.nan), costs.get("base", np.nan)
+    return bool(n_lesion >= MIN_PROMPT_EVIDENCE and np.isfinite(a) and np.isfinite(b)
+                and a < b)
 
 
 def _record_after(ckpt: Path, before: float | None, after: float | None,

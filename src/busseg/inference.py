@@ -34,6 +34,7 @@ from torch import nn
 __all__ = [
     "Prediction",
     "accepts_prompts",
+    "apply_automatic_settings",
     "classify",
     "clear_model_cache",
     "describe_gate",
@@ -84,7 +85,12 @@ def _files_key(directory: Path) -> tuple:
 def _load_cached(directory: str, files_key: tuple, device: str) -> nn.Module:
     from busseg.models import load_checkpoint
 
-    model, _ = load_checkpoint(directory, device=device)
+    model, config = load_checkpoint(directory, device=device)
+    if config.get("site"):  # a site checkpoint: adapted + base network (busseg.site)
+        from busseg.site import load_site_model
+
+        model = load_site_model(directory, model, config, device)
+        model.busseg_config = config
     if torch.device(device).type in ("cpu", "cuda"):
         # NHWC convolutions are ~25 % faster on CPU (measured for the base-16 U-Net).
         model = model.to(memory_format=torch.channels_last)
@@ -117,7 +123,10 @@ def load_model(path: str | os.PathLike | None = None, device: str | torch.device
         again with the same path and device returns the *same object* until either file of
         the checkpoint changes (new modification time, size or inode), which reloads it.
         The object is shared: do not train or modify it; use
-        :func:`busseg.models.load_checkpoint` for a private copy.
+        :func:`busseg.models.load_checkpoint` for a private copy. A site checkpoint
+        (:mod:`busseg.site`: a network adapted to one hospital plus the one it came from)
+        loads as one :class:`busseg.site.SiteModel` that routes automatic and prompted
+        images to the right network.
 
     Raises
     ------
@@ -856,6 +865,48 @@ def predict(
         mask, gated = _apply_gate(mask, proba, classes, gate)
         mask, removed = _apply_filter(mask, proba_np, arr, classes, rfilter)
     return Prediction(mask, proba_np, classes, gated, removed)
+
+
+def apply_automatic_settings(raw: Prediction, image: Any, model: ModelLike = None, *,
+                             normal_gate: Any = "auto", region_filter: Any = "auto"
+                             ) -> np.ndarray:
+    """Apply the normal-scan gate and the region filter to a raw automatic prediction.
+
+    ``predict(image, model, normal_gate=None, region_filter=None)`` followed by this gives
+    the mask ``predict(image, model, normal_gate=..., region_filter=...)`` gives, without a
+    second forward pass: a site calibration (:mod:`busseg.calibration`) tries other settings
+    on the same probabilities.
+
+    Parameters
+    ----------
+    raw : Prediction
+        From :func:`predict` with ``normal_gate=None`` and ``region_filter=None``, no prompts.
+    image : numpy.ndarray
+        The image it was predicted from.
+    model : torch.nn.Module or str or os.PathLike or None
+        The model (its stored gate and filter are the ``"auto"`` settings).
+    normal_gate, region_filter
+        As :func:`predict`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W) bool mask.
+
+    Raises
+    ------
+    ValueError
+        As :func:`predict` for a bad gate or filter.
+    """
+    model = _resolve_model(model)
+    cfg = _config(model)
+    gate = _resolve_gate(normal_gate, cfg)
+    rfilter = _resolve_filter(region_filter, cfg)
+    arr = _check_image(image)
+    mask, _ = _apply_gate(np.asarray(raw.mask, bool), torch.from_numpy(raw.proba),
+                          raw.class_proba, gate)
+    mask, _ = _apply_filter(mask, raw.proba, arr, raw.class_proba, rfilter)
+    return mask
 
 
 def _resolve_filter(region_filter: Any, cfg: Mapping[str, Any]):

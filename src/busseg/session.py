@@ -10,21 +10,37 @@ What the session owns:
   (BUSI, BUS-BRA- or BUS-UCLM-style image/mask folder pairs, plain folders of scans);
 - **the current case** (:attr:`AnnotationSession.current`), its automatic prediction (the
   *baseline*) and the mask the user has now;
-- **autosave**: moving to another case (:meth:`~AnnotationSession.goto`,
-  :meth:`~AnnotationSession.next`, :meth:`~AnnotationSession.previous`) or closing
-  (:meth:`~AnnotationSession.close`) saves the current mask to the corrections folder when it
-  differs from the baseline, atomically. A mask equal to the automatic prediction is not a
-  correction and is not saved;
-- **versions**: a case saved again keeps its earlier correction as
+- **recording what the annotator decided**: leaving a case (:meth:`~AnnotationSession.goto`,
+  :meth:`~AnnotationSession.next`, :meth:`~AnnotationSession.previous`,
+  :meth:`~AnnotationSession.close`, all with ``record=True``) records it in the corrections
+  folder, atomically, with a status (:mod:`busseg.manifest`): an unedited automatic prediction
+  is saved as it is, ``"accepted"`` (only when a prediction was made: a case opened and left
+  without a mask records nothing); an edited mask is ``"corrected"`` (or ``"brushed"`` when
+  :meth:`~AnnotationSession.set_mask` says the annotator drew it by hand); "no lesion" is
+  ``"normal"``. A stored case reopened and left unchanged is not written again. ``record=False``
+  (:meth:`~AnnotationSession.skip`) leaves a case without recording anything;
+- **the manifest**: ``<corrections>/manifest.csv`` has one row per recorded case (status,
+  class, source image, mask, regions, area, the checkpoint that predicted it, time, and a
+  ``seq`` giving the recording order; :class:`busseg.manifest.CaseManifest`), rewritten
+  atomically after the case's mask files. A folder without a manifest (written before
+  manifests existed) reads its masks as ``"corrected"`` rows, written into a manifest at the
+  first save; a row whose files are missing is reported in :attr:`AnnotationSession.problems`
+  and not trusted;
+- **versions**: a case saved again keeps its earlier mask as
   ``<corrections>/versions/<class>/<name>_mask.v<k>.png`` (k = 1, 2, ...; never overwritten);
-  the current one stays at ``<corrections>/<class>/<name>_mask.png`` (the BUSI layout of
-  :class:`busseg.corrections.CorrectionStore`, so fine-tuning and ``training/train.py`` read
-  the folder as a dataset and never see the versions);
-- **"no lesion"**: :meth:`~AnnotationSession.mark_no_lesion` records the case as a normal scan
-  (an empty mask in ``<corrections>/normal/``), an explicit correction that is always saved;
-- **progress**: :meth:`~AnnotationSession.progress` counts the cases with a stored correction,
-  read from the corrections folder, so a session opened later on the same folders shows every
-  case's status and :meth:`~AnnotationSession.first_uncorrected` says where to continue;
+  the current one stays at ``<corrections>/<class>/<name>_mask.png`` beside a copy of the
+  image, ``<name>.png`` (the BUSI layout of :class:`busseg.corrections.CorrectionStore`, so
+  fine-tuning and ``training/train.py`` read the folder as a dataset and never see the
+  versions);
+- **class folders**: a case goes to its record's class (``benign``, ``malignant``,
+  ``normal``); a scan of no known class goes to ``unknown``, or to ``normal`` when its mask is
+  empty (an empty accepted prediction is a normal answer too); "no lesion"
+  (:meth:`~AnnotationSession.mark_no_lesion`) always goes to ``normal``;
+- **progress**: :meth:`~AnnotationSession.progress` counts the recorded cases of any status,
+  read from the manifest, so a session opened later on the same folders shows every case's
+  status (:meth:`~AnnotationSession.status_of`) and :meth:`~AnnotationSession.first_unrecorded`
+  says where to continue; :meth:`~AnnotationSession.recorded` lists the decisions in the
+  order they were made (for hold-outs of the latest ones);
 - **prefetch**: :meth:`~AnnotationSession.prefetch_job` computes a case's automatic prediction
   ahead of time (the very call :meth:`~AnnotationSession.predict` makes), so opening that case
   next shows its mask at once; a few cases are kept, keyed by image, checkpoint and settings;
@@ -43,11 +59,13 @@ Example (headless)::
     from busseg.session import AnnotationSession
 
     s = AnnotationSession(["scans/"], "corrections/")
-    case = s.open(s.first_uncorrected() or 0)
+    case = s.open(s.first_unrecorded() or 0)
     pred = s.predict()            # automatic mask of the current case (the baseline)
     s.set_mask(edited_mask)       # what the annotator made of it
-    s.next()                      # autosaves (the mask differs from the prediction), opens the next
-    print(s.progress_text())      # "1 of 12 corrected"
+    s.next()                      # records it as "corrected", opens the next case
+    s.predict()
+    s.next()                      # left unedited: recorded as "accepted"
+    print(s.progress_text())      # "2 of 12 recorded"
 """
 
 from __future__ import annotations
@@ -67,13 +85,40 @@ import numpy as np
 
 from busseg.corrections import LABELS, CorrectionPaths, CorrectionStore
 from busseg.data.busi import BusiRecord
+from busseg.manifest import (
+    ACCEPTED,
+    BRUSHED,
+    CORRECTED,
+    CaseManifest,
+    ManifestRow,
+    check_files,
+    mask_stats,
+    now_iso,
+    spacing_of,
+    sweep_temporaries,
+)
 
 #: Default number of new corrections between two fine-tunes.
 DEFAULT_LEARN_EVERY = 10
+#: What learning as you go writes (:meth:`AnnotationSession.finetune_job`): a site checkpoint
+#: whose adapted network votes on the base's regions ("vote") or draws the automatic mask
+#: ("adapted"), or the fine-tuned network alone ("whole").
+SITE_MODES = ("vote", "adapted", "whole")
+DEFAULT_SITE_MODE = "vote"
+#: Site calibration (:mod:`busseg.calibration`) of the automatic masks from the answers.
+DEFAULT_CALIBRATE = True
+DEFAULT_CALIBRATE_EVERY = 5
+#: Learning as you go waits for ``LEARN_GROWTH`` x the answers of the previous fine-tune
+#: (at least ``learn_every``, at most ``LEARN_MAX_EVERY``) before the next one.
+LEARN_GROWTH = 0.5
+LEARN_MAX_EVERY = 40
 #: Folder (inside the corrections folder) of earlier versions of corrections.
 VERSIONS_DIRNAME = "versions"
-#: Class folder of scans marked "no lesion".
+#: Class folder of scans marked "no lesion", and their status in the manifest.
 NORMAL = "normal"
+#: Statuses :meth:`AnnotationSession.set_mask` accepts (the others have their own calls:
+#: :meth:`AnnotationSession.accept`, :meth:`AnnotationSession.mark_no_lesion`).
+MASK_STATUSES = (CORRECTED, BRUSHED)
 _VERSION_RE = re.compile(r"^(?P<name>.+)_mask\.v(?P<k>\d+)\.png$")
 #: Automatic predictions a session keeps for prefetched and recently seen cases (a few masks:
 #: memory stays flat over hundreds of cases).
@@ -116,6 +161,10 @@ class SaveResult:
         Where the earlier correction of this case was kept, None when there was none.
     no_lesion : bool
         Whether the case was recorded as a normal scan (empty mask).
+    status : str
+        The recorded status (:data:`busseg.manifest.STATUSES`).
+    row : ManifestRow or None
+        The case's manifest row as written.
     """
 
     name: str
@@ -123,6 +172,8 @@ class SaveResult:
     paths: CorrectionPaths
     version: Path | None = None
     no_lesion: bool = False
+    status: str = CORRECTED
+    row: ManifestRow | None = None
 
 
 @dataclass
@@ -181,13 +232,16 @@ class Case:
     name : str
         Its name in the corrections folder (the file stem; made unique within the session).
     correction : numpy.ndarray or None
-        (H, W) bool stored correction when the case was corrected before, else None.
+        (H, W) bool stored mask when the case was recorded before, else None.
+    status : str or None
+        The stored mask's status (:data:`busseg.manifest.STATUSES`), None when not recorded.
     """
 
     index: int
     record: BusiRecord
     name: str
     correction: np.ndarray | None = None
+    status: str | None = None
     _image: np.ndarray | None = field(default=None, repr=False)
     _ground_truth: Any = field(default=None, repr=False)
 
@@ -279,12 +333,23 @@ class AnnotationSession:
         ``~/.busseg/finetuned``).
     records : sequence of BusiRecord, optional
         Use these cases instead of discovering ``roots`` (e.g. a benchmark's stream).
+    calibrate : bool, optional
+        Site calibration (:mod:`busseg.calibration`): every ``calibrate_every`` answers, the
+        region filter's threshold and the normal-scan gate of the automatic masks are
+        re-chosen on the answers so far by their simulated annotation cost, and stored in
+        the corrections folder (``calibration.json``, for the checkpoint in use). None:
+        :data:`DEFAULT_CALIBRATE`.
+    calibrate_every : int
+        Answers between two calibrations (>= 1).
 
     Raises
     ------
     FileNotFoundError, ValueError
         As :func:`busseg.data.discover` for a root; ValueError when the corrections folder
         overlaps a root or ``learn_every < 1``.
+    busseg.manifest.ManifestError
+        (a ValueError) When the corrections folder's manifest is corrupt or records the
+        cases of another folder of scans (see :meth:`set_corrections`).
 
     Notes
     -----
@@ -306,6 +371,8 @@ class AnnotationSession:
         finetune_options: dict | None = None,
         models_dir: str | os.PathLike | None = None,
         records: Sequence[BusiRecord] | None = None,
+        calibrate: bool | None = None,
+        calibrate_every: int = DEFAULT_CALIBRATE_EVERY,
     ) -> None:
         if isinstance(roots, (str, os.PathLike)):
             roots = [roots]
@@ -328,8 +395,15 @@ class AnnotationSession:
         self.records: list[BusiRecord] = recs
         self.names: list[str] = case_names(recs)
         self._by_name = {n: i for i, n in enumerate(self.names)}
+        self._found_problems = list(self.problems)  # what discovery reported
         self.store: CorrectionStore | None = None
-        self._corrected: dict[str, str] = {}  # case name -> class folder of its correction
+        self._corrected: dict[str, str] = {}  # case name -> class folder of its stored mask
+        self._rows: dict[str, ManifestRow] = {}  # trusted rows of the folder, by case name
+        self._pending: list[ManifestRow] = []  # masks without a row: written at the next save
+        self._predicted = False  # an automatic prediction was made for the current case
+        self._predicted_by: str | None = None  # the checkpoint that made it
+        self._status_hint: str | None = None  # BRUSHED when set_mask said so
+        self._swept: Path | None = None  # the folder whose stale temporary files were removed
         if corrections is not None:
             self.set_corrections(corrections)
         self.checkpoint: Path | None = Path(checkpoint) if checkpoint is not None else None
@@ -339,7 +413,7 @@ class AnnotationSession:
         self.models_dir = Path(models_dir) if models_dir is not None else None
         self.status = ""
         self.history: list[FinetuneOutcome] = []
-        self.new_corrections = 0  # saves since the last fine-tune started
+        self.new_corrections = 0  # answers recorded since the last fine-tune started
         self.current: Case | None = None
         self.last_save: SaveResult | None = None
         self._baseline: str | None = None
@@ -356,6 +430,11 @@ class AnnotationSession:
         self._finetune_lock = threading.Lock()
         self._finetune_running = False
         self._stop = threading.Event()
+        from busseg.calibration import SiteCalibrator
+
+        calibrate = DEFAULT_CALIBRATE if calibrate is None else bool(calibrate)
+        self.calibrator = SiteCalibrator(calibrate_every) if calibrate else None
+        self._load_calibration()
 
     # ------------------------------------------------------------------ setup
 
@@ -380,7 +459,7 @@ class AnnotationSession:
         self._learn_every = value
 
     def set_corrections(self, path: str | os.PathLike) -> None:
-        """Use ``path`` as the corrections folder and read which cases it holds.
+        """Use ``path`` as the corrections folder and read which cases it records.
 
         Parameters
         ----------
@@ -391,28 +470,80 @@ class AnnotationSession:
         ------
         ValueError
             If it overlaps one of the roots, is a file or an empty path.
+        busseg.manifest.ManifestError
+            (a ValueError) If its ``manifest.csv`` is corrupt (unreadable, missing columns,
+            a bad status), or has rows none of which is a case of this session (it records
+            another folder of scans: choose another corrections folder). The session keeps
+            its previous corrections folder then.
         """
         store = CorrectionStore(path)
         for root in self.roots:
             CorrectionStore(path, dataset_root=root)  # raises on overlap
+        state = self._read_folder(store)  # raises ManifestError before anything changes
         self.store = store
-        self.refresh()
+        self._apply_folder_state(*state)
+        if getattr(self, "calibrator", None) is not None:
+            self._load_calibration()
+
+    @property
+    def manifest(self) -> CaseManifest | None:
+        """The corrections folder's manifest (:class:`busseg.manifest.CaseManifest`), or None."""
+        return None if self.store is None else CaseManifest(self.store.root)
 
     def refresh(self) -> None:
-        """Read again which cases have a stored correction (e.g. written by another program)."""
-        self._corrected = {}
-        if self.store is None or not self.store.root.is_dir():
+        """Read the corrections folder again (e.g. after another program wrote to it).
+
+        Raises
+        ------
+        busseg.manifest.ManifestError
+            If the manifest has become corrupt (see :meth:`set_corrections`); the statuses
+            read before stay.
+        """
+        if self.store is None:
+            self._apply_folder_state({}, [], [])
             return
-        wanted = set(self.names)
-        for label in LABELS:
-            folder = self.store.root / label
-            if not folder.is_dir():
-                continue
-            for entry in os.scandir(folder):
-                if entry.name.endswith("_mask.png"):
-                    name = entry.name[: -len("_mask.png")]
-                    if name in wanted and name not in self._corrected:
-                        self._corrected[name] = label
+        self._apply_folder_state(*self._read_folder(self.store))
+
+    def _read_folder(self, store: CorrectionStore
+                     ) -> tuple[dict[str, ManifestRow], list[ManifestRow], list[str]]:
+        """Trusted rows by name, rows to migrate (masks without a row) and problems."""
+        if not store.root.is_dir():
+            return {}, [], []
+        manifest = CaseManifest(store.root)
+        rows = manifest.read()
+        images = {n: str(r.image_path) for n, r in zip(self.names, self.records, strict=True)}
+        manifest.check_belongs(rows, self.names, images.values())
+        trusted, problems = check_files(store.root, rows)
+        by_name = {r.name: r for r in trusted}
+        pending = manifest.legacy_rows([r.name for r in rows], images=images, labels=LABELS)
+        masks = manifest.scan_masks(LABELS)
+        for r in pending:
+            by_name.setdefault(r.name, r)
+        migrated = {r.name for r in pending}
+        known = {r.name for r in rows}
+        for name, (label, mask) in masks.items():
+            if name not in known and name not in migrated:
+                problems.append(f"{mask} has no image copy ({label}/{name}.png) or cannot be "
+                                "read; it is not counted as recorded")
+        for row in trusted:  # a save cut short while moving a case to another class folder
+            for label in LABELS:
+                other = store.root / label / f"{row.name}_mask.png"
+                if label != row.label and other.is_file():
+                    problems.append(
+                        f"{other} is a stale copy of {row.name!r} (the manifest records it in "
+                        f"{row.label}/); delete it so fine-tuning does not read the case twice")
+        return by_name, pending, problems
+
+    def _report(self, problem: str) -> None:
+        if problem not in self.problems:
+            self.problems.append(problem)
+
+    def _apply_folder_state(self, rows: dict[str, ManifestRow], pending: list[ManifestRow],
+                            problems: list[str]) -> None:
+        self._rows = rows
+        self._pending = pending
+        self._corrected = {n: r.label for n, r in rows.items() if n in self._by_name}
+        self.problems = self._found_problems + problems
 
     # ------------------------------------------------------------------ status and progress
 
@@ -433,42 +564,69 @@ class AnnotationSession:
                 return i
         raise ValueError(f"{record.rel_path} is not a case of this session")
 
-    def name_of(self, record: BusiRecord | int) -> str:
-        """Name of a case in the corrections folder."""
-        i = record if isinstance(record, int) else self.index_of(record)
-        return self.names[i]
+    def name_of(self, record: BusiRecord | int | str) -> str:
+        """Name of a case in the corrections folder (a position, a record or a name)."""
+        if isinstance(record, (int, np.integer)):
+            return self.names[int(record)]
+        return self.names[self.index_of(record)]
 
     def is_corrected(self, record: BusiRecord | int) -> bool:
-        """Whether a correction of the case is stored in the corrections folder."""
+        """Whether the case is recorded (a stored mask of any status; see :meth:`status_of`)."""
         return self.name_of(record) in self._corrected
 
+    is_recorded = is_corrected
+
+    def status_of(self, record: BusiRecord | int | str) -> str | None:
+        """Return the recorded status of a case.
+
+        Parameters
+        ----------
+        record : BusiRecord, int or str
+            A record, a position in :attr:`records` or a case name.
+
+        Returns
+        -------
+        str or None
+            ``"accepted"``, ``"corrected"``, ``"normal"`` or ``"brushed"``
+            (:data:`busseg.manifest.STATUSES`); None when the case is not recorded (or its
+            row's files are missing: see :attr:`problems`).
+
+        Raises
+        ------
+        ValueError, IndexError
+            If the session has no such case.
+        """
+        name = self.name_of(record)
+        row = self._rows.get(name) if name in self._corrected else None
+        return None if row is None else row.status
+
     def correction_label(self, record: BusiRecord | int) -> str | None:
-        """Class folder of the case's stored correction (``"normal"`` after "no lesion") or None."""
+        """Class folder of the case's stored mask (``"normal"`` after "no lesion") or None."""
         return self._corrected.get(self.name_of(record))
 
     def correction_paths(self, record: BusiRecord | int) -> CorrectionPaths | None:
-        """Paths of the case's stored correction, or None when it has none."""
+        """Paths of the case's stored image copy and mask, or None when it is not recorded."""
         label = self.correction_label(record)
         if label is None or self.store is None:
             return None
         return self.store.path_for(self.name_of(record), label)
 
     def progress(self) -> tuple[int, int]:
-        """Return ``(corrected, total)``: cases with a stored correction, and all cases."""
+        """Return ``(recorded, total)``: cases recorded with any status, and all cases."""
         return len(self._corrected), len(self.records)
 
     def progress_text(self) -> str:
-        """``"n of N corrected"``."""
+        """``"n of N recorded"``."""
         n, total = self.progress()
-        return f"{n} of {total} corrected"
+        return f"{n} of {total} recorded"
 
-    def first_uncorrected(self, start: int = 0) -> int | None:
-        """Position of the first case from ``start`` on (wrapping around) without a correction.
+    def first_unrecorded(self, start: int = 0) -> int | None:
+        """Position of the first case from ``start`` on (wrapping around) not yet recorded.
 
         Returns
         -------
         int or None
-            None when every case is corrected.
+            None when every case is recorded (or the session has no case).
         """
         n = len(self.records)
         for k in range(n):
@@ -477,19 +635,101 @@ class AnnotationSession:
                 return i
         return None
 
+    first_uncorrected = first_unrecorded
+
     def resume(self) -> Case | None:
-        """Open the first case without a correction (where the user stopped), or None."""
-        i = self.first_uncorrected()
+        """Open the first case not yet recorded (where the user stopped), or None."""
+        i = self.first_unrecorded()
         return None if i is None else self.open(i)
+
+    def recorded(self, order: str = "time") -> list[ManifestRow]:
+        """List the recorded cases of the corrections folder, as manifest rows.
+
+        Every case the folder records is listed (also cases of other folders of scans that
+        share it: fine-tuning reads the whole folder), except rows whose files are missing
+        (those are in :attr:`problems`). Masks found without a row (a folder from before
+        manifests, a save cut short) are listed as ``"corrected"`` after the others, by their
+        files' modification time (``seq``, ``regions`` and ``area_px`` 0 until the next save
+        writes and measures them).
+
+        Parameters
+        ----------
+        order : {"time", "name"}
+            ``"time"``: the order the decisions were recorded in (``seq``: the latest last,
+            for leave-later-out hold-outs); ``"name"``: by case name.
+
+        Returns
+        -------
+        list of ManifestRow
+
+        Raises
+        ------
+        ValueError
+            If ``order`` is neither.
+        """
+        if order not in ("time", "name"):
+            raise ValueError(f"order must be 'time' or 'name', got {order!r}")
+        rows = list(self._rows.values())  # snapshots: a fine-tune thread may call this
+        if order == "name":
+            return sorted(rows, key=lambda r: r.name)
+        pending = {r.name: k for k, r in enumerate(list(self._pending))}
+        return sorted(rows, key=lambda r: (1, 0, pending.get(r.name, len(pending)))
+                      if r.seq == 0 else (0, r.seq, 0))
+
+    def recorded_pairs(self, order: str = "time"
+                       ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], list[str]]:
+        """Read the recorded cases as training pairs from the corrections folder's copies.
+
+        Parameters
+        ----------
+        order : {"time", "name"}
+            As in :meth:`recorded`.
+
+        Returns
+        -------
+        images : list of numpy.ndarray
+            (H, W) uint8 grey copies (``<corrections>/<class>/<name>.png``).
+        masks : list of numpy.ndarray
+            (H, W) bool masks (``<name>_mask.png``), each the size of its image; empty masks
+            (accepted empty predictions, "no lesion") included.
+        names : list of str
+            ``"<class>/<name>.png"`` (as :meth:`busseg.corrections.CorrectionStore.load_pairs`).
+        statuses : list of str
+            Each case's status. All four lists are in :meth:`recorded`'s order; a case whose
+            files cannot be read (gone, corrupt, sizes differ) is left out and reported in
+            :attr:`problems`.
+        """
+        from busseg.data.io import read_image, read_mask
+
+        images, masks, names, statuses = [], [], [], []
+        if self.store is None:
+            return images, masks, names, statuses
+        for row in self.recorded(order):
+            try:
+                image = read_image(row.image_copy_path(self.store.root))
+                mask = read_mask(row.mask_path(self.store.root))
+            except (OSError, ValueError) as exc:
+                self._report(f"recorded case {row.name!r} left out: {exc}")
+                continue
+            if mask.shape != image.shape[:2]:
+                self._report(
+                    f"recorded case {row.name!r} left out: its mask is {mask.shape} but its "
+                    f"image copy is {image.shape[:2]}; record the case again")
+                continue
+            images.append(image)
+            masks.append(mask)
+            names.append(row.image_copy)
+            statuses.append(row.status)
+        return images, masks, names, statuses
 
     # ------------------------------------------------------------------ the current case
 
     def open(self, index: int) -> Case:
-        """Make case ``index`` the current case **without** saving the previous one.
+        """Make case ``index`` the current case **without** recording the previous one.
 
-        Use :meth:`goto` to move with autosave. A stored correction is loaded as
-        :attr:`Case.correction` and becomes the baseline (saving it again unchanged writes
-        nothing).
+        Use :meth:`goto` to move and record. A stored mask is loaded as
+        :attr:`Case.correction` (its status as :attr:`Case.status`) and becomes the baseline
+        (leaving it unchanged writes nothing).
 
         Parameters
         ----------
@@ -519,15 +759,22 @@ class AnnotationSession:
                 correction = read_mask(paths.mask)
             except (OSError, ValueError):
                 correction = None
-        self.current = Case(index, self.records[index], name, correction)
+        self.current = Case(index, self.records[index], name, correction,
+                            self.status_of(index))
         self._mask = None
         self._edited = None
         self._no_lesion = False
+        self._predicted = False
+        self._predicted_by = None
+        self._status_hint = None
         self._baseline = mask_fingerprint(correction) if correction is not None else None
         return self.current
 
     def set_prediction(self, mask: Any) -> None:
         """Record the automatic prediction of the current case (the baseline of "edited").
+
+        Leaving the case with this mask unedited records it as ``"accepted"``; the manifest
+        names :attr:`checkpoint` (as it is now) as the model that predicted it.
 
         Parameters
         ----------
@@ -539,6 +786,9 @@ class AnnotationSession:
         self._mask = np.asarray(mask)
         self._edited = None
         self._no_lesion = False
+        self._predicted = True
+        self._predicted_by = _checkpoint_text(self.checkpoint)
+        self._status_hint = None
 
     def predict(self, **kwargs: Any) -> np.ndarray:
         """Predict the current case with :attr:`checkpoint` and record it as the baseline.
@@ -558,9 +808,11 @@ class AnnotationSession:
             (H, W) bool automatic mask (a copy: the cached one is read-only).
         """
         case = self._require_case()
-        mask = self._automatic_mask(case.index, self.checkpoint, kwargs, image=case.image)
+        checkpoint = self.checkpoint
+        mask = self._automatic_mask(case.index, checkpoint, kwargs, image=case.image)
         mask = mask.copy()
         self.set_prediction(mask)
+        self._predicted_by = _checkpoint_text(checkpoint)
         return mask
 
     # ------------------------------------------------------------------ prefetch
@@ -598,6 +850,8 @@ class AnnotationSession:
         settings = tuple(sorted((k, str(v) if isinstance(v, os.PathLike) else v)
                                 for k, v in kwargs.items()))
         key = ((str(path), st.st_mtime_ns, st.st_size), ck, settings)
+        if self.calibrator is not None:  # a new calibration predicts again
+            key += (self.calibrator.settings_key(),)
         try:
             hash(key)
         except TypeError:
@@ -739,7 +993,12 @@ class AnnotationSession:
 
             kw = dict(kwargs)
             device = kw.pop("device", "auto")
-            mask = predict_mask(image, load_model(checkpoint, device=device), **kw)
+            model = load_model(checkpoint, device=device)
+            if self.calibrator is not None:
+                mask = self.calibrator.predict(index, image, model,
+                                               _checkpoint_text(checkpoint), **kw)
+            else:
+                mask = predict_mask(image, model, **kw)
         mask = np.asarray(mask, dtype=bool)
         mask.setflags(write=False)
         if key is not None:
@@ -764,7 +1023,8 @@ class AnnotationSession:
             while len(self._predictions) > max(int(self.prefetch_limit), 1):
                 self._predictions.popitem(last=False)
 
-    def set_mask(self, mask: Any, *, edited: bool | None = None) -> None:
+    def set_mask(self, mask: Any, *, edited: bool | None = None,
+                 status: str | None = None) -> None:
         """Set the current case's mask as the user has it now.
 
         Parameters
@@ -773,32 +1033,58 @@ class AnnotationSession:
             (H, W) mask, > 0 = lesion (a Labels layer's data is fine; it is not copied).
         edited : bool, optional
             Whether the user changed it. By default: it differs from the baseline (the
-            automatic prediction or the stored correction), or, without a baseline, it has
-            a lesion pixel.
+            automatic prediction or the stored mask), or, without a baseline, it has a lesion
+            pixel.
+        status : {None, "corrected", "brushed"}
+            How an edited mask is recorded: None or ``"corrected"`` (edited, with prompts or
+            otherwise), ``"brushed"`` (drawn by hand). An unedited prediction is recorded as
+            ``"accepted"`` whatever this says.
+
+        Raises
+        ------
+        RuntimeError
+            If no case is open.
+        ValueError
+            If ``status`` is another value (use :meth:`accept` for ``"accepted"`` and
+            :meth:`mark_no_lesion` for ``"normal"``).
         """
+        if status is not None and status not in MASK_STATUSES:
+            raise ValueError(
+                f"status {status!r} cannot be given with a mask; pass 'corrected' or "
+                "'brushed' (use accept() to accept the prediction, mark_no_lesion() for "
+                "'no lesion')")
         self._require_case()
         self._mask = np.asarray(mask)
         self._edited = edited
         self._no_lesion = False
+        self._status_hint = status
 
     def mark_no_lesion(self, *, save: bool = True) -> SaveResult | None:
         """Record the current case as a normal scan: an empty mask in the ``normal`` folder.
 
+        Its status is ``"normal"``.
+
         Parameters
         ----------
         save : bool
-            Save it now (default); otherwise it is saved when moving on.
+            Save it now (default); otherwise it is recorded when moving on.
 
         Returns
         -------
         SaveResult or None
-            What was written (None with ``save=False`` or without a corrections folder).
+            What was written (None with ``save=False``, or when it was recorded so already).
+
+        Raises
+        ------
+        RuntimeError
+            If no case is open, or (with ``save``) no corrections folder is set.
         """
         case = self._require_case()
         shape = self._mask.shape if self._mask is not None else case.image.shape[:2]
         self._mask = np.zeros(shape, np.uint8)
         self._edited = True
         self._no_lesion = True
+        self._status_hint = None
         return self.save() if save else None
 
     @property
@@ -819,16 +1105,98 @@ class AnnotationSession:
             return bool(np.any(self._mask))
         return mask_fingerprint(self._mask) != self._baseline
 
-    def save(self, *, force: bool = False) -> SaveResult | None:
-        """Save the current mask as the case's correction when it is edited (or ``force``).
+    def decision(self) -> str | None:
+        """Say what leaving the current case now would record it as.
 
-        An earlier correction of the case is kept under ``versions/`` first. Both files are
-        written atomically (image first, mask last).
+        Returns
+        -------
+        str or None
+            ``"normal"`` after :meth:`mark_no_lesion`; ``"corrected"`` (or ``"brushed"``,
+            see :meth:`set_mask`) for an edited mask; ``"accepted"`` for an unedited
+            automatic prediction (:meth:`set_prediction`, :meth:`predict`); None when there
+            is nothing to record (no case, no mask, or an unedited stored mask). A decision
+            equal to the stored one (same status, class and lesion pixels) is not written
+            again (:meth:`record` returns None).
+        """
+        if self.current is None or self._mask is None:
+            return None
+        if self._no_lesion:
+            return NORMAL
+        if self.is_edited():
+            return self._status_hint or CORRECTED
+        if self._predicted:
+            return ACCEPTED
+        return None
+
+    def record(self) -> SaveResult | None:
+        """Record the current case as what the annotator decided (:meth:`decision`).
+
+        What leaving a case with ``record=True`` does (:meth:`goto`, :meth:`next`,
+        :meth:`previous`, :meth:`close`). An earlier mask of the case is kept under
+        ``versions/``; the image copy and the mask are written atomically (image first,
+        mask last), then the manifest row.
+
+        Returns
+        -------
+        SaveResult or None
+            None when there is nothing to record, or the stored decision is the same.
+
+        Raises
+        ------
+        RuntimeError
+            If there is something to record and no corrections folder is set.
+        ValueError, OSError
+            If the mask does not fit the image, or a file cannot be written.
+        busseg.manifest.ManifestError
+            If the manifest on disk became corrupt meanwhile (the mask files are written).
+        """
+        status = self.decision()
+        if status is None or self._unchanged(status):
+            return None
+        return self._write(status)
+
+    def accept(self) -> SaveResult | None:
+        """Record the current automatic prediction as ``"accepted"`` now.
+
+        Returns
+        -------
+        SaveResult or None
+            None when it was recorded as accepted already.
+
+        Raises
+        ------
+        RuntimeError
+            If no case is open, no prediction was made (call :meth:`predict` or
+            :meth:`set_prediction` first) or no corrections folder is set.
+        ValueError
+            If the mask was edited or marked "no lesion" since the prediction (leave the
+            case, or :meth:`save`, to record the edit; or set the prediction again).
+        """
+        self._require_case()
+        if not self._predicted or self._mask is None:
+            raise RuntimeError("no automatic prediction to accept; call predict() or "
+                               "set_prediction() first")
+        if self._no_lesion or self.is_edited():
+            raise ValueError(
+                "the mask was edited since the prediction, so it is not the prediction to "
+                "accept; leave the case or call save() to record the edit, or "
+                "set_prediction() again to accept the prediction")
+        if self._unchanged(ACCEPTED):
+            return None
+        return self._write(ACCEPTED)
+
+    def save(self, *, force: bool = False) -> SaveResult | None:
+        """Save the current mask when it is edited (or ``force``), with its status.
+
+        An earlier mask of the case is kept under ``versions/`` first. Both files are
+        written atomically (image first, mask last), then the manifest row. Leaving a case
+        (:meth:`record`) also records an unedited prediction (``"accepted"``); this does not.
 
         Parameters
         ----------
         force : bool
-            Save even an unedited mask (an explicit "Save": the user accepts it as correct).
+            Save even an unedited mask (an explicit "Save": an unedited prediction is
+            recorded as ``"accepted"``, a reopened stored mask again with its status).
 
         Returns
         -------
@@ -841,39 +1209,89 @@ class AnnotationSession:
             If no corrections folder is set.
         ValueError, OSError
             If the mask does not fit the image, or a file cannot be written.
+        busseg.manifest.ManifestError
+            If the manifest on disk became corrupt meanwhile (the mask files are written).
         """
         case = self.current
         if case is None or self._mask is None:
             return None
         if not (force or self.is_edited()):
             return None
-        if self.store is None:
+        return self._write(self.decision() or case.status or CORRECTED)
+
+    def _label_for(self, case: Case, mask: np.ndarray, status: str) -> str:
+        """Class folder of a recorded mask (see the module docstring: class folders)."""
+        if status == NORMAL:
+            return NORMAL
+        label = case.record.label
+        if label in LABELS and label != "unknown":
+            return label
+        return "unknown" if np.any(mask > 0) else NORMAL
+
+    def _unchanged(self, status: str) -> bool:
+        """Whether ``status`` with the current mask is what the case has stored already.
+
+        The same pixels in the same class folder with the same status, or "edited" back to
+        the stored pixels (an edit that restores them decides nothing new).
+        """
+        case = self.current
+        if case is None or case.correction is None or case.status is None:
+            return False
+        if status != case.status and status not in MASK_STATUSES:
+            return False
+        mask = np.asarray(self._mask)
+        return (self._corrected.get(case.name) == self._label_for(case, mask, status)
+                and mask_fingerprint(mask) == mask_fingerprint(case.correction))
+
+    def _write(self, status: str) -> SaveResult:
+        """Write the current mask with ``status``: version, image copy, mask, manifest row."""
+        case = self._require_case()
+        if self.store is None or self.manifest is None:
             raise RuntimeError("choose a corrections folder before saving")
-        label = NORMAL if self._no_lesion else case.record.label
-        if label not in LABELS:
-            label = "unknown"
-        name = case.name
         mask = np.asarray(self._mask)
         if mask.ndim != 2:
             raise ValueError(f"a correction must be a 2D (H, W) mask, got shape {mask.shape}")
+        label = self._label_for(case, mask, status)
+        name = case.name
         old_label = self._corrected.get(name)
-        version = None
-        if old_label is not None:
-            version = self._keep_version(name, old_label)
+        version = self._keep_version(name, old_label) if old_label is not None else None
+        if old_label != label:  # a mask not in the manifest where this one goes: keep it too
+            self._keep_version(name, label)
         paths = self.store.save(name, label, case.image, mask, overwrite=True)
+        regions, area, mm2 = mask_stats(mask, spacing_of(case.record.image_path))
+        old = self._rows.get(name)
+        predicted_by = self._predicted_by or (old.checkpoint if old is not None else "")
+        row = ManifestRow(name, status, label, str(case.record.image_path),
+                          f"{label}/{name}_mask.png", regions, area, mm2, predicted_by,
+                          now_iso())
+        migrating = bool(self._pending)
+        manifest = self.manifest
+        row = manifest.record(row, pending=self._pending)
+        if self._swept != self.store.root:  # once per folder: what killed saves left
+            self._swept = self.store.root
+            sweep_temporaries(self.store.root)
+        if migrating:  # the masks without a row were written with this one: take their seq
+            self._pending = []
+            written = {r.name: r for r in manifest.read()}
+            for n, r in list(self._rows.items()):
+                if r.seq == 0 and n in written:
+                    self._rows[n] = written[n]
         if old_label is not None and old_label != label:
-            old = self.store.path_for(name, old_label)
-            for p in (old.mask, old.image):  # the class changed: one current correction only
+            stale = self.store.path_for(name, old_label)
+            for p in (stale.mask, stale.image):  # the class changed: one current mask only
                 try:
                     p.unlink()
                 except FileNotFoundError:
                     pass
+        self._rows[name] = row
         self._corrected[name] = label
+        self._observe_answer(case, mask)
         self._baseline = mask_fingerprint(mask)
         self._edited = None
         case.correction = mask > 0
+        case.status = status
         self.new_corrections += 1
-        return SaveResult(name, label, paths, version, self._no_lesion)
+        return SaveResult(name, label, paths, version, status == NORMAL, status, row)
 
     def _version_entries(self, name: str) -> list[tuple[int, Path]]:
         out = []
@@ -915,37 +1333,95 @@ class AnnotationSession:
             return []
         return [p for _, p in self._version_entries(self.name_of(record))]
 
-    def goto(self, index: int) -> Case:
-        """Save the current case if edited (autosave), then open case ``index``.
+    def goto(self, index: int, *, record: bool = True) -> Case:
+        """Leave the current case, then open case ``index``.
+
+        Parameters
+        ----------
+        index : int
+            Position in :attr:`records` (negative counts from the end).
+        record : bool
+            Record the case being left as what the annotator decided (:meth:`record`:
+            accepted, corrected, brushed or normal; nothing when there is nothing new).
+            False leaves it without writing anything.
 
         Returns
         -------
         Case
-            The newly opened case. The save's result is :attr:`last_save`.
+            The newly opened case. What was written is :attr:`last_save` (None: nothing).
+
+        Raises
+        ------
+        IndexError
+            If there is no such case (checked before anything is recorded).
+        RuntimeError, ValueError, OSError, busseg.manifest.ManifestError
+            As :meth:`record`; the current case then stays open.
         """
-        self.last_save = self.save() if self.current is not None else None
+        n = len(self.records)
+        if not -n <= index < n:
+            raise IndexError(f"case {index} out of range: the session has {n} cases")
+        self.last_save = self.record() if record and self.current is not None else None
         return self.open(index)
 
-    def next(self) -> Case | None:
-        """Autosave and open the next case; None (nothing saved) at the last case."""
+    def next(self, *, record: bool = True) -> Case | None:
+        """Leave the current case (recording it, see :meth:`goto`) and open the next one.
+
+        Returns
+        -------
+        Case or None
+            The next case; None at the last case, which stays open (and is recorded with
+            ``record=True``, so a folder worked to the end is recorded to the end).
+        """
         if self.current is None:
-            return self.goto(0) if self.records else None
+            return self.goto(0, record=record) if self.records else None
         if self.current.index + 1 >= len(self.records):
+            self.last_save = self.record() if record else None
             return None
-        return self.goto(self.current.index + 1)
+        return self.goto(self.current.index + 1, record=record)
 
-    def previous(self) -> Case | None:
-        """Autosave and open the previous case; None (nothing saved) at the first case."""
-        if self.current is None or self.current.index == 0:
+    def previous(self, *, record: bool = True) -> Case | None:
+        """Leave the current case (recording it, see :meth:`goto`) and open the previous one.
+
+        Returns
+        -------
+        Case or None
+            The previous case; None at the first case, which stays open (and is recorded
+            with ``record=True``).
+        """
+        if self.current is None:
             return None
-        return self.goto(self.current.index - 1)
+        if self.current.index == 0:
+            self.last_save = self.record() if record else None
+            return None
+        return self.goto(self.current.index - 1, record=record)
 
-    def close(self) -> SaveResult | None:
-        """Save the current case if edited and close it (e.g. when the viewer closes)."""
-        result = self.save() if self.current is not None else None
+    def skip(self) -> Case | None:
+        """Leave the current case without recording it and open the next one.
+
+        ``next(record=False)``: nothing is written for the case left.
+        """
+        return self.next(record=False)
+
+    def close(self, *, record: bool = True) -> SaveResult | None:
+        """Leave the current case and close it (e.g. when the viewer closes).
+
+        Parameters
+        ----------
+        record : bool
+            Record it first, as leaving with :meth:`goto` does.
+
+        Returns
+        -------
+        SaveResult or None
+            What was written (None: nothing).
+        """
+        result = self.record() if record and self.current is not None else None
         self.current = None
         self._mask = None
         self._baseline = None
+        self._predicted = False
+        self._predicted_by = None
+        self._status_hint = None
         return result
 
     def _require_case(self) -> Case:
@@ -960,35 +1436,103 @@ class AnnotationSession:
         """Whether a fine-tune job is running."""
         return self._finetune_running
 
+    # ------------------------------------------------------------------ site calibration
+
+    def _load_calibration(self) -> None:
+        """Read the corrections folder's calibration for the checkpoint in use, if any."""
+        from busseg.calibration import CalibrationError
+
+        if self.calibrator is None or self.store is None:
+            return
+        try:
+            self.calibrator.load(self.store.root, _checkpoint_text(self.checkpoint))
+        except CalibrationError as exc:
+            self.problems.append(f"site calibration not used: {exc}")
+
+    def _observe_answer(self, case: Case, mask: np.ndarray) -> None:
+        """Give an answer to the site calibration; refit, store and re-predict when due."""
+        if self.calibrator is None or self.store is None:
+            return
+        from busseg.inference import load_model
+
+        ck = _checkpoint_text(self.checkpoint)
+        try:
+            model = load_model(self.checkpoint)
+            refitted = self.calibrator.observe(case.index, case.image, mask, ck, model)
+        except (OSError, ValueError) as exc:  # a checkpoint that cannot load: no calibration
+            self.problems.append(f"site calibration skipped for {case.name}: {exc}")
+            return
+        if refitted:  # cached masks of the previous settings no longer match a key; the
+            # calibrator re-applies the new settings to its raw predictions without the model
+            self.calibrator.save(self.store.root)
+
+    def calibration_text(self) -> str:
+        """Describe the site calibration in one line ("" when off or before the first one).
+
+        E.g. ``"site calibration: 14 answers, false regions 9 -> 3 on them, interactions
+        12 -> 6"``: the region filter's threshold and the normal-scan gate re-chosen on the
+        answers so far by their simulated annotation cost (:mod:`busseg.calibration`).
+        """
+        return "" if self.calibrator is None else self.calibrator.text()
+
+    def learn_interval(self) -> int:
+        """Return how many new answers the next fine-tune waits for.
+
+        :attr:`learn_every` for the first fine-tunes, then half the answers the previous
+        fine-tune was trained on, at most :data:`LEARN_MAX_EVERY`: with the defaults
+        fine-tunes start after 10, 20, 30, 45, 67, 100, 140 ... answers, so the first 20
+        scans already benefit and a long session does not spend its compute on retraining
+        after every few scans once many answers are in.
+
+        Returns
+        -------
+        int
+            >= :attr:`learn_every`.
+        """
+        grown = int(getattr(self, "_answers_at_finetune", 0) * LEARN_GROWTH)
+        return max(self.learn_every, min(LEARN_MAX_EVERY, grown))
+
     def finetune_due(self) -> bool:
         """Whether learning as you go should start a fine-tune now.
 
         True when learning is on, no fine-tune is running, a corrections folder is set and
-        at least :attr:`learn_every` corrections were saved since the last fine-tune started.
+        at least :meth:`learn_interval` answers were recorded since the last fine-tune
+        started.
         """
         return (self.learn and not self._finetune_running and self.store is not None
-                and self.new_corrections >= self.learn_every)
+                and self.new_corrections >= self.learn_interval())
 
     def stop_finetune(self) -> None:
         """Ask a running fine-tune to stop after the current step (its best weights count)."""
         self._stop.set()
 
     def finetune_job(self) -> Generator[Any, None, FinetuneOutcome]:
-        """Fine-tune the current checkpoint on every stored correction; adopt it if it costs less.
+        """Fine-tune on every recorded answer; adopt the result only if it costs less to annotate.
 
         A generator (run it in a worker thread, or drain it): it yields the progress events of
         :func:`busseg.finetune.finetune_iter` and returns a :class:`FinetuneOutcome`. The
-        corrections (normal scans with empty masks included) are read when it starts; the
-        new-correction counter restarts then. The held-out pairs are drawn from lesion and
-        normal corrections alike (at least one with a lesion when two or more have one).
-        Adoption (issue 17): the simulated annotator (:mod:`busseg.annotator`: accept, clear,
-        box then clicks, as the annotation-session benchmark counts) annotates the held-out
-        pairs with the current and with the new checkpoint, same box jitter; when the new
-        one's interactions per held-out scan are not higher, :attr:`checkpoint` switches to
-        it, whatever the Dice says. Without a held-out lesion it is not adopted (a model that
-        learned to predict nothing would cost nothing on normal scans alone). :attr:`status`
-        (interactions and held-out Dice, before -> after) and :attr:`history` record the
-        outcome.
+        recorded cases (accepted, corrected, brushed and normal answers, empty masks
+        included) are read in the order they were recorded when it starts; the new-answer
+        counter restarts then.
+
+        - **Held out: the latest answers** (leave-later-out, :func:`busseg.finetune.later_split`),
+          so the fine-tune is judged on the scans that came after the ones it learned from,
+          as the annotator will use it.
+        - **A site checkpoint** (:mod:`busseg.site`; ``finetune_options["site"]``, default
+          :data:`DEFAULT_SITE_MODE`): the network the session started from (never an earlier
+          fine-tune: adapting twice never stacks) is fine-tuned on all answers, and the new
+          folder keeps both networks: ``"vote"`` lets the adapted network decide which
+          regions of the base's automatic mask stay; ``"adapted"`` lets it draw the automatic
+          mask. Box and click prompts come from whichever network costs fewer interactions on
+          the held-out lesion answers (:func:`busseg.finetune.prompt_costs`; ties: the base).
+          ``"whole"`` keeps the fine-tuned network alone for everything (fine-tuned from the
+          current checkpoint, as before site checkpoints existed).
+        - **Adoption**: the simulated annotator (:mod:`busseg.annotator`: accept, clear, box
+          then clicks) annotates the held-out answers with the current and with the new
+          checkpoint, same box jitter; the new one is adopted when its interactions per
+          held-out scan are not higher, whatever the Dice says. Without a held-out lesion it
+          is not adopted (a model that learned to predict nothing would cost nothing on
+          normal scans alone). :attr:`status` and :attr:`history` record the outcome.
 
         Yields
         ------
@@ -1003,7 +1547,8 @@ class AnnotationSession:
         RuntimeError
             If another fine-tune is running or no corrections folder is set.
         ValueError
-            If fewer than two corrections are stored (one to train on, one to hold out).
+            If fewer than two answers are recorded (one to train on, one to hold out), or
+            ``finetune_options["site"]`` is unknown.
         """
         with self._finetune_lock:
             if self._finetune_running:
@@ -1014,24 +1559,43 @@ class AnnotationSession:
         self._stop.clear()
         self.new_corrections = 0
         t0 = time.perf_counter()
-        base = self.checkpoint
+        current = self.checkpoint
         try:
-            from busseg.finetune import default_output_dir, finetune_config, finetune_iter
+            from busseg.finetune import (
+                SITE_RECIPE,
+                default_output_dir,
+                finetune_config,
+                finetune_iter,
+                later_split,
+            )
+            from busseg.site import drawing_base
 
-            images, masks, names = self.store.load_pairs()
+            images, masks, names, _ = self.recorded_pairs()
+            self._answers_at_finetune = len(images)
             if len(images) < 2:
                 raise ValueError(
-                    f"learning as you go needs at least 2 corrections (one held out), "
-                    f"{len(images)} stored")
+                    f"learning as you go needs at least 2 recorded answers (one held out), "
+                    f"{len(images)} recorded")
             opts = dict(self.finetune_options)
+            site = opts.pop("site", DEFAULT_SITE_MODE)
+            if site not in SITE_MODES:
+                raise ValueError(f"finetune_options['site'] must be one of {SITE_MODES}, "
+                                 f"got {site!r}")
+            if site != "whole":
+                opts.setdefault("recipe", SITE_RECIPE)
             cfg = opts.pop("cfg", None)
             if isinstance(cfg, dict):
-                cfg = finetune_config(**cfg)
+                cfg = finetune_config(**{"recipe": opts.get("recipe"), **cfg})
             out = opts.pop("out_dir", None) or default_output_dir(self.models_dir)
-            self.status = f"Fine-tuning on {len(images)} corrections …"
-            result = yield from finetune_iter(images, masks, base, cfg=cfg, out_dir=out,
+            if "val_indices" not in opts and "val_fraction" not in opts:
+                _, opts["val_indices"] = later_split([bool(np.any(m)) for m in masks])
+            start = current if site == "whole" else drawing_base(current)
+            self.status = f"Fine-tuning on {len(images)} recorded answers …"
+            result = yield from finetune_iter(images, masks, start, cfg=cfg, out_dir=out,
                                               names=names, stop=self._stop, **opts)
-            outcome = self._adoption(result, images, masks, base, t0)
+            if site != "whole" and result.checkpoint is not None:
+                self._make_site(result, images, masks, start, site)
+            outcome = self._adoption(result, images, masks, current, t0)
             self.status = outcome.message
             self.history.append(outcome)
             return outcome
@@ -1040,6 +1604,26 @@ class AnnotationSession:
             raise
         finally:
             self._finetune_running = False
+
+    def _make_site(self, result: Any, images: Sequence[np.ndarray],
+                   masks: Sequence[np.ndarray], start: Path | None, site: str) -> None:
+        """Make a fine-tune's checkpoint a site checkpoint, prompts from the cheaper network."""
+        from busseg.finetune import prompt_costs, prompts_from_adapted
+        from busseg.inference import accepts_prompts, load_model
+        from busseg.site import make_site_checkpoint
+
+        val = list(result.extra.get("val_indices") or [])
+        costs = {"base": float("nan"), "adapted": float("nan")}
+        if accepts_prompts(load_model(start)):  # else prompts never reach the model
+            self.status = "Choosing the network that answers prompts …"
+            costs = prompt_costs(images, masks, val,
+                                 {"base": start, "adapted": result.checkpoint})
+        adapted_ok = prompts_from_adapted(costs, images, masks, val)
+        make_site_checkpoint(result.checkpoint, start, automatic=site,
+                             prompts="adapted" if adapted_ok else "base",
+                             info={"prompt_costs": {k: (float(v) if np.isfinite(v) else None)
+                                                    for k, v in costs.items()},
+                                   "heldout": "latest answers"})
 
     def _adoption(self, result: Any, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                   base: Path | None, t0: float) -> FinetuneOutcome:
@@ -1139,6 +1723,11 @@ def _checkpoint_identity(checkpoint: str | os.PathLike | None) -> tuple:
     p = p.resolve()
     stats = [os.stat(p / n) for n in names]
     return (str(p), tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in stats))
+
+
+def _checkpoint_text(checkpoint: str | os.PathLike | None) -> str:
+    """Name a checkpoint as the manifest does: its path, or ``"default"`` (the shipped one)."""
+    return "default" if checkpoint is None else str(checkpoint)
 
 
 def glob_escape(text: str) -> str:
