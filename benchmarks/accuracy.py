@@ -29,12 +29,13 @@ caliper marks (``INFO.csv`` ``Marks`` = No: the sonographer's crosses burnt into
 can teach "crosses = lesion"), the FP rate on normal scans (share with any predicted pixel)
 and the AUC of lesion vs normal; scans of those patients that cannot be scored (e.g. an
 image smaller than its mask) are listed with the reason, never dropped silently. A summary
-table at the top compares the headline numbers with the targets of issue 13.
-The region filter (issue 18; ``inference.region_filter``, :mod:`busseg.region_filter`) is
+table at the top compares the headline numbers with their targets (:data:`TARGETS`).
+The region filter (``inference.region_filter``, :mod:`busseg.region_filter`) is
 applied by default after the gate; the same forward pass gives the masks with the filter off
 (gate on) and with gate and filter off, so a section reports per dataset (BUSI test, BUS-UCLM
 test patients, BUS-BRA fold 1) the normal scans with a false region and the lesion Dice with
-the filter on and off, and the lesion masks the filter empties, against issue 18's targets.
+the filter on and off, and the lesion masks the filter empties, against its targets
+(:data:`FILTER_TARGETS`).
 A second table places published U-Net-family figures on BUSI beside ours, with each
 source's protocol. Writes ``accuracy.md``, ``accuracy.json`` (with every per-image row) and
 ``accuracy.png`` into ``--out``.
@@ -505,7 +506,7 @@ def head_markdown(busi_gate, busi_head, busbra_gate, busbra_head, stored_gate,
 
 # --------------------------------------------------------------------------- BUS-UCLM
 
-#: Issue 13's targets on the headline numbers: (key, description, ">=" or "<=", limit).
+#: Targets on the headline numbers: (key, description, ">=" or "<=", limit).
 TARGETS: list[tuple[str, str, str, float]] = [
     ("busi_lesion_dice", "BUSI test lesion Dice", ">=", 0.72),
     ("busi_fp_normal", "BUSI test normal scans with any predicted lesion", "<=", 0.15),
@@ -519,7 +520,7 @@ TARGETS: list[tuple[str, str, str, float]] = [
 ]
 
 
-#: Issue 18's targets for the region filter: ((dataset, "fp" | "emptied"), title, op, limit).
+#: Targets for the region filter: ((dataset, "fp" | "emptied"), title, op, limit).
 FILTER_TARGETS = [
     (("BUS-UCLM test", "fp"), "BUS-UCLM test normal scans with a false region", "<=", 0.25),
     (("BUSI test", "fp"), "BUSI test normal scans with a false region", "<=", 0.35),
@@ -754,7 +755,7 @@ def filter_results(rows: Sequence[dict], n_boot: int) -> dict | None:
 
 
 def filter_markdown(results: dict, spec: dict | None) -> str:
-    """Markdown section: the region filter on vs off per dataset, against issue 18's targets."""
+    """Markdown section: the region filter on vs off per dataset, against FILTER_TARGETS."""
     from busseg.region_filter import describe_filter
 
     lines = ["## Region filter on vs off (issue 18)", "",
@@ -835,7 +836,7 @@ def headline(busi_summary: dict | None, busi_head: dict | None, busbra_summary: 
 
 
 def targets_markdown(values: dict) -> str:
-    """Headline numbers against issue 13's targets (default settings)."""
+    """Headline numbers against TARGETS (default settings)."""
     lines = ["## Summary against the targets of issue 13 (default settings)", "",
              "| | measured | target | met |", "|---|---:|---:|---|"]
     for key, title, op, limit in TARGETS:
@@ -921,36 +922,109 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Run the benchmark; return the JSON payload (also written to ``--out``)."""
-    args = parse_args(argv)
-    threads = C.set_threads(args.threads)
-    ckpt = C.resolve_checkpoint(args.checkpoint)
-    busi_root = C.require_dir(args.busi, "BUSI", "--busi")
-    split_csv = Path(args.split)
-    if not split_csv.is_file():
-        raise SystemExit(f"split file {split_csv} not found; pass --split")
+def _run_busbra(args, predict, threshold: float, head: bool, stored_gate):
+    """Score BUS-BRA fold 1 (zero-shot) unless --no-busbra.
 
-    from busseg.inference import has_class_head, load_model
-    from busseg.inference import predict as busseg_predict
+    Returns ``(rows, summary, root, gate, class_head, devices)``: per-image rows, the summary
+    by scanner and pathology, the folder, the gate and class-head results, the scanners.
+    """
     from busseg.metrics import summarize
 
-    t_start = time.perf_counter()
-    model = load_model(ckpt, device=args.device)
-    device = next(model.parameters()).device
-    tta = None if args.tta == "auto" else args.tta == "on"
-    n_params = sum(p.numel() for p in model.parameters())
+    busbra_rows: list[dict] = []
+    busbra_summary = busbra_path = busbra_gate = busbra_head = None
+    devices: list[str] = []
+    if args.no_busbra:
+        return busbra_rows, busbra_summary, busbra_path, busbra_gate, busbra_head, devices
+    busbra_path = C.require_dir(args.busbra, "BUS-BRA", "--busbra (or give --no-busbra)")
+    recs = C.read_busbra(busbra_path)
+    if args.limit is not None:
+        recs = recs[: args.limit]
+    items = [
+        {
+            "dataset": "BUS-BRA",
+            "name": r.id,
+            "label": r.pathology,
+            "device": r.device,
+            "case": r.case,
+            "image_path": r.image_path,
+            "mask_paths": [r.mask_path],
+        }
+        for r in recs
+    ]
+    C.log(f"BUS-BRA: {len(items)} images", args.quiet)
+    busbra_rows = evaluate(items, predict, quiet=args.quiet, what="BUS-BRA",
+                           threshold=threshold)
+    busbra_gate, busbra_head = _head_results(busbra_rows, head, stored_gate, args.n_boot)
+    busbra_summary = summarize(
+        busbra_rows, by="device", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
+    )
+    busbra_by_label = summarize(
+        busbra_rows, by="label", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
+    )
+    devices = sorted({r["device"] for r in busbra_rows})
+    for g in ("benign", "malignant"):
+        if g in busbra_by_label:
+            busbra_summary[f"pathology: {g}"] = busbra_by_label[g]
+    return busbra_rows, busbra_summary, busbra_path, busbra_gate, busbra_head, devices
 
-    head = has_class_head(model)
-    threshold = float(model.busseg_config.get("inference", {}).get("threshold", 0.5))
-    stored_gate = model.busseg_config.get("inference", {}).get("normal_gate") if head else None
 
-    def predict(image):  # the shipped default settings, the normal-scan gate included
-        return busseg_predict(image, model, tta=tta)
+def _run_busuclm(args, predict, threshold: float, head: bool, stored_gate):
+    """Score the BUS-UCLM split's patients unless --no-busuclm (or the default folder is absent).
 
-    ck = C.checkpoint_summary(ckpt)
-    hw = C.hardware_info(device)
-    C.log(f"threads {threads}; checkpoint {ckpt}", args.quiet)
+    Returns ``(rows, results)``; ``results`` (of :func:`busuclm_results`, with the folder,
+    split file and split) is None when the section is skipped.
+    """
+    busuclm_rows: list[dict] = []
+    busuclm = None
+    if not args.no_busuclm:
+        root = Path(args.busuclm).expanduser()
+        if not root.is_dir() and Path(args.busuclm) == Path(str(C.DEFAULT_BUSUCLM)):
+            C.log(f"BUS-UCLM not found at {root}: section skipped (pass --busuclm)", args.quiet)
+        else:
+            busuclm_path = C.require_dir(root, "BUS-UCLM", "--busuclm (or give --no-busuclm)")
+            items, skipped = busuclm_items(busuclm_path, Path(args.busuclm_split),
+                                           args.split_name, args.limit)
+            C.log(f"BUS-UCLM {args.split_name}: {len(items)} images ({len(skipped)} skipped)",
+                  args.quiet)
+            busuclm_rows = evaluate(items, predict, quiet=args.quiet, what="BUS-UCLM",
+                                    threshold=threshold)
+            busuclm = busuclm_results(busuclm_rows, skipped, head, stored_gate, args.n_boot)
+            busuclm.update({"root": str(busuclm_path),
+                            "split_file": str(Path(args.busuclm_split).resolve()),
+                            "split": args.split_name})
+    return busuclm_rows, busuclm
+
+
+def _our_row(ck: dict, n_params: int, lesion: dict | None, split_name: str) -> dict | None:
+    """Our row of the published-results table: BUSI lesion Dice and IoU with CIs (or None)."""
+    if lesion is None:
+        return None
+    enc = ck["model"].get("encoder", "plain")
+    return {
+        "arch": (f"U-Net base {ck['model'].get('base_channels')}, depth "
+                 f"{ck['model'].get('depth')}" if enc == "plain" else f"U-Net, {enc} encoder")
+        + f", {ck['input_size'][0]}x{ck['input_size'][1]}",
+        "params_m": n_params / 1e6,
+        "dice": lesion["metrics"]["dice"]["mean"],
+        "dice_ci": (lesion["metrics"]["dice"]["ci_low"], lesion["metrics"]["dice"]["ci_high"]),
+        "iou": lesion["metrics"]["iou"]["mean"],
+        "iou_ci": (lesion["metrics"]["iou"]["ci_low"], lesion["metrics"]["iou"]["ci_high"]),
+        "normal_excluded": True,
+        "protocol": (
+            f"duplicate-aware {split_name} split, lesion images "
+            f"(n={lesion['n']}), per-image mean [95 % CI]; normal images: FP rate "
+            "above"
+        ),
+    }
+
+
+def _run_busi(args, busi_root: Path, split_csv: Path, predict, threshold: float, head: bool,
+              stored_gate):
+    """Score BUSI's --split-name split.
+
+    Returns ``(rows, summary by label, FP-rate CIs, gate results, class-head results)``.
+    """
+    from busseg.metrics import summarize
 
     records = _select_busi(busi_root, split_csv, args.split_name, args.limit)
     items = [
@@ -970,112 +1044,51 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     busi_fp_ci = _fp_ci(busi_rows, "label", ["normal", "all"], args.n_boot)
     busi_gate, busi_head = _head_results(busi_rows, head, stored_gate, args.n_boot)
+    return busi_rows, busi_summary, busi_fp_ci, busi_gate, busi_head
 
-    busbra_rows: list[dict] = []
-    busbra_summary = busbra_path = busbra_gate = busbra_head = None
-    devices: list[str] = []
-    if not args.no_busbra:
-        busbra_path = C.require_dir(args.busbra, "BUS-BRA", "--busbra (or give --no-busbra)")
-        recs = C.read_busbra(busbra_path)
-        if args.limit is not None:
-            recs = recs[: args.limit]
-        items = [
-            {
-                "dataset": "BUS-BRA",
-                "name": r.id,
-                "label": r.pathology,
-                "device": r.device,
-                "case": r.case,
-                "image_path": r.image_path,
-                "mask_paths": [r.mask_path],
-            }
-            for r in recs
-        ]
-        C.log(f"BUS-BRA: {len(items)} images", args.quiet)
-        busbra_rows = evaluate(items, predict, quiet=args.quiet, what="BUS-BRA",
-                               threshold=threshold)
-        busbra_gate, busbra_head = _head_results(busbra_rows, head, stored_gate, args.n_boot)
-        busbra_summary = summarize(
-            busbra_rows, by="device", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
-        )
-        busbra_by_label = summarize(
-            busbra_rows, by="label", metrics=METRICS, ci=0.95, n_boot=args.n_boot, seed=0
-        )
-        devices = sorted({r["device"] for r in busbra_rows})
-        for g in ("benign", "malignant"):
-            if g in busbra_by_label:
-                busbra_summary[f"pathology: {g}"] = busbra_by_label[g]
 
-    busuclm_rows: list[dict] = []
-    busuclm = busuclm_path = None
-    if not args.no_busuclm:
-        root = Path(args.busuclm).expanduser()
-        if not root.is_dir() and Path(args.busuclm) == Path(str(C.DEFAULT_BUSUCLM)):
-            C.log(f"BUS-UCLM not found at {root}: section skipped (pass --busuclm)", args.quiet)
-        else:
-            busuclm_path = C.require_dir(root, "BUS-UCLM", "--busuclm (or give --no-busuclm)")
-            items, skipped = busuclm_items(busuclm_path, Path(args.busuclm_split),
-                                           args.split_name, args.limit)
-            C.log(f"BUS-UCLM {args.split_name}: {len(items)} images ({len(skipped)} skipped)",
-                  args.quiet)
-            busuclm_rows = evaluate(items, predict, quiet=args.quiet, what="BUS-UCLM",
-                                    threshold=threshold)
-            busuclm = busuclm_results(busuclm_rows, skipped, head, stored_gate, args.n_boot)
-            busuclm.update({"root": str(busuclm_path),
-                            "split_file": str(Path(args.busuclm_split).resolve()),
-                            "split": args.split_name})
-
-    rfilter = {"BUSI test" if args.split_name == "test" else f"BUSI {args.split_name}":
-               filter_results(busi_rows, args.n_boot)}
+def _filter_sections(split_name: str, busi_rows: list, busuclm_rows: list, busbra_rows: list,
+                     n_boot: int) -> dict:
+    """The region filter on vs off (:func:`filter_results`) per dataset that was scored."""
+    rfilter = {"BUSI test" if split_name == "test" else f"BUSI {split_name}":
+               filter_results(busi_rows, n_boot)}
     if busuclm_rows:
-        rfilter[f"BUS-UCLM {args.split_name}"] = filter_results(busuclm_rows, args.n_boot)
+        rfilter[f"BUS-UCLM {split_name}"] = filter_results(busuclm_rows, n_boot)
     if busbra_rows:
-        rfilter["BUS-BRA fold 1"] = filter_results(busbra_rows, args.n_boot)
-    filter_spec = model.busseg_config.get("inference", {}).get("region_filter")
-    seconds = time.perf_counter() - t_start
-    lesion = busi_summary.get("lesion")
-    ours = None
-    if lesion is not None:
-        enc = ck["model"].get("encoder", "plain")
-        ours = {
-            "arch": (f"U-Net base {ck['model'].get('base_channels')}, depth "
-                     f"{ck['model'].get('depth')}" if enc == "plain" else f"U-Net, {enc} encoder")
-            + f", {ck['input_size'][0]}x{ck['input_size'][1]}",
-            "params_m": n_params / 1e6,
-            "dice": lesion["metrics"]["dice"]["mean"],
-            "dice_ci": (lesion["metrics"]["dice"]["ci_low"], lesion["metrics"]["dice"]["ci_high"]),
-            "iou": lesion["metrics"]["iou"]["mean"],
-            "iou_ci": (lesion["metrics"]["iou"]["ci_low"], lesion["metrics"]["iou"]["ci_high"]),
-            "normal_excluded": True,
-            "protocol": (
-                f"duplicate-aware {args.split_name} split, lesion images "
-                f"(n={lesion['n']}), per-image mean [95 % CI]; normal images: FP rate "
-                "above"
-            ),
-        }
+        rfilter["BUS-BRA fold 1"] = filter_results(busbra_rows, n_boot)
+    return rfilter
 
-    busi_groups = ["benign", "malignant", "lesion", "normal"]
+
+def _published_markdown(ours: dict | None) -> list[str]:
+    """Markdown lines: published U-Net-family results on BUSI beside ours, with their sources."""
     md = [
-        f"# Accuracy: BUSI {args.split_name} split, BUS-BRA (zero-shot)"
-        + (f" and BUS-UCLM {args.split_name} patients" if busuclm is not None else ""),
+        "## Published U-Net-family results on BUSI",
         "",
-        C.hardware_markdown(hw),
+        LEAK_NOTE,
         "",
-        C.checkpoint_markdown(ck),
-        f"TTA: {args.tta}. Wall time {seconds:.0f} s.",
+        published_table(ours),
         "",
     ]
-    if args.limit is not None:
-        md += [f"**Quick run: at most {args.limit} images per group; not a result.**", ""]
-    values = headline(busi_summary, busi_head, busbra_summary, busbra_gate, busuclm)
-    md += [targets_markdown(values), ""]
-    if any(v is not None for v in rfilter.values()):
-        md += [filter_markdown(rfilter, filter_spec), ""]
+    for src in PUBLISHED_SOURCES.values():
+        md += [f"- {src['short']}: {src['citation']}. Protocol: {src['protocol']}."]
     md += [
-        f"## BUSI {args.split_name} split (duplicate-aware, never used for training or tuning)",
+        "",
+        "Dice (%) of published rows is their 'F1-value'; ± is the sd over their three "
+        "random splits. Our row gives the mean and 95 % CI on one duplicate-aware split.",
+        "",
+    ]
+    return md
+
+
+def _busi_busbra_markdown(split_name: str, n_boot: int, busi_summary: dict, busi_fp_ci: dict,
+                          busbra_summary: dict | None, devices: list[str]) -> list[str]:
+    """Markdown lines: the BUSI split's table by class, then BUS-BRA's by scanner (if scored)."""
+    busi_groups = ["benign", "malignant", "lesion", "normal"]
+    md = [
+        f"## BUSI {split_name} split (duplicate-aware, never used for training or tuning)",
         "",
         "Mean of per-image values with a 95 % percentile bootstrap CI "
-        f"({args.n_boot} resamples). HD95 in pixels of the original image, over images where "
+        f"({n_boot} resamples). HD95 in pixels of the original image, over images where "
         "both masks are non-empty ('undefined' counts the other images). FP rate: share of "
         "images without a lesion (normal) that "
         "get any predicted pixel. For normal images Dice, IoU and precision are 1 for an "
@@ -1098,27 +1111,78 @@ def main(argv: Sequence[str] | None = None) -> dict:
             ),
             "",
         ]
+    return md
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the benchmark; return the JSON payload (also written to ``--out``)."""
+    args = parse_args(argv)
+    threads = C.set_threads(args.threads)
+    ckpt = C.resolve_checkpoint(args.checkpoint)
+    busi_root = C.require_dir(args.busi, "BUSI", "--busi")
+    split_csv = Path(args.split)
+    if not split_csv.is_file():
+        raise SystemExit(f"split file {split_csv} not found; pass --split")
+
+    from busseg.inference import has_class_head, load_model
+    from busseg.inference import predict as busseg_predict
+
+    t_start = time.perf_counter()
+    model = load_model(ckpt, device=args.device)
+    device = next(model.parameters()).device
+    tta = None if args.tta == "auto" else args.tta == "on"
+    n_params = sum(p.numel() for p in model.parameters())
+
+    head = has_class_head(model)
+    threshold = float(model.busseg_config.get("inference", {}).get("threshold", 0.5))
+    stored_gate = model.busseg_config.get("inference", {}).get("normal_gate") if head else None
+
+    def predict(image):  # the shipped default settings, the normal-scan gate included
+        return busseg_predict(image, model, tta=tta)
+
+    ck = C.checkpoint_summary(ckpt)
+    hw = C.hardware_info(device)
+    C.log(f"threads {threads}; checkpoint {ckpt}", args.quiet)
+
+    busi_rows, busi_summary, busi_fp_ci, busi_gate, busi_head = _run_busi(
+        args, busi_root, split_csv, predict, threshold, head, stored_gate)
+
+    (busbra_rows, busbra_summary, busbra_path, busbra_gate, busbra_head,
+     devices) = _run_busbra(args, predict, threshold, head, stored_gate)
+
+    busuclm_rows, busuclm = _run_busuclm(args, predict, threshold, head, stored_gate)
+
+    rfilter = _filter_sections(args.split_name, busi_rows, busuclm_rows, busbra_rows,
+                               args.n_boot)
+    filter_spec = model.busseg_config.get("inference", {}).get("region_filter")
+    seconds = time.perf_counter() - t_start
+    lesion = busi_summary.get("lesion")
+    ours = _our_row(ck, n_params, lesion, args.split_name)
+
+    md = [
+        f"# Accuracy: BUSI {args.split_name} split, BUS-BRA (zero-shot)"
+        + (f" and BUS-UCLM {args.split_name} patients" if busuclm is not None else ""),
+        "",
+        C.hardware_markdown(hw),
+        "",
+        C.checkpoint_markdown(ck),
+        f"TTA: {args.tta}. Wall time {seconds:.0f} s.",
+        "",
+    ]
+    if args.limit is not None:
+        md += [f"**Quick run: at most {args.limit} images per group; not a result.**", ""]
+    values = headline(busi_summary, busi_head, busbra_summary, busbra_gate, busuclm)
+    md += [targets_markdown(values), ""]
+    if any(v is not None for v in rfilter.values()):
+        md += [filter_markdown(rfilter, filter_spec), ""]
+    md += _busi_busbra_markdown(args.split_name, args.n_boot, busi_summary, busi_fp_ci,
+                                busbra_summary, devices)
     if busuclm is not None:
         md += [busuclm_markdown(busuclm, args.split_name, bool(stored_gate), args.n_boot), ""]
     if head:
         md += [head_markdown(busi_gate, busi_head, busbra_gate, busbra_head, stored_gate,
                              args.n_boot), ""]
-    md += [
-        "## Published U-Net-family results on BUSI",
-        "",
-        LEAK_NOTE,
-        "",
-        published_table(ours),
-        "",
-    ]
-    for src in PUBLISHED_SOURCES.values():
-        md += [f"- {src['short']}: {src['citation']}. Protocol: {src['protocol']}."]
-    md += [
-        "",
-        "Dice (%) of published rows is their 'F1-value'; ± is the sd over their three "
-        "random splits. Our row gives the mean and 95 % CI on one duplicate-aware split.",
-        "",
-    ]
+    md += _published_markdown(ours)
     markdown = "\n".join(md)
 
     payload = {

@@ -31,7 +31,7 @@ the **Segment lesions** and **Scan browser** docks (the shipped default model, o
   makes the first case's layers (transparent), so the first Open pays no first-layer costs.
 - **Next, not prefetched** (the baseline; ``--no-baseline`` skips it): the same with the
   prefetch switched off and the cache emptied, so every Next waits for a forward pass in a
-  worker, as the browser did before issue 18.
+  worker, as the browser did before it prefetched the next case.
 
 "Shown" is: the Labels layer is inserted, then the canvas is repainted (``QWidget.repaint``,
 which draws synchronously) and Qt's pending events are processed. Under Xvfb the canvas is
@@ -52,7 +52,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-#: Issue 18's targets (seconds, 2 CPU threads).
+#: Targets for showing the next case (seconds, 2 CPU threads).
 TARGET_PREFETCHED = 0.3
 TARGET_FIRST = 1.5
 WINDOW = (1500, 900)

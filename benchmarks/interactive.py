@@ -52,7 +52,7 @@ Measures, per dataset:
   cap, and NoC@85 / NoC@90 per **lesion-size tertile** (the truth's area as a share of the
   image; tertile edges computed per dataset: :func:`size_tertiles`). As in RITM's
   evaluation, an image stops at IoU 0.90 (``--stop-at``; its curve then carries the last IoU
-  forward). Issue 17's targets (``TARGETS_17``) are printed as met / missed lines;
+  forward). The box-then-clicks targets (``TARGETS_BOX_CLICKS``) are printed as met / missed lines;
 - **time per prompt**: median wall time of one :func:`busseg.inference.predict` call with a
   prompt, on ``--threads`` = 2 CPU threads (the image's preprocessing included, model loading
   excluded);
@@ -88,7 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 NAME = "interactive"
-#: Issue 9's targets.
+#: Targets of the first prompt model (box Dice, NoC, widget latency).
 TARGETS = {
     "busi_box_jittered_dice": 0.90,
     "busbra_box_jittered_dice": 0.88,
@@ -96,16 +96,16 @@ TARGETS = {
     "busi_noc90": 8.0,
     "widget_latency_ms": 150.0,
 }
-#: Issue 13's targets (model v3).
+#: Targets of model v3 (jittered box Dice, NoC after a box).
 TARGETS_V3 = {
     "busi_box_jittered_dice": 0.90,
     "busbra_box_jittered_dice": 0.91,
     "busi_box_clicks_noc85": 3.0,
     "busi_box_clicks_noc90": 6.0,
 }
-#: Issue 17's targets (box then clicks; dataset rows of the prompt model). "never_share":
+#: Box-then-clicks targets (dataset rows of the prompt model). "never_share":
 #: the largest share of lesion scans that never reach the IoU within the interaction cap.
-TARGETS_17 = {
+TARGETS_BOX_CLICKS = {
     "noc": {("BUSI test", "NoC@85"): 3.0, ("BUSI test", "NoC@90"): 6.0,
             ("BUS-UCLM test", "NoC@85"): 2.5},
     "never_share": 0.02,
@@ -532,9 +532,9 @@ def size_tertiles(per_image: Sequence[dict]) -> list[dict]:
 
 
 def target_checks(rows: Sequence[dict]) -> list[dict]:
-    """Issue 17's box-then-clicks targets, checked on the prompt model's rows.
+    """The box-then-clicks targets, checked on the prompt model's rows.
 
-    ``TARGETS_17``: NoC@85 <= 3.0 and NoC@90 <= 6.0 on BUSI test, NoC@85 <= 2.5 on BUS-UCLM
+    ``TARGETS_BOX_CLICKS``: NoC@85 <= 3.0 and NoC@90 <= 6.0 on BUSI test, NoC@85 <= 2.5 on BUS-UCLM
     test, and on every dataset at most 2 % of the lesion scans never reaching IoU 0.85
     (the annotator's acceptance, :data:`busseg.annotator.ACCEPT_IOU`) and, stricter, 0.90,
     within the interaction cap. Datasets or protocols not run are left out.
@@ -553,14 +553,14 @@ def target_checks(rows: Sequence[dict]) -> list[dict]:
         d = row["dataset"]
         items = []
         for key, what in (("bc_noc85", "NoC@85"), ("bc_noc90", "NoC@90")):
-            target = TARGETS_17["noc"].get((d, what))
+            target = TARGETS_BOX_CLICKS["noc"].get((d, what))
             if target is not None:
                 items.append((f"box then clicks {what}", s[key], target,
                               f"{s[key]:.2f} interactions"))
         for thr in ("85", "90"):
             share = s[f"bc_never{thr}_share"]
             items.append((f"lesion scans never at IoU 0.{thr} in {s.get('bc_cap', 20)}", share,
-                          TARGETS_17["never_share"],
+                          TARGETS_BOX_CLICKS["never_share"],
                           f"{s[f'bc_never{thr}']} of {s['bc_n']} ({100 * share:.1f} %)"))
         for what, value, target, shown in items:
             met = bool(value <= target)
@@ -1115,8 +1115,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "targets": TARGETS,
         "targets_v3": TARGETS_V3,
         "targets_17": {"noc": [{"dataset": d, "noc": w, "target": v}
-                               for (d, w), v in TARGETS_17["noc"].items()],
-                       "never_share": TARGETS_17["never_share"]},
+                               for (d, w), v in TARGETS_BOX_CLICKS["noc"].items()],
+                       "never_share": TARGETS_BOX_CLICKS["never_share"]},
         "datasets": info,
         "rows": rows,
         "widget_latency": latency,

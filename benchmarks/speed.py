@@ -10,11 +10,11 @@ Usage (from the repository root)::
 Models: ``ours`` (the checkpoint: the new default, e.g. the EfficientNet-Lite0 U-Net with
 prompt-guidance channels, fed all-zero guidance as in automatic mode), ``old`` (the previous
 default, ``--old-checkpoint``), ``unet16`` (a plain base-16, depth-4 U-Net,
-``build_model({})``, random weights: the reference of the issue's speed target) and MONAI
+``build_model({})``, random weights: the reference of the speed target) and MONAI
 peers at the widths of the plain U-Net (the checkpoint's own when it is a plain U-Net, else
 the base-16 reference).
 
-Issue targets, each measured in one run:
+Targets, each measured in one run:
 
 - the whole ``busseg.predict_mask`` with the checkpoint's default settings (flips, gate) on
   real BUSI images, per image, over a plain base-16 U-Net forward at 256x256 (batch 1):
@@ -22,7 +22,7 @@ Issue targets, each measured in one run:
 - fine-tuning (``busseg.finetune.finetune``, the widget's settings) on 10 corrected images
   (BUSI test images with their masks), 100 steps, 2 torch threads: <= 30 s wall time,
   checkpoint writing included; the median of ``--finetune-repeats`` runs with the widget's
-  default (the whole network since issue 13), alternating with the same fine-tune with the
+  default (the whole network), alternating with the same fine-tune with the
   encoder frozen (the widget's option) for comparison.
 
 Measured in one run, on the same inputs and thread count:
@@ -72,7 +72,7 @@ OURS = "ours"
 OLD = "old"
 REF = "unet16"
 PEERS = ("monai_basicunet", "monai_unet_r0", "monai_unet_r2")
-#: The plain U-Net of the issue's speed target (build_model's defaults).
+#: The plain U-Net of the speed target (build_model's defaults).
 REF_CONFIG = {"base_channels": 16, "depth": 4}
 #: predict_mask / plain base-16 U-Net forward at 256x256 must stay at or below this.
 TARGET_PREDICT_RATIO = 0.8
@@ -463,9 +463,7 @@ def measure_memory(
         return rows
     for name in names:
         for mode, batch in plan:
-            cmd = [
-                sys.executable,
-                str(Path(__file__).resolve()),
+            res = _run_probe(
                 "--probe-memory",
                 name,
                 "--probe-mode",
@@ -479,12 +477,7 @@ def measure_memory(
                 str(checkpoints.get(name, checkpoint)),
                 "--threads",
                 str(threads),
-            ]
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(C.REPO_ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p]
             )
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
             if res.returncode != 0:
                 raise RuntimeError(f"memory probe {name}/{mode} failed:\n{res.stderr[-2000:]}")
             row = json.loads(res.stdout.strip().splitlines()[-1])
@@ -536,7 +529,7 @@ def e2e_predict(checkpoint: Path, paths: Sequence[Path], rounds: int, device, qu
 
 def target_predict_ratio(checkpoint: Path, paths: Sequence[Path], rounds: int, device,
                          quiet: bool, seed: int = 0) -> dict:
-    """The issue's speed target: ``predict_mask`` (default settings) over a plain U-Net forward.
+    """The speed target: ``predict_mask`` (default settings) over a plain U-Net forward.
 
     For each real image (decoded once), ``predict_mask(image, model)`` with the checkpoint's
     defaults (flips, normal-scan gate; preprocessing, model, resize back) and one forward of
@@ -798,28 +791,27 @@ def _ensure_plugin() -> None:
 
 def measure_widget(checkpoint: Path, image_path: Path, repeats: int, quiet: bool) -> dict:
     """Run :func:`widget_probe` in a subprocess under Xvfb (pytest-xvfb's PyVirtualDisplay)."""
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--probe-widget",
-        "--probe-image",
-        str(image_path),
-        "--checkpoint",
-        str(checkpoint),
-        "--widget-repeats",
-        str(repeats),
-    ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(C.REPO_ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p]
-    )
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    res = _run_probe("--probe-widget", "--probe-image", str(image_path),
+                     "--checkpoint", str(checkpoint), "--widget-repeats", str(repeats))
     lines = [ln for ln in res.stdout.strip().splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
         return {"error": (res.stderr.strip().splitlines() or ["no output"])[-1][:500]}
     out = json.loads(lines[-1])
     C.log(f"  widget: {', '.join(f'{t:.2f}' for t in out['seconds'])} s", quiet)
     return out
+
+
+def _run_probe(*args: str) -> subprocess.CompletedProcess:
+    """Run this script in a fresh interpreter with ``args`` (a probe), ``src`` first on the path.
+
+    Returns the finished process: stdout and stderr captured as text, 900 s limit.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(C.REPO_ROOT / "src")] + [p for p in [env.get("PYTHONPATH")] if p]
+    )
+    return subprocess.run([sys.executable, str(Path(__file__).resolve()), *args],
+                          capture_output=True, text=True, env=env, timeout=900)
 
 
 def _with_display(fn):
@@ -847,7 +839,7 @@ def _ratio(peer: float, ours: float) -> str:
 
 def target_markdown(target: dict | None, ft: dict | None,
                     ft_frozen: dict | None = None) -> list[str]:
-    """The issue's two targets as Markdown lines (empty when neither was measured)."""
+    """The two targets as Markdown lines (empty when neither was measured)."""
     if target is None and ft is None:
         return []
     md = ["", "## Issue targets (measured in this run)", "",
@@ -1122,7 +1114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "(default 3; 0 skips)")
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune timing")
     p.add_argument("--finetune-images", type=int, default=10,
-                   help="corrected images to fine-tune on (default 10, the issue's target)")
+                   help="corrected images to fine-tune on (default 10, as in the target)")
     p.add_argument("--finetune-steps", type=int, default=100, help="fine-tune steps (100)")
     p.add_argument("--finetune-threads", type=int, default=2, help="torch threads (2)")
     p.add_argument("--finetune-repeats", type=int, default=3,
@@ -1192,9 +1184,11 @@ def _e2e_paths(args, n: int) -> list[Path]:
     return [r.image_path for r in picked][:n]
 
 
-def main(argv: Sequence[str] | None = None) -> dict | None:
-    """Run the benchmark; return the JSON payload (also written to ``--out``)."""
-    args = parse_args(argv)
+def _probe_mode(args) -> bool:
+    """Run a memory or widget probe when asked to (``--probe-memory``, ``--probe-widget``).
+
+    Prints its JSON row for the parent process; returns False when neither was asked for.
+    """
     if args.probe_memory:  # subprocess mode
         ckpt = C.resolve_checkpoint(args.checkpoint)
         row = memory_probe(
@@ -1206,7 +1200,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             args.threads,
         )
         print(json.dumps(row))
-        return None
+        return True
     if args.probe_widget:  # subprocess mode
         ckpt = C.resolve_checkpoint(args.checkpoint)
         out = _with_display(
@@ -1215,6 +1209,85 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
             )
         )
         print(json.dumps(out))
+        return True
+    return False
+
+
+def _latency_rows(lat: dict, sizes, batches, models) -> list[dict]:
+    """Median, quartiles and ratio to ours of the latency of each (model, size, batch)."""
+    lat_rows = []
+    for s in sizes:
+        for bt in batches:
+            ours_med = C.median_iqr(lat[(OURS, s, bt)])[0]
+            for m in models:
+                q50, q25, q75 = C.median_iqr(lat[(m, s, bt)])
+                lat_rows.append(
+                    {
+                        "model": m,
+                        "size": list(s),
+                        "batch": bt,
+                        "median": q50,
+                        "q25": q25,
+                        "q75": q75,
+                        "ratio": _ratio(q50, ours_med),
+                        "seconds_per_image": lat[(m, s, bt)],
+                    }
+                )
+    return lat_rows
+
+
+def _training_speed(args, models: dict, in_size, device) -> dict:
+    """Time training steps of every model at the checkpoint's input size."""
+    steps = train_rounds(
+        models,
+        in_size,
+        args.train_batch,
+        args.train_rounds,
+        max(1, args.warmup // 2),
+        device,
+        quiet=args.quiet,
+    )
+    ours_step = C.median_iqr(steps[OURS])[0]
+    rows = []
+    for m, st in steps.items():
+        q50, q25, q75 = C.median_iqr(st)
+        rows.append(
+            {
+                "model": m,
+                "images_per_s": args.train_batch / q50,
+                "median": q50,
+                "q25": q25,
+                "q75": q75,
+                "ratio": _ratio(q50, ours_step),
+                "step_seconds": st,
+            }
+        )
+    return {
+        "batch": args.train_batch,
+        "size": list(in_size),
+        "rounds": args.train_rounds,
+        "rows": rows,
+    }
+
+
+def _widget_latency(args, ckpt: Path, paths) -> dict:
+    """Time the Segment lesions widget on the first BUSI image (or a shipped sample)."""
+    image = (
+        paths[0]
+        if paths
+        else next(
+            (C.REPO_ROOT / "src" / "busseg" / "samples" / "benign").glob("* (*).png"), None
+        )
+    )
+    if image is None:
+        return {"error": "no image to segment (pass --busi)"}
+    return measure_widget(ckpt, Path(image), args.widget_repeats, args.quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Run the benchmark; return the JSON payload (also written to ``--out``)."""
+    args = parse_args(argv)
+    if _probe_mode(args):  # a subprocess of measure_memory or measure_widget
         return None
 
     import torch
@@ -1248,57 +1321,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     lat = latency_rounds(
         models, sizes, args.batches, args.rounds, args.warmup, device, quiet=args.quiet
     )
-    lat_rows = []
-    for s in sizes:
-        for bt in args.batches:
-            ours_med = C.median_iqr(lat[(OURS, s, bt)])[0]
-            for m in models:
-                q50, q25, q75 = C.median_iqr(lat[(m, s, bt)])
-                lat_rows.append(
-                    {
-                        "model": m,
-                        "size": list(s),
-                        "batch": bt,
-                        "median": q50,
-                        "q25": q25,
-                        "q75": q75,
-                        "ratio": _ratio(q50, ours_med),
-                        "seconds_per_image": lat[(m, s, bt)],
-                    }
-                )
+    lat_rows = _latency_rows(lat, sizes, args.batches, models)
 
-    training = None
-    if not args.no_train:
-        steps = train_rounds(
-            models,
-            in_size,
-            args.train_batch,
-            args.train_rounds,
-            max(1, args.warmup // 2),
-            device,
-            quiet=args.quiet,
-        )
-        ours_step = C.median_iqr(steps[OURS])[0]
-        rows = []
-        for m, st in steps.items():
-            q50, q25, q75 = C.median_iqr(st)
-            rows.append(
-                {
-                    "model": m,
-                    "images_per_s": args.train_batch / q50,
-                    "median": q50,
-                    "q25": q25,
-                    "q75": q75,
-                    "ratio": _ratio(q50, ours_step),
-                    "step_seconds": st,
-                }
-            )
-        training = {
-            "batch": args.train_batch,
-            "size": list(in_size),
-            "rounds": args.train_rounds,
-            "rows": rows,
-        }
+    training = None if args.no_train else _training_speed(args, models, in_size, device)
 
     memory = None
     if not args.no_memory:
@@ -1330,19 +1355,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         else:
             C.log("BUSI not found: fine-tune timing skipped (pass --busi)", args.quiet)
 
-    widget = None
-    if args.widget:
-        image = (
-            paths[0]
-            if paths
-            else next(
-                (C.REPO_ROOT / "src" / "busseg" / "samples" / "benign").glob("* (*).png"), None
-            )
-        )
-        if image is None:
-            widget = {"error": "no image to segment (pass --busi)"}
-        else:
-            widget = measure_widget(ckpt, Path(image), args.widget_repeats, args.quiet)
+    widget = _widget_latency(args, ckpt, paths) if args.widget else None
 
     result = {
         "benchmark": NAME,

@@ -237,7 +237,7 @@ def test_accuracy_class_head_and_gate(
     assert "| BUSI gate on | BUSI gate off | BUS-BRA gate on | BUS-BRA gate off |" in md
     assert "| FP rate, images without a lesion | 0.000 |" in md
     assert "U-Net, efficientnet_lite0 encoder, 64x64" in md
-    # the BUS-BRA gate count is also in the summary against the targets
+    # the BUS-BRA gate count is also in the summary against the targets
     assert "| BUS-BRA fold 1 lesion masks the normal-scan gate empties | " \
         f"{gb['n_lesion_gated']} (" in md
     assert saved["headline"]["busbra_gate_emptied"] == gb["n_lesion_gated"]

@@ -72,6 +72,7 @@ from busseg.cli import (  # noqa: E402  (shared with busseg predict)
     add_inference_args,
     filter_status,
     gate_status,
+    load_cli_model,
 )
 
 CSV_COLUMNS = (
@@ -208,25 +209,82 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def evaluate(args) -> int:
-    import torch
-    from tqdm import tqdm
+def _score_one(rec, model, args, *, threshold: float, tta: bool, gate_on: bool, post: bool,
+               out: Path | None) -> dict:
+    """Predict one record, score it against its truth and write its mask (and overlay) to out.
 
-    from busseg import __version__
+    Returns the per-image row: :func:`busseg.metrics.segmentation_metrics` plus the image's
+    name, label, size, seconds, the gate's decision, the Dice without the gate and the region
+    filter, and the class probabilities of a model with a class head.
+    """
     from busseg.data.io import atomic_write_bytes, read_image, read_mask, write_mask_png
-    from busseg.inference import has_class_head, load_model, predict
-    from busseg.metrics import (
-        class_head_summary,
-        gate_summary,
-        segmentation_metrics,
-        summarize,
-        summary_markdown,
-    )
-    from busseg.models import CheckpointError
+    from busseg.inference import predict
+    from busseg.metrics import segmentation_metrics
     from busseg.postprocess import postprocess_mask
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    image = read_image(rec.image_path)
+    truth = read_mask(rec.mask_paths)
+    t0 = time.perf_counter()
+    res = predict(image, model, threshold=threshold, tta=tta, fill_holes=args.fill_holes,
+                  keep=args.keep, min_area=args.min_area,
+                  normal_gate="auto" if gate_on else None,
+                  region_filter=None if args.no_region_filter else "auto")
+    pred = res.mask
+    seconds = time.perf_counter() - t0
+    m = segmentation_metrics(pred, truth)
+    row = {"image": rec.rel_path, "label": rec.label, "height": image.shape[0],
+           "width": image.shape[1], **m, "seconds": seconds, "gated": res.gated,
+           "dice_ungated": m["dice"], "any_pred_ungated": m["any_pred"]}
+    if res.gated or res.regions_removed:
+        # the same forward pass without the gate and the region filter
+        ungated = res.proba >= threshold
+        if post:
+            ungated = postprocess_mask(ungated, fill_holes=args.fill_holes, keep=args.keep,
+                                       min_area=args.min_area)
+        um = segmentation_metrics(ungated, truth)
+        row["dice_ungated"], row["any_pred_ungated"] = um["dice"], um["any_pred"]
+    if res.class_proba is not None:
+        row["class_proba"] = res.class_proba
+        row.update({f"p_{k}": float(res.class_proba.get(k, math.nan)) for k in CLASS_NAMES})
+    if out is not None:
+        stem = Path(rec.rel_path).stem
+        write_mask_png(out / "predictions" / rec.label / f"{stem}_mask.png", pred,
+                       overwrite=args.overwrite)
+        if not args.no_overlays:
+            atomic_write_bytes(out / "overlays" / rec.label / f"{stem}.png",
+                               _png_bytes(overlay_rgb(image, truth, pred)),
+                               overwrite=args.overwrite)
+    return row
+
+
+def _write_outputs(out: Path, rows: list[dict], md: str, meta: dict, *,
+                   reliability_title: str, overwrite: bool) -> None:
+    """Write per_image.csv, summary.md, summary.json and (class head) reliability.png to out."""
+    from busseg.data.io import atomic_write_bytes
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_bytes(out / "per_image.csv", buf.getvalue().encode(), overwrite=overwrite)
+    atomic_write_bytes(out / "summary.md", md.encode(), overwrite=overwrite)
+    classes = meta.get("class_head")
+    if classes is not None:
+        atomic_write_bytes(out / "reliability.png",
+                           reliability_png(classes["calibration"], reliability_title),
+                           overwrite=overwrite)
+    atomic_write_bytes(out / "summary.json",
+                       (json.dumps(_json_clean(meta), indent=2) + "\n").encode(),
+                       overwrite=overwrite)
+
+
+def _inputs(args) -> tuple[Path | None, list, object, str]:
+    """Check the options and select the records: ``(out or None, records, index, split)``.
+
+    Raises UsageError for a negative --min-area, --n-boot < 1, a non-empty --out without
+    --overwrite, or a split without usable images.
+    """
     if args.min_area < 0:
         raise UsageError(f"--min-area must be >= 0, got {args.min_area}")
     if args.n_boot < 1:
@@ -244,10 +302,26 @@ def evaluate(args) -> int:
         records = records[: args.limit]
     if not records:
         raise UsageError(f"no usable images in split {split!r} of {index.root}")
-    try:
-        model = load_model(args.checkpoint, device=args.device)
-    except (CheckpointError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+    return out, records, index, split
+
+
+def evaluate(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from busseg import __version__
+    from busseg.inference import has_class_head
+    from busseg.metrics import (
+        class_head_summary,
+        gate_summary,
+        summarize,
+        summary_markdown,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out, records, index, split = _inputs(args)
+    model = load_cli_model(args.checkpoint, args.device)
     cfg = model.busseg_config
     threshold = args.threshold
     if threshold is None:
@@ -268,41 +342,9 @@ def evaluate(args) -> int:
           + filter_status(cfg["inference"].get("region_filter"), args.no_region_filter))
     print(f"{len(records)} image(s) of split {split!r} from {index.root}")
 
-    rows = []
-    for rec in tqdm(records, unit="image", disable=args.no_progress, dynamic_ncols=True):
-        image = read_image(rec.image_path)
-        truth = read_mask(rec.mask_paths)
-        t0 = time.perf_counter()
-        res = predict(image, model, threshold=threshold, tta=tta, fill_holes=args.fill_holes,
-                      keep=args.keep, min_area=args.min_area,
-                      normal_gate="auto" if gate_on else None,
-                      region_filter=None if args.no_region_filter else "auto")
-        pred = res.mask
-        seconds = time.perf_counter() - t0
-        m = segmentation_metrics(pred, truth)
-        row = {"image": rec.rel_path, "label": rec.label, "height": image.shape[0],
-               "width": image.shape[1], **m, "seconds": seconds, "gated": res.gated,
-               "dice_ungated": m["dice"], "any_pred_ungated": m["any_pred"]}
-        if res.gated or res.regions_removed:
-            # the same forward pass without the gate and the region filter
-            ungated = res.proba >= threshold
-            if post:
-                ungated = postprocess_mask(ungated, fill_holes=args.fill_holes, keep=args.keep,
-                                           min_area=args.min_area)
-            um = segmentation_metrics(ungated, truth)
-            row["dice_ungated"], row["any_pred_ungated"] = um["dice"], um["any_pred"]
-        if res.class_proba is not None:
-            row["class_proba"] = res.class_proba
-            row.update({f"p_{k}": float(res.class_proba.get(k, math.nan)) for k in CLASS_NAMES})
-        rows.append(row)
-        if out is not None:
-            stem = Path(rec.rel_path).stem
-            write_mask_png(out / "predictions" / rec.label / f"{stem}_mask.png", pred,
-                           overwrite=args.overwrite)
-            if not args.no_overlays:
-                atomic_write_bytes(out / "overlays" / rec.label / f"{stem}.png",
-                                   _png_bytes(overlay_rgb(image, truth, pred)),
-                                   overwrite=args.overwrite)
+    rows = [_score_one(rec, model, args, threshold=threshold, tta=tta, gate_on=gate_on,
+                       post=post, out=out)
+            for rec in tqdm(records, unit="image", disable=args.no_progress, dynamic_ncols=True)]
 
     summary = summarize(rows, by="label", ci=0.95, n_boot=args.n_boot)
     gate = gate_summary(rows, stored_gate, gate_on) if head else None
@@ -339,17 +381,6 @@ def evaluate(args) -> int:
     if classes is not None:
         md += "\n" + class_head_markdown(classes, reliability_png=out is not None)
     if out is not None:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        atomic_write_bytes(out / "per_image.csv", buf.getvalue().encode(), overwrite=args.overwrite)
-        atomic_write_bytes(out / "summary.md", md.encode(), overwrite=args.overwrite)
-        if classes is not None:
-            atomic_write_bytes(out / "reliability.png",
-                               reliability_png(classes["calibration"], f"{dataset} {split}"),
-                               overwrite=args.overwrite)
         meta = {
             "checkpoint": ckpt_path,
             "model": cfg["model"],
@@ -372,9 +403,8 @@ def evaluate(args) -> int:
             "gate": gate,
             "class_head": classes,
         }
-        atomic_write_bytes(out / "summary.json",
-                           (json.dumps(_json_clean(meta), indent=2) + "\n").encode(),
-                           overwrite=args.overwrite)
+        _write_outputs(out, rows, md, meta, reliability_title=f"{dataset} {split}",
+                       overwrite=args.overwrite)
     print()
     print(md)
     if out is not None:

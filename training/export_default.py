@@ -291,7 +291,8 @@ def portable(value, root: Path = ROOT):
     return value
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Build the command line of this script."""
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -326,7 +327,11 @@ def main(argv=None) -> int:
                     help="bootstrap resamples of the test evaluation (default 2000)")
     ap.add_argument("--note", action="append", default=[],
                     help="a line of provenance for the model card (repeatable)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     import evaluate as evaluate_script
     import torch

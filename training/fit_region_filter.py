@@ -445,8 +445,8 @@ def parse_args(argv=None):
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength (default 1)")
     p.add_argument("--max-lesion-emptied", type=float, default=0.01, metavar="SHARE",
                    help="largest share of validation lesion scans whose (non-empty) mask the "
-                   "gate and the filter may empty (default 0.01: a third of the issue's 3 %% "
-                   "target at BUS-BRA, since the class head and the filter are less sure at "
+                   "gate and the filter may empty (default 0.01: a third of the 3 %% target "
+                   "at BUS-BRA, since the class head and the filter are less sure at "
                    "a site they never saw; with 0.03, model v2.1's choice emptied 8.5 %% + "
                    "4.3 %% of BUS-BRA lesion masks)")
     p.add_argument("--seed", type=int, default=0, help="seed of the box jitter (default 0)")
@@ -457,6 +457,33 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None,
                    help="pickle-free .npz cache of the extracted features (dev runs)")
     return p.parse_args(argv)
+
+
+def _write_choice(ckpt: Path, best: dict, winner_filter, section: dict, stored_gate) -> Path:
+    """Store the winning filter and gate in the checkpoint's config.json and its model card.
+
+    The test figures already in the config keep a note of the settings they were measured
+    with (``metrics.test_settings``). Returns the config's path.
+    """
+    cfg_path = ckpt / "config.json"
+    conf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    inf = conf.setdefault("inference", {})
+    metrics = conf.setdefault("metrics", {})
+    if isinstance(metrics.get("test"), dict) and "test_settings" not in metrics:
+        # the settings the stored test figures were measured with (busseg info says so)
+        metrics["test_settings"] = {"normal_gate": inf.get("normal_gate"),
+                                    "region_filter": inf.get("region_filter")}
+    if winner_filter is None:
+        inf.pop("region_filter", None)
+    else:
+        inf["region_filter"] = winner_filter.to_dict()
+    if best["gate"] is None:
+        inf.pop("normal_gate", None)
+    else:
+        inf["normal_gate"] = dict(best["gate"])
+    write_json_atomic(cfg_path, conf)
+    update_card(ckpt, section, inf, dict(stored_gate) if stored_gate else None)
+    return cfg_path
 
 
 def main(argv=None) -> int:
@@ -558,24 +585,7 @@ def main(argv=None) -> int:
         "candidates": [{k: v for k, v in c.items() if k not in ("filter_spec", "_key")}
                        for c in rows_shown]}
     if args.write:
-        cfg_path = ckpt / "config.json"
-        conf = json.loads(cfg_path.read_text(encoding="utf-8"))
-        inf = conf.setdefault("inference", {})
-        metrics = conf.setdefault("metrics", {})
-        if isinstance(metrics.get("test"), dict) and "test_settings" not in metrics:
-            # the settings the stored test figures were measured with (busseg info says so)
-            metrics["test_settings"] = {"normal_gate": inf.get("normal_gate"),
-                                        "region_filter": inf.get("region_filter")}
-        if winner_filter is None:
-            inf.pop("region_filter", None)
-        else:
-            inf["region_filter"] = winner_filter.to_dict()
-        if best["gate"] is None:
-            inf.pop("normal_gate", None)
-        else:
-            inf["normal_gate"] = dict(best["gate"])
-        write_json_atomic(cfg_path, conf)
-        update_card(ckpt, section, inf, dict(stored_gate) if stored_gate else None)
+        cfg_path = _write_choice(ckpt, best, winner_filter, section, stored_gate)
         say(f"Written to {C.repo_relative(cfg_path)} (inference.region_filter, "
             "inference.normal_gate) and the model card.")
     if args.log:

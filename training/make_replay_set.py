@@ -6,7 +6,7 @@ Usage (from the repository root)::
     python training/make_replay_set.py --out /tmp/replay --per-class 10 --longest 224
 
 A fine-tune on a handful of corrections from a new hospital forgets what the base model
-learned about prompts (issue 17): replaying a few of the base model's own training pairs
+learned about prompts (boxes and clicks): replaying a few of the base model's own training pairs
 beside the corrections keeps it. This script draws them reproducibly: lesion images (benign
 and malignant, never normal) of the **train** split of ``training/splits/busi.csv`` only (never
 validation or test images), at most one per duplicate group of the split, in a random order

@@ -127,20 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _setup_device(args):
+    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group.
+
+    Returns ``(device, distributed, rank)``.
+    """
     import torch
 
-    from busseg.data.dataset import load_records
-    from busseg.data.discover import dataset_citation, default_split, discover
-    from busseg.data.splits import read_split_csv, select_split
-    from busseg.data.transforms import Augment
     from busseg.devices import get_device
-    from busseg.engine import TrainConfig, fit_iter
-    from busseg.models import build_model, load_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = get_device(args.device)
     if distributed:
@@ -151,6 +146,17 @@ def main(argv=None) -> int:
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
     rank = torch.distributed.get_rank() if distributed else 0
+    return device, distributed, rank
+
+
+def _training_records(args, rank: int):
+    """Read the train and val records of every --data folder by its --split file.
+
+    Returns ``(train_records, val_records, sources)``, ``sources`` one dict per folder for
+    the checkpoint's config; exits when the numbers of --data and --split differ.
+    """
+    from busseg.data.discover import dataset_citation, default_split, discover
+    from busseg.data.splits import read_split_csv, select_split
 
     splits = args.split or [str(default_split(d)) for d in args.data]
     if len(splits) != len(args.data):
@@ -175,15 +181,16 @@ def main(argv=None) -> int:
             print(f"{data}: {len(tr)} train, {len(va)} val ({index.layout} layout)")
     if args.limit:
         train_recs, val_recs = train_recs[: args.limit], val_recs[: max(2, args.limit // 4)]
-    t0 = time.perf_counter()
-    size = tuple(args.input_size)
-    augment = None if args.no_augment else (
-        Augment.scanner() if args.augment == "scanner" else Augment())
-    train_set = load_records(train_recs, size, augment, seed=args.seed + rank)
-    val_set = load_records(val_recs, size)
-    if rank == 0:
-        print(f"loaded {len(train_set)} train and {len(val_set)} val images in "
-              f"{time.perf_counter() - t0:.1f} s (test split untouched)")
+    return train_recs, val_recs, sources
+
+
+def _initial_model(args, train_recs):
+    """Build the network to train: from --init's checkpoint, or new from the options.
+
+    Returns ``(model, model_config, lineage, base_inference)``; ``base_inference`` is the
+    inference section a continuation keeps (threshold, gate, ...), empty for a new model.
+    """
+    from busseg.models import build_model, load_checkpoint
 
     if args.init:
         init = args.init
@@ -219,6 +226,65 @@ def main(argv=None) -> int:
             load_imagenet_weights(model)
         model_cfg = model.busseg_model_config
         lineage = {"base_model": None, "pairs": []}
+    return model, model_cfg, lineage, base_inference
+
+
+def _drain(gen, rank: int, progress: bool):
+    """Run the training generator to its end, showing its events on rank 0; return its result."""
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="step", dynamic_ncols=True)
+    result = None
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as s:
+            result = s.value
+            break
+        if rank != 0:
+            continue
+        if bar is not None:
+            if ev.kind == "start":
+                bar.reset(total=ev.total_steps)
+                bar.update(ev.step)
+            elif ev.kind == "step":
+                bar.update(1)
+                bar.set_postfix(loss=f"{ev.loss:.3f}", best=f"{ev.best_val_dice or 0:.3f}")
+            elif ev.kind == "eval":
+                bar.write(ev.message)
+        elif ev.kind in ("start", "eval", "end"):
+            print(ev.message, flush=True)
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from busseg.data.dataset import load_records
+    from busseg.data.transforms import Augment
+    from busseg.engine import TrainConfig, fit_iter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, distributed, rank = _setup_device(args)
+
+    train_recs, val_recs, sources = _training_records(args, rank)
+    t0 = time.perf_counter()
+    size = tuple(args.input_size)
+    augment = None if args.no_augment else (
+        Augment.scanner() if args.augment == "scanner" else Augment())
+    train_set = load_records(train_recs, size, augment, seed=args.seed + rank)
+    val_set = load_records(val_recs, size)
+    if rank == 0:
+        print(f"loaded {len(train_set)} train and {len(val_set)} val images in "
+              f"{time.perf_counter() - t0:.1f} s (test split untouched)")
+
+    model, model_cfg, lineage, base_inference = _initial_model(args, train_recs)
     prompt_overrides = {k: v for k, v in {
         "max_rounds": args.prompt_max_rounds, "click_box": args.prompt_click_box,
         "from_auto": args.prompt_from_auto, "p_auto": args.prompt_p_auto,
@@ -277,33 +343,7 @@ def main(argv=None) -> int:
         ckpt_cfg["classes"] = list(CLASS_NAMES)
     gen = fit_iter(model, train_set, val_set, cfg, device=device, out_dir=args.out,
                    checkpoint_config=ckpt_cfg, resume=args.resume)
-    bar = None
-    if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=None, unit="step", dynamic_ncols=True)
-    result = None
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as s:
-            result = s.value
-            break
-        if rank != 0:
-            continue
-        if bar is not None:
-            if ev.kind == "start":
-                bar.reset(total=ev.total_steps)
-                bar.update(ev.step)
-            elif ev.kind == "step":
-                bar.update(1)
-                bar.set_postfix(loss=f"{ev.loss:.3f}", best=f"{ev.best_val_dice or 0:.3f}")
-            elif ev.kind == "eval":
-                bar.write(ev.message)
-        elif ev.kind in ("start", "eval", "end"):
-            print(ev.message, flush=True)
-    if bar is not None:
-        bar.close()
+    result = _drain(gen, rank, progress=not args.no_progress)
     if rank == 0:
         print(f"best validation {cfg.select_metric} {result.best_val_dice:.4f} "
               f"at epoch {result.best_epoch}; "

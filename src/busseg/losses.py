@@ -77,10 +77,8 @@ def focal_loss(
 
     Parameters
     ----------
-    logits : torch.Tensor
-        (N, 1, H, W) float logits.
-    targets : torch.Tensor
-        (N, 1, H, W) in {0, 1}.
+    logits, targets : torch.Tensor
+        (N, 1, H, W) float logits and their {0, 1} targets.
     gamma : float, optional
         Focusing parameter >= 0 (0 gives alpha-weighted BCE).
     alpha : float, optional
@@ -203,8 +201,7 @@ class FocalDiceLoss(nn.Module):
 
     Notes
     -----
-    ``forward(logits, targets)``: logits (N, 1, H, W) float, targets (N, 1, H, W) in
-    {0, 1}; returns a scalar float32 >= 0.
+    ``forward(logits, targets)`` takes and returns what :class:`BCEDiceLoss`'s does.
     """
 
     def __init__(

@@ -346,12 +346,26 @@ def next_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | No
     cols = np.flatnonzero(err.any(axis=0))
     r0, r1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, pred.shape[0])
     c0, c1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, pred.shape[1])
-    r, c, label = _deepest_error_click(pred[r0:r1, c0:c1], truth[r0:r1, c0:c1])
+    r, c, label = deepest_error_click(pred[r0:r1, c0:c1], truth[r0:r1, c0:c1])
     return r + r0, c + c0, label
 
 
-def _deepest_error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | None:
-    """:func:`next_click`'s rule on the whole arrays (bool, same shape), without the crop."""
+def deepest_error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int] | None:
+    """Apply :func:`next_click`'s rule on the whole arrays, without cropping to the errors.
+
+    The reference the cropped :func:`next_click` is checked against; slower on large images.
+
+    Parameters
+    ----------
+    pred, truth : numpy.ndarray
+        (H, W) bool arrays of the same shape: the prediction and the ground truth.
+
+    Returns
+    -------
+    tuple of int or None
+        ``(row, col, label)`` with label 1 (a missed lesion pixel) or 0 (a false-positive
+        pixel); None when the two agree.
+    """
     from scipy import ndimage
 
     fn, fp = truth & ~pred, pred & ~truth
@@ -368,6 +382,10 @@ def _deepest_error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int,
     _, idx, label = best
     r, c = divmod(idx, pred.shape[1])
     return int(r), int(c), int(label)
+
+
+# Older spelling, imported by tests/test_annotator.py until it imports deepest_error_click.
+_deepest_error_click = deepest_error_click
 
 
 @dataclass

@@ -17,7 +17,9 @@ from busseg.data.io import IMAGE_SUFFIXES
 
 CLASSES = ("benign", "malignant", "normal")
 DATASET_DIRNAME = "Dataset_BUSI_with_GT"
-_MASK_RE = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<k>\d+))?$", re.IGNORECASE)
+#: Matches a BUSI mask file stem (``"<stem>_mask"`` or ``"<stem>_mask_<k>"``); groups
+#: ``stem`` (the image's stem) and ``k`` (the mask's index, None for the first).
+MASK_RE = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<k>\d+))?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,19 @@ class BusiIndex:
         return {r.rel_path: r for r in self.records}
 
 
-def _natural_key(s: str):
+def natural_key(s: str) -> list:
+    """Sort key that orders digit runs by value: ``"benign (2)"`` before ``"benign (10)"``.
+
+    Parameters
+    ----------
+    s : str
+        A file name or relative path.
+
+    Returns
+    -------
+    list
+        Alternating lower-cased text and int parts, for ``sorted(..., key=natural_key)``.
+    """
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
 
 
@@ -123,7 +137,7 @@ def is_busi_image(path: str | os.PathLike) -> bool:
         ``_mask`` or ``_mask_<k>``.
     """
     p = Path(path)
-    return p.suffix.lower() in IMAGE_SUFFIXES and not _MASK_RE.match(p.stem)
+    return p.suffix.lower() in IMAGE_SUFFIXES and not MASK_RE.match(p.stem)
 
 
 def _label_for(folder: Path, stem: str) -> str:
@@ -133,7 +147,20 @@ def _label_for(folder: Path, stem: str) -> str:
     return head if head in CLASSES else "unknown"
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
+def image_size(path: Path) -> tuple[int, int] | None:
+    """Read an image file's (width, height) from its header, without decoding the pixels.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        An image file Pillow can open.
+
+    Returns
+    -------
+    tuple of int or None
+        ``(width, height)`` in pixels, or None when the file cannot be opened (the caller
+        reports it as a problem).
+    """
     from PIL import Image
 
     try:
@@ -167,12 +194,12 @@ def size_problems(image: Path, masks: tuple[Path, ...], *,
     def name(p: Path) -> str:
         return f"{p.parent.name}/{p.name}" if folders else p.name
 
-    size = _image_size(image)
+    size = image_size(image)
     if size is None:
         return None, [f"unreadable image: {image}"]
     problems = []
     for mp in masks:
-        msize = _image_size(mp)
+        msize = image_size(mp)
         if msize is None:
             problems.append(f"unreadable mask: {mp}")
         elif msize != size:
@@ -219,7 +246,7 @@ def resolve_busi_root(root: str | os.PathLike) -> tuple[Path, list[Path]]:
     if class_dirs:
         return root, class_dirs
     files = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if any(_MASK_RE.match(p.stem) for p in files):
+    if any(MASK_RE.match(p.stem) for p in files):
         return root.parent, [root]
     raise ValueError(
         f"{root} is not a BUSI-like folder: expected {DATASET_DIRNAME}/ with class folders "
@@ -260,15 +287,15 @@ def discover_busi(root: str | os.PathLike, *, check_sizes: bool = True) -> BusiI
         for p in folder.iterdir():
             if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
                 continue
-            m = _MASK_RE.match(p.stem)
+            m = MASK_RE.match(p.stem)
             if m:
                 masks.setdefault(m.group("stem"), []).append((int(m.group("k") or 0), p))
             else:
                 images[p.stem] = p
-        for stem in sorted(set(masks) - set(images), key=_natural_key):
+        for stem in sorted(set(masks) - set(images), key=natural_key):
             for _, mp in sorted(masks[stem]):
                 index.problems.append(f"mask without an image: {mp}")
-        for stem in sorted(images, key=_natural_key):
+        for stem in sorted(images, key=natural_key):
             img = images[stem]
             mps = tuple(p for _, p in sorted(masks.get(stem, [])))
             problems: list[str] = []

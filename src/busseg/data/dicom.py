@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from busseg.data.errors import ImageReadError
+
 __all__ = ["DICOM_SUFFIXES", "DicomInfo", "has_pydicom", "is_dicom", "read_dicom",
            "read_dicom_header"]
 
@@ -123,8 +125,6 @@ def read_dicom_header(path: str | os.PathLike) -> DicomInfo:
     busseg.data.io.ImageReadError
         If the header cannot be read.
     """
-    from busseg.data.io import ImageReadError
-
     try:
         import pydicom
     except ImportError:
@@ -162,8 +162,6 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, DicomInfo]:
         If the file is not DICOM, has no pixel data, or its pixel data cannot be decoded
         (e.g. a compressed transfer syntax without its decoder plugin).
     """
-    from busseg.data.io import ImageReadError
-
     try:
         import pydicom
     except ImportError:

@@ -33,13 +33,13 @@ import re
 from pathlib import Path
 
 from busseg.data.busi import (
-    _MASK_RE,
     DATASET_DIRNAME,
+    MASK_RE,
     BusiIndex,
     BusiRecord,
-    _image_size,
-    _natural_key,
     discover_busi,
+    image_size,
+    natural_key,
     size_problems,
 )
 from busseg.data.io import IMAGE_SUFFIXES
@@ -66,7 +66,21 @@ def _is_scan_file(p: Path, suffixes: tuple[str, ...]) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes
 
 
-def _pair_dirs(root: Path) -> tuple[Path, Path] | None:
+def pair_dirs(root: Path) -> tuple[Path, Path] | None:
+    """Find an image folder and a mask folder side by side (BUS-BRA, BUS-UCLM layouts).
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        A dataset folder.
+
+    Returns
+    -------
+    tuple of pathlib.Path or None
+        ``(images, masks)``: the first image folder (``images``, ``image``, ``img``, ...)
+        and the first mask folder (``masks``, ``mask``, ``labels``, ``gt``, ...) under
+        ``root``; None unless both exist.
+    """
     images = next((root / d for d in _IMAGE_DIRS if (root / d).is_dir()), None)
     masks = next((root / d for d in _MASK_DIRS if (root / d).is_dir()), None)
     return (images, masks) if images is not None and masks is not None else None
@@ -101,14 +115,14 @@ def detect_layout(root: str | os.PathLike) -> str:
         (root / c).is_dir() for c in ("benign", "malignant", "normal")
     ):
         return "busi"
-    pair = _pair_dirs(root)
+    pair = pair_dirs(root)
     if pair is not None:
         images, _ = pair
         if any(p.stem.startswith("bus_") for p in images.iterdir()):
             return "busbra"
         return "pairs"
     files = [p for p in root.iterdir() if _is_scan_file(p, IMAGE_SUFFIXES)]
-    if any(_MASK_RE.match(p.stem) for p in files):
+    if any(MASK_RE.match(p.stem) for p in files):
         return "busi"
     return "folder"
 
@@ -230,7 +244,7 @@ def _patient_of(stem: str) -> str | None:
 
 
 def _discover_pairs(root: Path, layout: str, check_sizes: bool) -> BusiIndex:
-    pair = _pair_dirs(root)
+    pair = pair_dirs(root)
     if pair is None:
         raise ValueError(
             f"{root} has no image/mask folder pair; expected e.g. 'images/' and 'masks/' "
@@ -243,7 +257,7 @@ def _discover_pairs(root: Path, layout: str, check_sizes: bool) -> BusiIndex:
     index = BusiIndex(root=root)
     used: set[str] = set()
     for img in sorted((p for p in img_dir.iterdir() if _is_scan_file(p, suffixes)),
-                      key=lambda p: _natural_key(p.name)):
+                      key=lambda p: natural_key(p.name)):
         stem = img.stem
         candidates = [stem]
         if stem.startswith("bus_"):
@@ -274,7 +288,7 @@ def _discover_pairs(root: Path, layout: str, check_sizes: bool) -> BusiIndex:
             group=group,
         ))
         index.problems.extend(problems)
-    for stem in sorted(set(masks) - used, key=_natural_key):
+    for stem in sorted(set(masks) - used, key=natural_key):
         index.problems.append(f"mask without an image: {masks[stem]}")
     if not index.records:
         raise ValueError(f"no scans found in {img_dir}; expected PNG/JPEG/BMP/TIFF files")
@@ -286,12 +300,12 @@ def _discover_folder(root: Path, check_sizes: bool) -> BusiIndex:
     index = BusiIndex(root=root)
     files = sorted((p for p in root.rglob("*") if _is_scan_file(p, suffixes)
                     and not any(part.startswith(".") for part in p.relative_to(root).parts)),
-                   key=lambda p: _natural_key(p.relative_to(root).as_posix()))
+                   key=lambda p: natural_key(p.relative_to(root).as_posix()))
     for img in files:
         problems: list[str] = []
         size = None
         if check_sizes and img.suffix.lower() != ".dcm":
-            size = _image_size(img)
+            size = image_size(img)
             if size is None:
                 problems.append(f"unreadable image: {img}")
         rel = img.relative_to(root)
@@ -370,3 +384,7 @@ def default_split(root: str | os.PathLike) -> Path:
         raise ValueError(f"no committed split for {root}; make one with "
                          "training/make_split.py and pass it with --split")
     return path
+
+
+# Older spelling, used by busseg._reader until it imports :func:`pair_dirs`.
+_pair_dirs = pair_dirs

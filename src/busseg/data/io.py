@@ -21,14 +21,12 @@ from struct import error as struct_error
 
 import numpy as np
 
+from busseg.data.errors import ImageReadError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 # ITU-R BT.601 luma weights, the same as Pillow's "L" conversion.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-
-
-class ImageReadError(ValueError):
-    """A file could not be decoded as an image; the message names the file."""
 
 
 def to_grey(image: np.ndarray) -> np.ndarray:
