@@ -115,7 +115,7 @@ def test_open_next_and_save_corrections(browser, notes, fake_busi, tmp_path, qtb
     )
     assert widget.status_of(rec) == "corrected"
     assert "[corrected]" in widget._cases.native.item(1).text()
-    assert widget._progress_label.value == "1 of 6 corrected"
+    assert widget._progress_label.value == "1 of 6 recorded"
     assert [r.rel_path for r in discover_busi(corr).usable] == ["benign/benign (2).png"]
 
     # saving again keeps the earlier correction as a version (no question asked)
@@ -347,7 +347,7 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
     widget.set_corrections(corr)
     assert len(widget.records) == 12 and widget.session.layouts == ["folder"]
     assert list(widget._class_combo.choices) == ["all", "unknown"]
-    assert widget._progress_label.value == "0 of 12 corrected"
+    assert widget._progress_label.value == "0 of 12 recorded"
     widget._model_edit.value = tiny_checkpoint
     widget._predict_check.value = True
 
@@ -391,7 +391,7 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
     assert len(viewer.layers) <= 6
     assert set(_names(viewer)) <= {"scan 11", "scan 11 prediction", "scan 11 boxes",
                                    "scan 11 clicks"}
-    assert widget._progress_label.value == "12 of 12 corrected"
+    assert widget._progress_label.value == "12 of 12 recorded"
     assert widget._progress.value == 12
 
     # a new viewer shows all 12 corrected (read back from the corrections folder)
@@ -400,7 +400,7 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
     again = _dock(viewer2)
     again.set_corrections(corr)
     again.set_root(scans)
-    assert again._progress_label.value == "12 of 12 corrected"
+    assert again._progress_label.value == "12 of 12 recorded"
     assert [again.status_of(r) for r in again.records] == ["corrected"] * 12
     assert all("[corrected]" in again._cases.native.item(i).text() for i in range(12))
     again.select(3)
@@ -518,7 +518,7 @@ def test_keyboard_shortcuts(browser, notes, tmp_path, monkeypatch):
     _press(viewer, "H")  # no lesion: an empty mask recorded as a normal scan
     assert not read_mask(corr / "normal" / "scan 00_mask.png").any()
     assert not viewer.layers["scan 00 prediction"].data.any()
-    assert widget.status_of(widget.open_record) == "corrected"
+    assert widget.status_of(widget.open_record) == "normal"
     viewer.layers["scan 00 prediction"].data[2:5, 2:5] = 1
     _press(viewer, "Shift-S")  # save now: the lesion moves the case out of normal/
     assert read_mask(corr / "unknown" / "scan 00_mask.png").any()
@@ -537,19 +537,22 @@ def test_keyboard_shortcuts(browser, notes, tmp_path, monkeypatch):
         def toggle_click_label(self):
             calls.append("toggle")
 
-    import busseg._widgets.segment as seg_mod
+    from busseg.state import viewer_state
 
-    monkeypatch.setattr(seg_mod, "find_segment_widget", lambda v: None)
-    _press(viewer, "G")
+    _press(viewer, "G")  # no Segment lesions widget offers the action
     assert "Segment lesions" in notes[-1][1] and not calls
-    monkeypatch.setattr(seg_mod, "find_segment_widget", lambda v: FakeSegment())
+    fake = FakeSegment()  # offers its actions through the viewer's state, as the widget does
+    state = viewer_state(viewer)
+    for name in ("segment", "set_prompt_mode", "toggle_click_label"):
+        state.offer(name, getattr(fake, name))
     for key in ("G", "Q", "W", "J"):
         _press(viewer, key)
     assert calls == ["segment", "box", "click", "toggle"]
     assert viewer.layers.selection.active.name == "scan 00"  # G segments the open image
 
 
-def test_unedited_prediction_is_not_saved(browser, notes, tiny_checkpoint, tmp_path, qtbot):
+def test_unedited_prediction_is_recorded_as_accepted(browser, notes, tiny_checkpoint, tmp_path,
+                                                     qtbot):
     viewer, widget = browser
     scans = _write_scans(tmp_path / "scans", 3)
     corr = tmp_path / "corr"
@@ -560,9 +563,11 @@ def test_unedited_prediction_is_not_saved(browser, notes, tiny_checkpoint, tmp_p
     widget.select(0)
     widget.open_current()
     qtbot.waitUntil(lambda: "scan 00 prediction" in _names(viewer), timeout=60_000)
-    widget.next_case()  # accepted as predicted: not a correction
-    assert not corr.exists() or not list(corr.rglob("*_mask.png"))
-    assert widget._progress_label.value == "0 of 3 corrected"
+    widget.next_case()  # left unedited: recorded as accepted (the prediction as it was)
+    assert [p.name for p in corr.rglob("*_mask.png")] == ["scan 00_mask.png"]
+    assert widget.session.status_of(0) == "accepted"
+    assert widget._progress_label.value == "1 of 3 recorded"
+    assert "[accepted]" in widget._cases.native.item(0).text()
     _closed(qtbot, widget)
     assert _names(viewer)[0] == "scan 01"
     # the next case's prediction runs in a worker: let it land before the viewer closes
@@ -585,7 +590,7 @@ def test_resume_opens_the_first_uncorrected_case(browser, notes, tmp_path):
     widget.set_root(scans)
     assert widget.current_record().name == "scan 02"  # selected on opening the folder
     assert widget.resume().name == "scan 02"
-    assert widget._progress_label.value == "2 of 4 corrected"
+    assert widget._progress_label.value == "2 of 4 recorded"
 
 
 def test_learn_as_you_go_switches_segment_lesions(
@@ -733,7 +738,7 @@ def test_keys_drive_the_segment_lesions_widget(
     # the image, prediction and prompt layers of scan 00 are closed
     _closed(qtbot, widget)
     assert "scan 01" in _names(viewer) and not [n for n in _names(viewer) if "scan 00" in n]
-    assert widget._progress_label.value == "1 of 2 corrected"
+    assert widget._progress_label.value == "1 of 2 recorded"
     _settle(qtbot, widget)
 
 
@@ -742,24 +747,35 @@ def test_keys_drive_the_segment_lesions_widget(
 
 @pytest.fixture
 def forward_threads(monkeypatch):
-    """Record the thread of every busseg.inference.predict_mask call (the model's one entry).
+    """Record the thread of every forward pass (``busseg.inference.predict``, which
+    ``predict_mask`` and the session's site calibrator both call).
 
     ``.on_gui`` lists, per call, whether it ran on the GUI (main) thread; ``.real`` is the
-    unpatched function, for the test's own reference predictions.
+    unpatched ``predict_mask``, for the test's own reference predictions (not recorded).
     """
     import threading
     from types import SimpleNamespace
 
     import busseg.inference
 
-    real = busseg.inference.predict_mask
-    record = SimpleNamespace(on_gui=[], real=real)
+    real_predict = busseg.inference.predict
+    real_mask = busseg.inference.predict_mask
+    local = threading.local()
 
     def recording(*args, **kwargs):
-        record.on_gui.append(threading.current_thread() is threading.main_thread())
-        return real(*args, **kwargs)
+        if not getattr(local, "reference", False):
+            record.on_gui.append(threading.current_thread() is threading.main_thread())
+        return real_predict(*args, **kwargs)
 
-    monkeypatch.setattr(busseg.inference, "predict_mask", recording)
+    def reference(*args, **kwargs):
+        local.reference = True
+        try:
+            return real_mask(*args, **kwargs)
+        finally:
+            local.reference = False
+
+    record = SimpleNamespace(on_gui=[], real=reference)
+    monkeypatch.setattr(busseg.inference, "predict", recording)
     return record
 
 
@@ -892,13 +908,13 @@ def test_late_prediction_after_napari_closes_is_dropped(make_napari_viewer, note
     import busseg.inference
 
     gate = threading.Event()
-    real = busseg.inference.predict_mask
+    real = busseg.inference.predict  # the model's one entry (predict_mask, calibrator)
 
     def held(*args, **kwargs):
         gate.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(busseg.inference, "predict_mask", held)
+    monkeypatch.setattr(busseg.inference, "predict", held)
     scans = _write_scans(tmp_path / "scans", 3)
     viewer = make_napari_viewer()
     widget = _dock(viewer, predict=True)
@@ -1082,3 +1098,82 @@ def test_first_open_takes_over_the_layers_made_when_the_folder_is_chosen(
     assert len(viewer.layers) == 5 and not widget.spare_layers
     _settle(qtbot, widget)
     assert not [n for n in notes if n[0] == "error"]
+
+
+# ------------------------------------------------------------- both docks in a 1500x900 window
+
+
+def _visible_rows(list_widget):
+    """Rows of a QListWidget wholly visible on screen (clipped by its scroll areas too)."""
+    shown = list_widget.viewport().visibleRegion().boundingRect()
+    return sum(shown.contains(list_widget.visualItemRect(list_widget.item(i)))
+               for i in range(list_widget.count()))
+
+
+def test_both_docks_at_1500x900_show_ten_cases(make_napari_viewer, notes, busseg_plugin,
+                                               tmp_path, qtbot):
+    """The annotator's rows come first and Segment lesions' expert settings fold away, so the
+    case list shows at least ten rows with both docks open in a 1500x900 window."""
+    from qtpy.QtWidgets import QApplication
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1500, 900)
+    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    widget = _dock(viewer)
+    viewer.window.resize(1500, 900)
+    assert not seg.expert_settings_open  # folded by default
+    widget.set_corrections(tmp_path / "corr")
+    widget.set_root(_write_scans(tmp_path / "scans", 14))
+    widget.select(0)
+    widget.open_current()
+    for _ in range(5):
+        QApplication.processEvents()
+        qtbot.wait(50)
+    rows = _visible_rows(widget._cases.native)
+    out = Path(__file__).resolve().parents[1] / "docs" / "images"
+    shot = viewer.window.screenshot(str(out / "scan_browser_case_list_1500x900.png"),
+                                    canvas_only=False, flash=False)
+    assert shot.shape[0] >= 850 and shot.shape[1] >= 1450
+    assert all(shot[..., c].max() > 0 for c in range(3))  # not a black image
+    assert rows >= 10, f"the case list shows {rows} rows"
+
+
+def test_skip_key_leaves_a_case_unrecorded(browser, notes, tmp_path, monkeypatch):
+    viewer, widget = browser
+    assert "K" in browser_mod.SHORTCUTS and "K" in widget.tooltip
+    scans = _write_scans(tmp_path / "scans", 3)
+    corr = tmp_path / "corr"
+    widget.set_root(scans)
+    widget.set_corrections(corr)
+    widget.select(0)
+    widget.open_current()
+    viewer.add_labels(np.ones((40, 48), np.uint8), name="scan 00 prediction")  # an edit ...
+    _press(viewer, "K")  # ... left without recording it
+    assert widget.open_record.name == "scan 01"
+    assert not corr.exists() or not list(corr.rglob("*_mask.png"))
+    assert widget._progress_label.value == "0 of 3 recorded"
+    assert widget.session.status_of(0) is None
+    viewer.add_labels(np.ones((40, 48), np.uint8), name="scan 01 prediction")
+    _press(viewer, "N")  # N records it
+    assert widget.session.status_of(1) == "corrected"
+    assert "[corrected]" in widget._cases.native.item(1).text()
+    assert widget._progress_label.value == "1 of 3 recorded"
+
+
+def test_learning_tooltip_and_site_calibration_line(browser, tmp_path, monkeypatch):
+    viewer, widget = browser
+    tip = widget._learn_check.tooltip
+    assert "interactions per held-out scan" in tip and "not by Dice" in tip
+    widget.set_root(_write_scans(tmp_path / "scans", 2))
+    widget.set_corrections(tmp_path / "corr")
+    session_type = type(widget.session)
+    if not hasattr(session_type, "calibration_text"):
+        assert widget._calibration.native.isHidden()  # no such line: nothing shown
+    monkeypatch.setattr(session_type, "calibration_text",
+                        lambda self: "site calibration: threshold 0.42", raising=False)
+    widget._refresh_list()
+    assert widget._calibration.value == "site calibration: threshold 0.42"
+    assert not widget._calibration.native.isHidden()
+    monkeypatch.setattr(session_type, "calibration_text", lambda self: "", raising=False)
+    widget._refresh_list()
+    assert widget._calibration.native.isHidden()

@@ -347,3 +347,37 @@ def test_model_line_tells_shipped_default_from_a_fine_tune(widget, tiny_checkpoi
     (ft / "config.json").write_text(json.dumps(cfg))
     widget.use_checkpoint(ft)
     assert "fine-tuned on 3 pair(s), held-out Dice 0.500" in widget._model_info.value
+
+
+def test_expert_settings_fold_away_and_the_viewer_state_follows(make_napari_viewer, qtbot,
+                                                                tiny_checkpoint):
+    from busseg.state import viewer_state
+
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    widget.use_checkpoint(tiny_checkpoint)
+
+    from qtpy.QtWidgets import QApplication, QScrollArea
+
+    assert not widget.expert_settings_open  # closed by default: the annotator's rows first
+    assert widget._expert_section.isAncestorOf(widget._threshold.native)
+    scroll = widget.native.findChild(QScrollArea, "busseg_segment_scroll")
+    folded = scroll.maximumHeight()  # no taller than its rows: the dock below gets the rest
+    widget.set_expert_settings_open(True)
+    QApplication.processEvents()
+    assert widget.expert_settings_open
+    assert scroll.maximumHeight() > folded  # unfolded rows get their room
+    unfolded = scroll.maximumHeight()
+    widget.set_expert_settings_open(False)
+    qtbot.waitUntil(lambda: scroll.maximumHeight() < unfolded, timeout=5_000)
+    folded = scroll.maximumHeight()
+    widget._expert_section.toggleButton().click()  # as the annotator does: animated
+    qtbot.waitUntil(lambda: scroll.maximumHeight() > folded + 50, timeout=5_000)
+    state = viewer_state(viewer)
+    assert state.checkpoint == tiny_checkpoint  # the checkpoint in use is the viewer's
+    widget._threshold.value = 0.3
+    assert state.settings["threshold"] == pytest.approx(0.3)
+    assert "checkpoint" not in state.settings and "with_proba" not in state.settings
+    state.checkpoint = None  # adopted elsewhere (fine-tune, learning as you go)
+    assert widget.current_checkpoint() is None
+    assert state.perform("toggle_click_label") in (0, 1)  # the keyboard actions it offers

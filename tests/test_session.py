@@ -219,17 +219,18 @@ def _second_checkpoint(path, seed=1):
 
 @pytest.fixture
 def count_forward(monkeypatch):
-    """Count the calls of busseg.inference.predict_mask (the session's one model call)."""
+    """Count the calls of busseg.inference.predict (the session's one model call: through
+    predict_mask, or the site calibrator's raw prediction)."""
     import busseg.inference
 
     calls = []
-    real = busseg.inference.predict_mask
+    real = busseg.inference.predict
 
     def counting(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(busseg.inference, "predict_mask", counting)
+    monkeypatch.setattr(busseg.inference, "predict", counting)
     return calls
 
 
@@ -349,7 +350,7 @@ def test_one_forward_pass_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
 
     import busseg.inference
 
-    real = busseg.inference.predict_mask
+    real = busseg.inference.predict  # the one model call (predict_mask and calibrator)
     active, overlaps, calls = [0], [], []
     guard = threading.Lock()
 
@@ -365,7 +366,7 @@ def test_one_forward_pass_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
             with guard:
                 active[0] -= 1
 
-    monkeypatch.setattr(busseg.inference, "predict_mask", slow)
+    monkeypatch.setattr(busseg.inference, "predict", slow)
     scans = _folder(tmp_path / "scans", n=3)
     s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
     worker = threading.Thread(target=s.prefetch, args=(1,))

@@ -31,7 +31,7 @@ is not installed). Colour images are converted to grey, as the network sees them
 that cannot be decoded shows a napari error notification naming it instead of a traceback;
 in a stack a corrupt slice shows as zeros and a warning notification names the file (once).
 
-Layer metadata (``layer.metadata["busseg"]``, see :func:`busseg._widgets._common.busseg_metadata`):
+Layer metadata (``layer.metadata["busseg"]``, see :mod:`busseg.layers`):
 
 ``kind``
     ``"case"`` (one image), ``"mask"`` (a mask file) or ``"stack"`` (a folder or file list).
@@ -59,10 +59,10 @@ from typing import Any
 
 import numpy as np
 
-from busseg._widgets._common import META_KEY, ground_truth_name
 from busseg.data.busi import CLASSES, BusiRecord, is_busi_image
 from busseg.data.discover import scan_suffixes
 from busseg.data.io import IMAGE_SUFFIXES
+from busseg.layers import META_KEY, ground_truth_name
 
 LayerData = tuple  # (data, kwargs, layer_type)
 ReaderFunction = Callable[[Any], list]
@@ -141,10 +141,10 @@ def _folder_has_images(folder: Path) -> bool:
     BUSI layouts (the dataset, its parent, a class folder), image/mask folder pairs and any
     folder with a scan file at any depth (hidden folders skipped).
     """
-    from busseg.data.discover import _pair_dirs
+    from busseg.data.discover import pair_dirs
 
     try:
-        pair = _pair_dirs(folder)
+        pair = pair_dirs(folder)
         candidates = [pair[0]] if pair is not None else [folder]
         sub = folder / "Dataset_BUSI_with_GT"
         if sub.is_dir():
@@ -242,11 +242,11 @@ def _pair_record(path: Path) -> BusiRecord | None:
     pair is indexed by :func:`busseg.data.discover` without reading any header. None for
     any other image.
     """
-    from busseg.data.discover import _pair_dirs, detect_layout, discover
+    from busseg.data.discover import detect_layout, discover, pair_dirs
 
     root = path.parent.parent
     try:
-        pair = _pair_dirs(root)
+        pair = pair_dirs(root)
         if pair is None or pair[0].resolve() != path.parent.resolve():
             return None
         layout = detect_layout(root)

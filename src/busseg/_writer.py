@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from busseg._widgets._common import META_KEY
 from busseg.data.io import atomic_output, atomic_write_bytes, write_mask_png
+from busseg.layers import META_KEY
 
 PNG_SUFFIXES = (".png",)
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -123,7 +123,7 @@ def write_png_stack(folder: str | os.PathLike, data: Any, meta: dict | None = No
         separator, ``..``, control characters ...): files are never written outside
         ``folder``.
     """
-    from busseg.corrections import _check_part
+    from busseg.corrections import check_part
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -139,8 +139,8 @@ def write_png_stack(folder: str | os.PathLike, data: Any, meta: dict | None = No
     for i in range(n):
         if slices is not None:
             info = slices[i]
-            label = _check_part(str(info.get("label") or "unknown"), f"slice {i}'s class")
-            name = _check_part(str(info.get("name")), f"slice {i}'s name")
+            label = check_part(str(info.get("label") or "unknown"), f"slice {i}'s class")
+            name = check_part(str(info.get("name")), f"slice {i}'s name")
             targets.append((folder / label / f"{name}_mask.png", info.get("original_shape")))
         else:
             targets.append((folder / f"{folder.name}_{i:04d}.png", None))

@@ -79,7 +79,29 @@ def _is_within(path: Path, other: Path) -> bool:
 MAX_NAME_BYTES = 200
 
 
-def _check_part(value: str, what: str) -> str:
+def check_part(value: str, what: str) -> str:
+    """Check that a case name or class can be one file or folder name.
+
+    Parameters
+    ----------
+    value : str
+        The name (converted with ``str``).
+    what : str
+        What to call it in the error message (e.g. ``"case name"``).
+
+    Returns
+    -------
+    str
+        ``value`` as a str, unchanged.
+
+    Raises
+    ------
+    ValueError
+        If it is empty, ``.`` or ``..``, holds a path separator, leading or trailing
+        spaces or control characters, starts with ``.`` (a hidden file), cannot be encoded
+        for this file system or is longer than :data:`MAX_NAME_BYTES` bytes; the message
+        says what to use instead.
+    """
     value = str(value)
     if (
         not value
@@ -116,6 +138,10 @@ def _check_part(value: str, what: str) -> str:
             f"{MAX_NAME_BYTES} bytes"
         )
     return value
+
+
+# The older, private spelling of check_part.
+_check_part = check_part
 
 
 class CorrectionStore:
@@ -187,7 +213,7 @@ class CorrectionStore:
                 f"class {str(label)!r} is not one of {', '.join(map(repr, LABELS))}; "
                 "corrections in other class folders would be invisible to fine-tuning"
             )
-        return _check_part(name, "case name"), str(label)
+        return check_part(name, "case name"), str(label)
 
     def path_for(self, record_or_name: Any, label: str | None = None) -> CorrectionPaths:
         """Paths of a case's corrected image and mask.

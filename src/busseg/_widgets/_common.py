@@ -1,126 +1,79 @@
 """Small helpers shared by the napari-busseg dock widgets (napari side; imports no torch).
 
-- Layer names: :func:`prediction_name` (``"<image layer name> prediction"``, the editable Labels
-  layer the segment widget writes and the Scan browser saves as a correction) and
-  :func:`ground_truth_name` (``"<image layer name> ground truth"``, written by the reader).
-- :func:`busseg_metadata`: the ``layer.metadata["busseg"]`` dict the reader and widgets attach.
-- :func:`find_layer`: a layer by name (and optionally kind) or ``None``.
+- Layer conventions (:func:`prediction_name`, :func:`ground_truth_name`,
+  :func:`busseg_metadata`, :func:`find_layer` ...) are :mod:`busseg.layers`'s, re-exported.
+- :func:`start_worker`: run a generator job in a napari worker and connect its signals.
 - :func:`notify_info`, :func:`notify_warning`, :func:`notify_error`: napari notifications
   (one place for tests to monkeypatch).
 - :func:`ask_yes_no`: a modal yes/no question (tests monkeypatch it; it is never called without
   a display).
 - :func:`guarded` / :class:`WorkerError`: re-exported from :mod:`busseg.jobs`.
-- :func:`wrap_label`, :func:`connect_layer_changes`: small Qt/napari wiring shared by widgets.
+- :func:`wrap_label`, :func:`connect_layer_changes`, :func:`scroll_rows`, :func:`scroll_form`,
+  :func:`fit_labels_on_show`, :class:`TextRow`: small Qt/napari wiring shared by widgets.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+from magicgui.widgets import Label
 
 from busseg.jobs import WorkerError, guarded  # noqa: F401  (Qt-free; re-exported)
 
-#: Key of the plugin's entry in ``layer.metadata``.
-META_KEY = "busseg"
-#: Suffix of the editable prediction Labels layer: ``"<image layer name> prediction"``.
-PREDICTION_SUFFIX = " prediction"
-#: Suffix of the ground-truth Labels layer: ``"<image layer name> ground truth"``.
-GROUND_TRUTH_SUFFIX = " ground truth"
+# The layer conventions live in the Qt-free busseg.layers; these names stay importable here.
+from busseg.layers import (  # noqa: F401
+    GROUND_TRUTH_SUFFIX,
+    META_KEY,
+    PREDICTION_SUFFIX,
+    SPARE_KIND,
+    busseg_metadata,
+    find_layer,
+    ground_truth_name,
+    is_spare,
+    prediction_name,
+)
 
 
-#: Metadata kind (and name prefix) of the hidden layers the Scan browser makes ahead for the
-#: next case to take over; widgets do not offer them as images.
-SPARE_KIND = "busseg spare"
+def start_worker(job: Any, *, yielded: Any = None, returned: Any = None, errored: Any = None,
+                 aborted: Any = None, finished: Any = None, start: bool = True) -> Any:
+    """Run a job in a napari thread worker and connect its signals.
 
-
-def is_spare(layer: Any) -> bool:
-    """Whether ``layer`` is one of the Scan browser's hidden spare layers."""
-    return busseg_metadata(layer).get("kind") == SPARE_KIND
-
-
-def prediction_name(image_name: str) -> str:
-    """Name of the prediction Labels layer of an image layer.
-
-    Parameters
-    ----------
-    image_name : str
-        The image layer's name, e.g. ``"benign (4)"``.
-
-    Returns
-    -------
-    str
-        ``"<image_name> prediction"``.
-    """
-    return f"{image_name}{PREDICTION_SUFFIX}"
-
-
-def ground_truth_name(image_name: str) -> str:
-    """Name of the ground-truth Labels layer of an image layer.
+    Every long job of the widgets is a generator that yields progress events and returns its
+    result (DESIGN practice 2); this is the one place that wraps it for napari.
 
     Parameters
     ----------
-    image_name : str
-        The image layer's name, e.g. ``"benign (4)"``.
+    job : generator or callable
+        A generator (already made, its inputs snapshotted on the GUI thread): it runs wrapped
+        in :func:`busseg.jobs.guarded`, so an exception reaches ``errored`` as a
+        :class:`~busseg.jobs.WorkerError` with a readable message. Or a callable without
+        arguments (a short job with no progress): its return value reaches ``returned``.
+    yielded, returned, errored, aborted, finished : callable, optional
+        Slots for the worker's signals (run on the GUI thread): ``yielded(event)``,
+        ``returned(result)``, ``errored(exception)``, ``aborted()``, ``finished()``.
+    start : bool
+        Start the worker now; False: the caller calls ``worker.start()`` (e.g. after keeping
+        a reference that the job itself may use).
 
     Returns
     -------
-    str
-        ``"<image_name> ground truth"``.
+    napari.qt.threading.WorkerBase
+        The worker (a generator's ``quit()`` stops it at its next yield).
     """
-    return f"{image_name}{GROUND_TRUTH_SUFFIX}"
+    import inspect
 
+    from napari.qt.threading import create_worker
 
-def busseg_metadata(layer: Any) -> dict:
-    """Return the plugin's metadata of a layer.
-
-    Parameters
-    ----------
-    layer : napari.layers.Layer or None
-        Any layer.
-
-    Returns
-    -------
-    dict
-        ``layer.metadata["busseg"]`` (keys such as ``source``, ``label``, ``name``, ``root``,
-        ``original_size``, ``slices``; see :mod:`busseg._reader`), or an empty dict when the
-        layer has none.
-    """
-    meta = getattr(layer, "metadata", None) or {}
-    value = meta.get(META_KEY)
-    return value if isinstance(value, dict) else {}
-
-
-def find_layer(viewer: Any, name: str, layer_type: str | None = None) -> Any:
-    """Find a layer by name.
-
-    Parameters
-    ----------
-    viewer : napari.viewer.Viewer
-        The viewer to search.
-    name : str
-        Exact layer name.
-    layer_type : {"image", "labels"} or None
-        Only accept a layer of this kind.
-
-    Returns
-    -------
-    napari.layers.Layer or None
-        The layer, or ``None`` when no layer has that name (or it is of another kind).
-    """
-    for layer in viewer.layers:
-        if layer.name != name:
-            continue
-        if layer_type is None or _is_kind(layer, layer_type):
-            return layer
-    return None
-
-
-def _is_kind(layer: Any, layer_type: str) -> bool:
-    import napari.layers
-
-    kinds = {"image": napari.layers.Image, "labels": napari.layers.Labels}
-    if layer_type not in kinds:
-        raise ValueError(f"layer_type must be one of {sorted(kinds)}, got {layer_type!r}")
-    return isinstance(layer, kinds[layer_type])
+    args = (guarded, job) if inspect.isgenerator(job) else (job,)
+    worker = create_worker(*args, _start_thread=False, _ignore_errors=True)
+    for signal, slot in (("yielded", yielded), ("returned", returned), ("errored", errored),
+                         ("aborted", aborted), ("finished", finished)):
+        if slot is not None:
+            getattr(worker, signal).connect(slot)
+    if start:
+        worker.start()
+    return worker
 
 
 def notify_info(message: str) -> None:
@@ -200,7 +153,7 @@ def connect_layer_changes(viewer: Any, callback: Any) -> None:
 
 
 def scroll_rows(container: Any, *, min_height: int = 120, object_name: str = "",
-                fit_width: bool = False) -> Any:
+                fit_width: bool = False, full_height_hint: bool = False) -> Any:
     """Put a container's first child (the form of rows) into a vertical scroll area.
 
     A short dock (other docks beside it, a 900-pixel screen) then scrolls instead of
@@ -218,6 +171,9 @@ def scroll_rows(container: Any, *, min_height: int = 120, object_name: str = "",
         Keep the scroll area at least as wide as the form's minimum width (plus the scroll
         bar), in the font and style it is shown in, so rows of buttons are never clipped
         (there is no horizontal scroll bar).
+    full_height_hint : bool
+        Ask for the form's whole height (Qt's scroll areas ask for at most 24 lines): where
+        docks are stacked, this dock then gets the larger share of the height.
 
     Returns
     -------
@@ -228,7 +184,7 @@ def scroll_rows(container: Any, *, min_height: int = 120, object_name: str = "",
     from qtpy.QtWidgets import QFrame, QScrollArea
 
     form = container[0].native
-    scroll = QScrollArea()
+    scroll = _FullHeightScrollArea() if full_height_hint else QScrollArea()
     if object_name:
         scroll.setObjectName(object_name)
     scroll.setWidgetResizable(True)
@@ -266,3 +222,139 @@ def _fit_width(scroll: Any, form: Any) -> None:
     form._busseg_width_filter = _Filter(form)  # kept alive by the form
     form.installEventFilter(form._busseg_width_filter)
     fit()
+
+
+class TextRow(Label):
+    """A text row whose tooltip is its full text (set a custom tooltip after the value)."""
+
+    @property
+    def value(self) -> str:
+        """The text."""
+        return Label.value.fget(self)
+
+    @value.setter
+    def value(self, text: str) -> None:
+        Label.value.fset(self, text)
+        self.native.setToolTip(str(text or ""))
+
+
+def scroll_form(container: Any, *, min_height: int = 120, object_name: str = "",
+                min_width: int = 300) -> None:
+    """Scroll a container's form of rows (:func:`scroll_rows`), rows at the top.
+
+    Parameters
+    ----------
+    container : magicgui.widgets.Container
+        A container whose first child is the form to scroll.
+    min_height, object_name
+        As :func:`scroll_rows`.
+    min_width : int
+        Minimum width of the form in pixels.
+    """
+    form = container[0].native
+    form.layout().addStretch(1)  # rows at the top when the dock is taller than they are
+    scroll_rows(container, min_height=min_height, object_name=object_name)
+    form.setMinimumWidth(min_width)
+
+
+def fit_label_column(form: Any) -> None:
+    """Widen a labelled form's label column to its widest label in the font it is shown in.
+
+    magicgui measures label widths in the application's default font; napari's stylesheet
+    (applied when the widget is docked) may be larger, which clipped e.g. "checkpoint".
+    """
+    labels = []
+    for w in form:
+        lw = w._labeled_widget() if hasattr(w, "_labeled_widget") else None
+        if lw is not None:
+            labels.append(lw._label_widget.native)
+    if labels:
+        width = max(lab.fontMetrics().horizontalAdvance(lab.text()) for lab in labels) + 6
+        for lab in labels:
+            lab.setMinimumWidth(width)
+
+
+def fit_labels_on_show(form: Any) -> None:
+    """Run :func:`fit_label_column` whenever the form is shown or restyled."""
+    from qtpy.QtCore import QEvent, QObject
+
+    class _Filter(QObject):
+        def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
+            if event.type() in (QEvent.Type.Show, QEvent.Type.StyleChange,
+                                QEvent.Type.FontChange):
+                fit_label_column(form)
+            return False
+
+    native = form.native
+    native._busseg_label_filter = _Filter(native)  # kept alive by the widget
+    native.installEventFilter(native._busseg_label_filter)
+
+
+@functools.lru_cache(maxsize=1)
+def _full_height_scroll_area_class() -> Any:
+    from qtpy.QtCore import QSize
+    from qtpy.QtWidgets import QScrollArea
+
+    class FullHeightScrollArea(QScrollArea):
+        """A scroll area whose size hint is its widget's full height."""
+
+        def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+            hint = super().sizeHint()
+            inner = self.widget()
+            if inner is not None:
+                hint.setHeight(max(hint.height(), inner.sizeHint().height()
+                                   + 2 * self.frameWidth()))
+            return hint
+
+    return FullHeightScrollArea
+
+
+def _FullHeightScrollArea() -> Any:  # noqa: N802 (made like a class)
+    return _full_height_scroll_area_class()()
+
+
+def cap_height_to_content(scroll: Any) -> Any:
+    """Keep a scroll area no taller than its content (re-measured whenever that changes).
+
+    Where docks are stacked, a dock whose rows are all shown then leaves the rest of the
+    height to the dock below it; a section unfolded later raises the cap again.
+
+    Parameters
+    ----------
+    scroll : qtpy.QtWidgets.QScrollArea
+        A scroll area made by :func:`scroll_rows`.
+
+    Returns
+    -------
+    callable
+        Re-measure now (e.g. after a section was folded or unfolded).
+    """
+    from qtpy.QtCore import QEvent, QObject
+
+    form = scroll.widget()
+
+    def fit() -> None:
+        layout = form.layout()
+        width = scroll.viewport().width()
+        if layout is not None and layout.hasHeightForWidth() and width > 0:
+            content = layout.heightForWidth(width)  # wrapped rows at the width shown
+        else:
+            content = form.sizeHint().height()
+        cap = max(scroll.minimumHeight(), content + 2 * scroll.frameWidth() + 2)
+        if scroll.maximumHeight() != cap:
+            scroll.setMaximumHeight(cap)
+            outer = scroll.parentWidget()  # the widget's own container (no margins)
+            if outer is not None:
+                outer.setMaximumHeight(cap)
+
+    class _Filter(QObject):
+        def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
+            if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show,
+                                QEvent.Type.StyleChange, QEvent.Type.FontChange):
+                fit()
+            return False
+
+    form._busseg_height_filter = _Filter(form)  # kept alive by the form
+    form.installEventFilter(form._busseg_height_filter)
+    fit()
+    return fit

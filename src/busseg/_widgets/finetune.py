@@ -5,8 +5,8 @@ copies the current slice, or every labelled slice of a stack) and/or from a corr
 in the BUSI layout (:class:`busseg.corrections.CorrectionStore`). Start runs
 :func:`busseg.finetune.finetune_iter` in a napari ``thread_worker``; Stop sets the
 ``threading.Event`` it checks every step, so the best weights so far are still written. The new
-checkpoint (``<output folder>/best``) records its lineage; when it is written the "Segment
-lesions" widget of the same viewer is switched to it.
+checkpoint (``<output folder>/best``) records its lineage; when it is written it becomes the
+viewer's checkpoint (:class:`busseg.state.ViewerState`), which "Segment lesions" follows.
 
 The widget holds no model code; torch loads when training starts.
 """
@@ -36,11 +36,13 @@ from magicgui.widgets import (
 from busseg._widgets._common import (
     connect_layer_changes,
     find_layer,
-    guarded,
     prediction_name,
+    start_worker,
     wrap_label,
 )
-from busseg._widgets.segment import find_segment_widget, slice_crop, stack_slices
+from busseg.jobs import slice_crop
+from busseg.layers import stack_slices
+from busseg.state import viewer_state
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -197,6 +199,7 @@ class FineTuneWidget(Container):
         )
 
         self._viewer = viewer
+        self._state = viewer_state(viewer)
         self._worker = None
         self._stop_event: threading.Event | None = None
         self._run_out: Path | None = None
@@ -307,9 +310,8 @@ class FineTuneWidget(Container):
                 return None
             p = Path(p).expanduser()
             return p.parent if p.is_file() else p
-        if self._base.value == BASE_SEGMENT:
-            seg = find_segment_widget(self._viewer)
-            return seg.current_checkpoint() if seg is not None else None
+        if self._base.value == BASE_SEGMENT and self._state.settings is not None:
+            return self._state.checkpoint  # chosen in Segment lesions
         return None
 
     # ---------------------------------------------------------------- layer choices
@@ -437,8 +439,6 @@ class FineTuneWidget(Container):
         return out, ""
 
     def _on_start(self, _value: Any = None) -> None:
-        from napari.qt.threading import create_worker
-
         if self.running:
             return
         folder = self._folder.value
@@ -465,12 +465,9 @@ class FineTuneWidget(Container):
             val_fraction=float(self._val_fraction.value), augment=bool(self._augment.value),
             out_dir=out, stop=self._stop_event, recipe=self._recipe.value,
         )
-        worker = create_worker(guarded, job, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(self._on_yielded)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
+        self._worker = start_worker(job, yielded=self._on_yielded, returned=self._on_returned,
+                                    errored=self._on_errored, finished=self._on_finished,
+                                    start=False)
         self._run_out = out
         self._start_btn.enabled = False
         self._stop_btn.enabled = True
@@ -479,7 +476,7 @@ class FineTuneWidget(Container):
         self._result.value = ""
         where = "the shipped default model" if base is None else str(base)
         self._set_status(f"fine-tuning {where} into {out}{note} …")
-        worker.start()
+        self._worker.start()
 
     def _on_stop(self, _value: Any = None) -> None:
         if self._stop_event is not None and self.running:
@@ -523,11 +520,10 @@ class FineTuneWidget(Container):
         if result.checkpoint is None:
             self._result.value = f"{how} after {fit.steps} steps; nothing was written"
             return
-        seg = find_segment_widget(self._viewer)
         switched = ""
-        if seg is not None:
-            seg.use_checkpoint(result.checkpoint)
+        if self._state.settings is not None:  # Segment lesions is open: it follows the state
             switched = "; “Segment lesions” now uses it"
+        self._state.checkpoint = result.checkpoint
         self._result.value = (f"{how} after {fit.steps} steps in {fit.elapsed:.0f} s; {dice}. "
                               f"Checkpoint: {result.checkpoint}{switched}")
         self._out.value = default_output_dir(Path(self._run_out).parent)
