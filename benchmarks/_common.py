@@ -79,8 +79,59 @@ def set_threads(n: int | None) -> int:
     return int(torch.get_num_threads())
 
 
+#: Earlier releases of the shipped default model, by name: the commit whose
+#: ``src/busseg/weights/default`` holds them (``--checkpoint v2`` or ``--checkpoint git:REV``).
+RELEASES = {"v2": "ed2480a~1"}
+
+
+def checkpoint_from_git(rev: str, dest: str | os.PathLike | None = None) -> Path:
+    """Extract the default model of an earlier commit (``git show``) into a folder.
+
+    Parameters
+    ----------
+    rev : str
+        A git revision of this repository, or a name in :data:`RELEASES` (``"v2"``).
+    dest : path, optional
+        Where to write ``model.safetensors`` and ``config.json`` (default
+        ``runs/release-<rev>``, git-ignored); an existing complete folder is reused.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    SystemExit
+        If git or the revision is not available (e.g. a shallow clone), saying what to do.
+    """
+    import subprocess
+
+    commit = RELEASES.get(rev, rev)
+    safe = "".join(c if c.isalnum() else "-" for c in rev)
+    out = Path(dest) if dest is not None else REPO_ROOT / "runs" / f"release-{safe}"
+    names = ("model.safetensors", "config.json")
+    if all((out / n).is_file() for n in names):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        try:
+            data = subprocess.run(["git", "show", f"{commit}:src/busseg/weights/default/{n}"],
+                                  cwd=REPO_ROOT, check=True, capture_output=True).stdout
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise SystemExit(f"cannot read the default model of {commit} from git ({exc}); "
+                             "run from a full clone (not shallow) or pass --checkpoint with a "
+                             "folder") from exc
+        tmp = out / f".{n}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, out / n)
+    return out
+
+
 def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
     """The checkpoint folder to benchmark: ``path`` or the shipped default model.
+
+    ``path`` may also be ``git:REV`` or a release name of :data:`RELEASES` (``v2``): the
+    default model of that commit, extracted with :func:`checkpoint_from_git`.
 
     Raises
     ------
@@ -89,6 +140,8 @@ def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
     """
     from busseg.models import default_checkpoint_path
 
+    if isinstance(path, str) and (path in RELEASES or path.startswith("git:")):
+        return checkpoint_from_git(path[4:] if path.startswith("git:") else path)
     p = Path(path).expanduser() if path is not None else default_checkpoint_path()
     if p.is_file():
         p = p.parent

@@ -625,7 +625,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="NAME",
         help="fine-tune once per named recipe of busseg.finetune.FINETUNE_RECIPES on the same "
         "pairs (the first fills the main table) and print the recipe table; default: the "
-        "widget's defaults only",
+        "widget's defaults only; 'site:vote' and 'site:adapted' fine-tune with the site "
+        "recipe and make the result a site checkpoint (busseg.site) as learning as you go does",
     )
     p.add_argument(
         "--no-box-clicks",
@@ -665,7 +666,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.recipes is not None:
         from busseg.finetune import FINETUNE_RECIPES
 
-        unknown = [r for r in args.recipes if r not in FINETUNE_RECIPES]
+        unknown = [r for r in args.recipes if r not in FINETUNE_RECIPES
+                   and r not in ("site:vote", "site:adapted")]
         if unknown:
             raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; choose from "
                              f"{', '.join(FINETUNE_RECIPES)}")
@@ -710,8 +712,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     busbra = C.require_dir(args.busbra, "BUS-BRA", "--busbra")
 
     from busseg.devices import get_device
-    from busseg.finetune import DEFAULT_RECIPE, finetune, finetune_config, recipe_settings
+    from busseg.finetune import (
+        DEFAULT_RECIPE,
+        SITE_RECIPE,
+        finetune,
+        finetune_config,
+        prompt_costs,
+        prompts_from_adapted,
+        recipe_settings,
+    )
     from busseg.inference import clear_model_cache, load_model
+    from busseg.site import make_site_checkpoint
 
     device = get_device(args.device)
     t_start = time.perf_counter()
@@ -734,6 +745,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     overrides = {} if args.max_steps is None else {"max_steps": args.max_steps}
     first = args.recipes[0] if args.recipes else None
+    if first is not None and first.startswith("site:"):
+        first = SITE_RECIPE
     cfg = finetune_config(first, **overrides)
     ft_settings = {**recipe_settings(first), **cfg.to_dict()}
 
@@ -774,8 +787,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     # a mode: (name, recipe, extra TrainConfig overrides); without --recipes the widget's
     # defaults are the mode "default"
-    modes = ([(name, name, {}) for name in args.recipes] if args.recipes
-             else [(DEFAULT, None, {})])
+    # "site:vote" / "site:adapted": the site recipe, and the fine-tuned folder made a site
+    # checkpoint (busseg.site) as learning as you go writes it
+    modes = ([(name, SITE_RECIPE if name.startswith("site:") else name, {})
+              for name in args.recipes] if args.recipes else [(DEFAULT, None, {})])
+    mode_site = {m: m.split(":", 1)[1] for m, _, _ in modes if m.startswith("site:")}
     main_mode = modes[0][0]
     if args.compare_frozen and not cfg.freeze_encoder:
         modes.append((FROZEN, first, {"freeze_encoder": True}))
@@ -816,7 +832,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "n_eval_patients": len({r.case for r in evalset}),
                 "n_busi": len(busi_images) if busi_images else 0,
                 "finetune": ft_settings,
-                "recipes": {m: recipe_settings(m) for m in recipes},
+                "recipes": {m: recipe_settings(SITE_RECIPE if m.startswith("site:") else m)
+                            for m in recipes},
                 "recipes_order": recipes,
                 "eval_limit": args.eval_limit,
                 "box_clicks": not args.no_box_clicks,
@@ -877,6 +894,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 ft_s = time.perf_counter() - t0
                 if res.checkpoint is None:
                     raise RuntimeError(f"fine-tuning on {k} pairs wrote no checkpoint")
+                if mode in mode_site:  # prompts from the cheaper network on the held-out pairs
+                    pc = prompt_costs([pool_images[i] for i in idx],
+                                      [pool_masks[i] for i in idx],
+                                      res.extra["val_indices"],
+                                      {"base": ckpt, "adapted": res.checkpoint})
+                    ok = prompts_from_adapted(pc, [pool_images[i] for i in idx],
+                                              [pool_masks[i] for i in idx],
+                                              res.extra["val_indices"])
+                    make_site_checkpoint(res.checkpoint, ckpt, automatic=mode_site[mode],
+                                         prompts="adapted" if ok else "base")
                 model = load_model(res.checkpoint, device=device)
                 t0 = time.perf_counter()
                 ev = score(model, eval_images, eval_masks)

@@ -10,8 +10,9 @@ patients** of ``training/splits/busuclm.csv`` (``--busuclm``, ``--busuclm-split`
 image and mask differ in size are skipped and listed), then **BUS-BRA fold 1** (``--busbra``;
 ``--busbra-limit`` keeps its first N scans). Each arm drives one
 :class:`busseg.session.AnnotationSession` (the object the Scan browser displays) through the
-stream: ``goto`` (autosave of the previous case), ``predict`` (the automatic mask, default
-settings, normal-scan gate included), ``set_mask`` / ``mark_no_lesion``, and with learning
+stream: ``goto`` (records the previous case as accepted, corrected, brushed or normal),
+``predict`` (the automatic mask, default settings, normal-scan gate included), ``set_mask``
+/ ``mark_no_lesion``, and with learning
 as you go ``run_due_finetune`` (after every ``--learn-every`` new corrections, a fine-tune
 of the current checkpoint on all corrections so far, adopted when the simulated annotator
 below, run on the held-out corrections with the current and the new checkpoint, does not
@@ -71,7 +72,17 @@ import _common as C  # noqa: E402
 
 NAME = "annotation_session"
 BLOCK = 10
+#: Scans per block of the per-block report (interactions, lesion / normal means, accepted
+#: share, false regions on the normal scans still to come).
+REPORT_BLOCK = 25
 ORDERS = ("file", "uncertainty")
+#: Streams: "legacy" = BUS-UCLM test patients then BUS-BRA fold 1; "busuclm-all" = all
+#: of busuclm-dev in patient order; "busbra" = BUS-BRA fold 1 in file (patient) order.
+STREAMS = ("legacy", "busuclm-all", "busbra")
+#: Learning arms: what learning as you go writes (busseg.session.SITE_MODES).
+SITE_ARMS = ("vote", "adapted", "whole")
+#: Answers after which the false-region rate of the model then in use is reported too.
+FALSE_REGION_AT = 20
 #: Measured cost of one learning-as-you-go fine-tune on this project's 2-core host (s).
 FINETUNE_SECONDS_ESTIMATE = 25.0
 
@@ -159,12 +170,26 @@ def build_stream(args) -> tuple[list, list[str], list[dict], dict[str, int]]:
     sites: list[str] = []
     skipped: list[dict] = []
     full: dict[str, int] = {}
-    if not args.no_busuclm:
+    stream = getattr(args, "stream", "legacy")
+    if stream == "busuclm-all":
+        root = C.require_dir(args.busuclm, "BUS-UCLM", "--busuclm")
+        index = discover(root)
+        uclm = sorted((r for r in index.records if r.usable),
+                      key=lambda r: (str(r.group), r.rel_path))  # patient order
+        skipped += [{"image": r.rel_path, "label": r.label, "problems": list(r.problems)}
+                    for r in index.records if not r.usable]
+        full["BUS-UCLM all"] = len(uclm)
+        recs, sites = uclm, ["BUS-UCLM all"] * len(uclm)
+    elif stream == "busbra":
+        args.no_busuclm = True
+    if stream == "busuclm-all":
+        pass
+    elif not args.no_busuclm:
         uclm, skipped = C.split_records(args.busuclm, args.busuclm_split, "test")
         full["BUS-UCLM test"] = len(uclm)
         recs += uclm
         sites += ["BUS-UCLM test"] * len(uclm)
-    if not args.no_busbra:
+    if not args.no_busbra and stream != "busuclm-all":
         root = C.require_dir(args.busbra, "BUS-BRA", "--busbra")
         index = discover(root)
         bra = [r for r in index.records if r.usable]
@@ -229,6 +254,58 @@ def _site_prediction(session, case, spec: dict, site_filter):
     return mask, lab, feats, site_filter
 
 
+def false_region_rate(session, positions: Sequence[int], records: Sequence, order: Sequence[int],
+                      spec: dict, cache: dict, calibration=None) -> float:
+    """Share of the given stream positions (normal scans) whose automatic mask has a region.
+
+    The session's current checkpoint predicts each scan once (``cache``: checkpoint ->
+    position -> bool), with the arm's region-filter setting; NaN without positions.
+    """
+    from busseg.data.io import read_image
+    from busseg.inference import load_model, predict_mask
+
+    if not positions:
+        return math.nan
+    key = str(session.checkpoint) if session.checkpoint is not None else "default"
+    model = None
+    kw = {} if spec.get("region_filter", True) else {"region_filter": None}
+    if calibration is not None and calibration.changed:
+        model = load_model(session.checkpoint, device=spec["device"])
+        kw.update(calibration.predict_kwargs(model.busseg_config))
+        key += f"|{calibration.threshold}|{calibration.p_normal}"
+    seen = cache.setdefault(key, {})
+    for p in positions:
+        if p not in seen:
+            model = model or load_model(session.checkpoint, device=spec["device"])
+            seen[p] = bool(predict_mask(read_image(records[order[p]].image_path), model,
+                                        **kw).any())
+    return float(np.mean([seen[p] for p in positions]))
+
+
+def report_blocks(scans: Sequence[dict], points: Mapping[int, float],
+                  block: int = REPORT_BLOCK) -> list[dict]:
+    """Per block of ``block`` scans: interactions, lesion / normal means, accepted share.
+
+    ``points`` maps a stream position (answers so far) to the false-region rate of the model
+    then in use on the normal scans still to come; each block gets the rate at its start.
+    """
+    out = []
+    for i in range(0, len(scans), block):
+        chunk = scans[i:i + block]
+
+        def mean(sel):
+            vals = [s["interactions"] for s in sel]
+            return float(np.mean(vals)) if vals else math.nan
+
+        out.append({"first": i + 1, "last": i + len(chunk), "n": len(chunk),
+                    "mean": mean(chunk),
+                    "lesion": mean([s for s in chunk if s["lesion"]]),
+                    "normal": mean([s for s in chunk if not s["lesion"]]),
+                    "accepted": float(np.mean([s["kind"] == "accepted" for s in chunk])),
+                    "false_regions_to_come": points.get(i, math.nan)})
+    return out
+
+
 def run_arm(spec: dict) -> dict:
     """Drive one AnnotationSession through the stream (one arm); picklable for --jobs."""
     import torch
@@ -243,7 +320,8 @@ def run_arm(spec: dict) -> dict:
     session = AnnotationSession(
         [], work / "corrections", checkpoint=spec["checkpoint"], learn=spec["learn"],
         learn_every=spec["learn_every"], finetune_options=spec["finetune_options"],
-        models_dir=work / "models", records=[records[i] for i in order])
+        models_dir=work / "models", records=[records[i] for i in order],
+        calibrate=bool(spec.get("calibrate")), calibrate_every=spec.get("calibrate_every", 5))
     scans: list[dict] = []
     finetunes: list[dict] = []
     generation = 0
@@ -252,8 +330,14 @@ def run_arm(spec: dict) -> dict:
     site_labels: list[np.ndarray] = []
     refits = 0
     site_filter = base_filter = None
+    calibrations: list[dict] = []
+    normals = [p for p, i in enumerate(order) if records[i].label == "normal"]
+    block = int(spec.get("report_block", REPORT_BLOCK))
+    report_at = {0, FALSE_REGION_AT, *range(0, len(order), block)}
+    fr_cache: dict = {}
+    fr_points: dict[int, float] = {}
     for pos, stream_idx in enumerate(order):
-        case = session.goto(pos)  # autosaves the previous case when edited
+        case = session.goto(pos)  # records the previous case (accepted, corrected ...)
         if session.finetune_due():
             try:
                 res = session.run_due_finetune()
@@ -269,6 +353,15 @@ def run_arm(spec: dict) -> dict:
                     "checkpoint": str(res.checkpoint) if res.checkpoint else None})
                 C.log(f"[{spec['label']}] after {pos} scans: {res.message} "
                       f"({res.seconds:.0f} s)", spec["quiet"])
+        calibration = session.calibrator.calibration if session.calibrator else None
+        if calibration is not None and (not calibrations or calibrations[-1]["after"]
+                                        != calibration.n_answers):
+            calibrations.append({"after": calibration.n_answers,
+                                 "threshold": calibration.threshold,
+                                 "p_normal": calibration.p_normal, "text": calibration.text()})
+        if pos in report_at and spec.get("false_regions", True):
+            fr_points[pos] = false_region_rate(session, [p for p in normals if p >= pos],
+                                               records, order, spec, fr_cache, calibration)
         t0 = time.perf_counter()
         # the region filter (busseg.region_filter) is on by default; the filter-off arm
         # (--region-filter off) switches it off in the automatic prediction only
@@ -293,7 +386,8 @@ def run_arm(spec: dict) -> dict:
         if res["kind"] == "cleared":
             session.mark_no_lesion(save=False)  # saved by the next goto / close
         elif res["kind"] in ("prompted", "brushed"):
-            session.set_mask(res["mask"])
+            session.set_mask(res["mask"], status="brushed" if res["kind"] == "brushed"
+                             else "corrected")
         if site_refit and comp_feats.shape[0]:
             # the annotator's decision labels each region of the unfiltered automatic mask:
             # kept (overlaps the accepted or saved mask) = lesion, else a false region
@@ -321,12 +415,24 @@ def run_arm(spec: dict) -> dict:
                   f"{np.mean([s['interactions'] for s in done]):.2f} interactions/scan, "
                   f"{time.perf_counter() - t_arm:.0f} s", spec["quiet"])
     session.close()
-    saved, _ = session.progress()
+    recorded, _ = session.progress()  # every case left, accepted ones too (they train)
+    saved = sum(r.status != "accepted" for r in session.recorded())  # the edits
+    # the starting model on the normal scans after FALSE_REGION_AT answers (the "before" of
+    # the learning arms' rate at that point)
+    start_key = str(spec["checkpoint"]) if spec["checkpoint"] else "default"
+    late = [p for p in normals if p >= FALSE_REGION_AT]
+    before = fr_cache.get(start_key, {})
+    fr_start = (float(np.mean([before[p] for p in late]))
+                if late and all(p in before for p in late) else math.nan)
     return {"label": spec["label"], "order": spec["order_name"], "learn": spec["learn"],
+            "site": spec.get("site"), "calibrations": calibrations,
+            "false_regions": {str(k): v for k, v in sorted(fr_points.items())},
+            "false_regions_start_after": fr_start,
+            "report_blocks": report_blocks(scans, fr_points, block),
             "region_filter": spec.get("region_filter", True),
             "region_filter_mode": spec.get("region_filter_mode", "on"), "site_refits": refits,
             "scans": scans,
-            "finetunes": finetunes, "corrections_saved": saved,
+            "finetunes": finetunes, "corrections_saved": saved, "recorded": recorded,
             "summary": summarise_arm(scans, finetunes),
             "final_checkpoint": str(session.checkpoint) if session.checkpoint else None,
             "seconds": time.perf_counter() - t_arm}
@@ -372,7 +478,9 @@ def protocol_text(a: Mapping) -> list[str]:
         "mask is saved.",
         "",
         "Each arm drives one `busseg.session.AnnotationSession` (the Scan browser's core) "
-        "through the stream: `goto` autosaves the previous case when edited; with learning as "
+        "through the stream: `goto` records the previous case as the annotator left it "
+        "(accepted, corrected, brushed or normal, in the corrections folder's manifest); "
+        "with learning as "
         f"you go, after every {a['learn_every']} new corrections `run_due_finetune` fine-tunes "
         "the current checkpoint on all corrections so far (normal scans' empty masks "
         "included; `busseg.finetune` defaults) and adopts it when the simulated annotator "
@@ -471,7 +579,7 @@ def render(result: dict) -> str:
         md.append(f"| {first['first']}-{first['last']}{site_note} | " + " | ".join(cells) + " |")
     groups: dict[str, list] = {}  # arms without learning that differ only in the order
     for arm in arms:
-        if not arm["learn"]:
+        if not arm["learn"] and not arm.get("calibrations"):
             groups.setdefault(arm.get("region_filter_mode", "on"), []).append(arm)
     if any(len(g) > 1 for g in groups.values()):
         same = all(len({arm["summary"]["interactions"] for arm in g}) == 1
@@ -487,8 +595,59 @@ def render(result: dict) -> str:
                f"(`RegionFilter.refit`, prior strength {a.get('refit_strength', 10.0):g}, every "
                f"{a.get('refit_every', 10)} scans, restarted at each new site; a region is a "
                "lesion when it overlaps the accepted or saved mask, else a false region)."]
+    md += render_report_blocks(result)
     md += ["", f"Estimated full run on this host: {result['estimate']['text']}", ""]
     return "\n".join(md) + "\n"
+
+
+def _ratio(a: float, b: float) -> str:
+    return "–" if not (np.isfinite(a) and np.isfinite(b) and b > 0) else f"{a / b:.2f}"
+
+
+def render_report_blocks(result: dict) -> list[str]:
+    """The per-block table (interactions; lesion / normal; accepted; false regions to come)."""
+    arms = [a for a in result["arms"] if a.get("report_blocks")]
+    if not arms:
+        return []
+    block = result["settings"].get("block", REPORT_BLOCK)
+    md = ["", f"Per block of {block} scans: interactions per scan (lesion / normal scans), "
+          "share accepted as predicted, and the false-region rate of the model in use at the "
+          "block's start on the normal scans still to come:", ""]
+    md += ["| Scans | " + " | ".join(a["label"] for a in arms) + " |",
+           "|---|" + "---:|" * len(arms)]
+    n = max(len(a["report_blocks"]) for a in arms)
+    for b in range(n):
+        first = arms[0]["report_blocks"][min(b, len(arms[0]["report_blocks"]) - 1)]
+        cells = []
+        for a in arms:
+            if b >= len(a["report_blocks"]):
+                cells.append("–")
+                continue
+            r = a["report_blocks"][b]
+            cells.append(f"{C.fmt(r['mean'], 2)} ({C.fmt(r['lesion'], 2)} / "
+                         f"{C.fmt(r['normal'], 2)}); acc {100 * r['accepted']:.0f} %; "
+                         f"FR {C.fmt(r['false_regions_to_come'], 2)}")
+        md.append(f"| {first['first']}-{first['last']} | " + " | ".join(cells) + " |")
+    off = next((a for a in arms if not a["learn"]), None)
+    md += ["", "| Arm | per scan | x off | lesion scans | x off | normal scans | x off | "
+           f"last 100 / first 50 | false regions after {FALSE_REGION_AT} answers "
+           "(starting model) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for a in arms:
+        s = a["summary"]
+        o = off["summary"] if off else None
+        inter = [x["interactions"] for x in a["scans"]]
+        late = (float(np.mean(inter[-100:])) / float(np.mean(inter[:50]))
+                if len(inter) >= 150 and np.mean(inter[:50]) > 0 else math.nan)
+        fr = a.get("false_regions", {}).get(str(FALSE_REGION_AT), math.nan)
+        md.append(
+            f"| {a['label']} | {C.fmt(s['per_scan'], 2)} | "
+            f"{_ratio(s['per_scan'], o['per_scan']) if o else '–'} | "
+            f"{C.fmt(s['lesion_per_scan'], 2)} | "
+            f"{_ratio(s['lesion_per_scan'], o['lesion_per_scan']) if o else '–'} | "
+            f"{C.fmt(s['normal_per_scan'], 2)} | "
+            f"{_ratio(s['normal_per_scan'], o['normal_per_scan']) if o else '–'} | "
+            f"{C.fmt(late, 2)} | {C.fmt(fr, 2)} ({C.fmt(a.get('false_regions_start_after'), 2)}) |")
+    return md
 
 
 def make_figure(result: dict):
@@ -535,8 +694,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="keep the first N BUS-BRA scans (file order) to shorten the run")
     p.add_argument("--limit", type=int, default=None,
                    help="the first N scans of the stream only (dev runs; not a result)")
+    p.add_argument("--stream", choices=STREAMS, default="legacy",
+                   help="legacy: BUS-UCLM test patients then BUS-BRA fold 1 (default); "
+                        "busuclm-all: all of busuclm-dev in patient order; busbra: BUS-BRA "
+                        "fold 1 only")
+    p.add_argument("--site", default="vote",
+                   help="comma-separated learning arms (what a fine-tune writes, "
+                        "busseg.session.SITE_MODES): vote, adapted, whole (default vote)")
+    p.add_argument("--recipe", default=None,
+                   help="fine-tune recipe of the learning arms (default busseg.finetune's)")
+    p.add_argument("--block", type=int, default=REPORT_BLOCK,
+                   help=f"scans per block of the per-block report (default {REPORT_BLOCK})")
+    p.add_argument("--calibrate", action="store_true",
+                   help="add an arm with site calibration only (busseg.calibration: the "
+                        "region filter's threshold and the gate re-chosen on the answers, no "
+                        "training)")
+    p.add_argument("--calibrate-learning", action="store_true",
+                   help="site calibration in the learning arms too (learning as you go with "
+                        "calibration, as the Scan browser runs them together by default)")
+    p.add_argument("--calibrate-every", type=int, default=5,
+                   help="answers between two calibrations (default 5)")
+    p.add_argument("--no-false-regions", dest="false_regions", action="store_false",
+                   help="skip the false-region rate on the normal scans still to come")
     p.add_argument("--learn-every", type=int, default=10,
-                   help="new corrections between fine-tunes (default 10)")
+                   help="new answers before the first fine-tunes (default 10; later ones "
+                        "wait longer, see AnnotationSession.learn_interval)")
     p.add_argument("--orders", default="file,uncertainty",
                    help="comma-separated: file, uncertainty (default both)")
     p.add_argument("--learn", default="on,off",
@@ -578,6 +760,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.orders = [x.strip() for x in args.orders.split(",") if x.strip()]
     args.learn = [x.strip() for x in args.learn.split(",") if x.strip()]
     args.region_filter = [x.strip() for x in args.region_filter.split(",") if x.strip()]
+    args.site = [x.strip() for x in args.site.split(",") if x.strip()]
+    if not args.site or any(x not in SITE_ARMS for x in args.site):
+        raise SystemExit(f"--site: choose from {','.join(SITE_ARMS)}")
+    if args.block < 1:
+        raise SystemExit("--block must be at least 1")
     if not args.region_filter or any(x not in ("on", "off", "site")
                                      for x in args.region_filter):
         raise SystemExit("--region-filter: choose from on,off,site")
@@ -626,15 +813,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
         C.log(f"uncertainty ranking: {sw.seconds:.0f} s", args.quiet)
 
     ft_opts: dict[str, Any] = {"device": args.device}
+    if args.recipe is not None:
+        ft_opts["recipe"] = args.recipe
     if args.max_steps is not None:
         ft_opts["cfg"] = {"max_steps": args.max_steps}
     own_work = args.work_dir is None
     work = Path(tempfile.mkdtemp(prefix="busseg-session-")) if own_work else Path(args.work_dir)
     specs = []
-    arms_wanted = [(o, x, f) for o in args.orders for x in args.learn for f in args.region_filter]
-    for order_name, learn, rfilter in arms_wanted:  # order x learning x region filter
+    learn_arms = [(x, None) if x == "off" else (x, site) for x in args.learn
+                  for site in (args.site if x == "on" else [None])]
+    if args.calibrate:
+        learn_arms.append(("off", "calibration"))
+    arms_wanted = [(o, x, f, site) for o in args.orders for x, site in learn_arms
+                   for f in args.region_filter]
+    for order_name, learn, rfilter, site in arms_wanted:  # order x learning x filter
         label = f"{order_name} order, learning {learn}"
         wd = work / f"{order_name}-learn-{learn}"
+        if site == "calibration":
+            label = f"{order_name} order, calibration only"
+            wd = wd.with_name(wd.name + "-calibration")
+        elif site is not None and args.calibrate_learning:
+            label += f" ({site}) + calibration"
+            wd = wd.with_name(wd.name + f"-{site}-calibration")
+        elif site is not None and args.site != ["vote"]:
+            label += f" ({site})"
+            wd = wd.with_name(wd.name + f"-{site}")
         if args.region_filter != ["on"]:
             label += f", region filter {rfilter}"
             wd = wd.with_name(wd.name + f"-filter-{rfilter}")
@@ -644,7 +847,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "label": label, "order_name": order_name, "learn": learn == "on",
             "records": records, "sites": sites, "order": orders[order_name],
             "checkpoint": str(ckpt), "learn_every": args.learn_every,
-            "finetune_options": ft_opts,
+            "finetune_options": {**ft_opts, "site": site if site in SITE_ARMS else "vote"},
+            "site": site,
+            "calibrate": site == "calibration" or (site is not None and args.calibrate_learning),
+            "calibrate_every": args.calibrate_every,
+            "report_block": args.block, "false_regions": args.false_regions,
             "work_dir": str(wd), "threads": args.threads, "device": args.device,
             "seed": args.seed, "accept_iou": args.accept_iou,
             "max_interactions": args.max_interactions, "jitter": args.jitter,
@@ -667,7 +874,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # the full-run estimate from this run's own timings
     per_scan = [s["seconds"] for arm in arms for s in arm["scans"]]
     per_scan_s = float(np.mean(per_scan)) if per_scan else math.nan
-    corr = [arm["corrections_saved"] / max(1, len(arm["scans"])) for arm in arms]
+    # fine-tunes wait for recorded answers (accepted cases count)
+    corr = [arm.get("recorded", arm["corrections_saved"]) / max(1, len(arm["scans"]))
+            for arm in arms]
     ft = [f["seconds"] for arm in arms for f in arm["finetunes"]]
     ft_s = float(np.mean(ft)) if ft else FINETUNE_SECONDS_ESTIMATE
     full_n = int(sum(full_counts.values()))
@@ -680,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "corrections_per_scan": float(np.mean(corr)), "finetune_seconds": ft_s,
         "four_arms_seconds_jobs1": est[1], "four_arms_seconds_jobs2": est[2],
         "text": (f"{full_n} scans x 4 arms at {per_scan_s:.2f} s per scan (this run's mean), "
-                 f"{np.mean(corr):.2f} saved corrections per scan, so about "
+                 f"{np.mean(corr):.2f} recorded answers per scan, so about "
                  f"{int(full_n * np.mean(corr)) // args.learn_every} fine-tunes per learning "
                  f"arm at {ft_s:.0f} s: about {est[1] / 60:.0f} min with --jobs 1, "
                  f"{est[2] / 60:.0f} min with --jobs 2 --threads 1 (2 cores)."),

@@ -136,8 +136,38 @@ def _settle(widget: Any, timeout: float) -> None:
           "the background predictions")
 
 
+def _background_finetune(records, checkpoint: Path, n: int):
+    """Start a site fine-tune on ``n`` labelled records in a thread (learning as you go's load).
+
+    Returns (thread, result dict filled when it ends: ``seconds``, ``error``).
+    """
+    import threading
+
+    from busseg.data import read_image, read_mask
+    from busseg.finetune import SITE_RECIPE, finetune
+
+    pairs = [r for r in records if r.mask_paths][:n]
+    images = [read_image(r.image_path) for r in pairs]
+    masks = [read_mask(r.mask_paths) for r in pairs]
+    out = Path(tempfile.mkdtemp(prefix="busseg_latency_ft_")) / "run"
+    result: dict = {"pairs": len(pairs)}
+
+    def work():
+        t0 = time.perf_counter()
+        try:
+            finetune(images, masks, checkpoint, recipe=SITE_RECIPE, out_dir=out)
+        except Exception as exc:  # pragma: no cover - reported in the results
+            result["error"] = repr(exc)
+        result["seconds"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread, result
+
+
 def run(root: Path, checkpoint: Path, cases: int, baseline: bool, timeout: float,
-        screenshot: Path | None, quiet: bool, warm_first: bool = False) -> dict:
+        screenshot: Path | None, quiet: bool, warm_first: bool = False,
+        during_finetune: int = 0) -> dict:
     """Measure in a napari window; returns the JSON payload."""
     import napari
 
@@ -197,6 +227,14 @@ def run(root: Path, checkpoint: Path, cases: int, baseline: bool, timeout: float
             return out
 
         prefetched = steps(cases, True)
+        during: list[dict] = []
+        finetune_info: dict = {}
+        if during_finetune:  # Next while learning as you go fine-tunes in the background
+            thread, finetune_info = _background_finetune(widget.records, checkpoint,
+                                                         during_finetune)
+            during = [r for r in steps(cases, True) if thread.is_alive()]
+            finetune_info["next_presses_during"] = len(during)
+            thread.join()
         if screenshot is not None:
             _settle(widget, timeout)
             _even_docks(viewer)
@@ -224,6 +262,8 @@ def run(root: Path, checkpoint: Path, cases: int, baseline: bool, timeout: float
             "first": first,
             "prefetched": prefetched,
             "not_prefetched": plain,
+            "during_finetune": during,
+            "finetune": finetune_info,
             "browser_min_height_px": scroll_min,
         }
     finally:
@@ -283,6 +323,15 @@ def markdown(payload: dict, command: str) -> str:
             f"| Next, not prefetched (prefetch off: a forward pass per Next) | {plain['n']} | "
             f"{C.fmt(plain['median_s'])} | {C.fmt(plain['q25_s'])}–{C.fmt(plain['q75_s'])} | "
             f"{C.fmt(plain['max_s'])} | – | {_parts(payload['not_prefetched'])} |")
+    during = payload["summary"].get("during_finetune", {"n": 0})
+    if during["n"]:
+        ft = payload.get("finetune", {})
+        lines.append(
+            f"| Next, prefetched, while a site fine-tune on {ft.get('pairs')} cases runs in "
+            f"the background ({C.fmt(ft.get('seconds'), 1)} s) | {during['n']} | "
+            f"{C.fmt(during['median_s'])} | {C.fmt(during['q25_s'])}–{C.fmt(during['q75_s'])} "
+            f"| {C.fmt(during['max_s'])} | {TARGET_PREFETCHED} | "
+            f"{_parts(payload['during_finetune'])} |")
     lines += [
         "",
         "Shown = the prediction Labels layer is in the viewer and the canvas was repainted. "
@@ -316,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-first", action="store_true",
                         help="open the first case once the warm-up prediction (started when "
                         "the folder is chosen) is done, instead of at once")
+    parser.add_argument("--during-finetune", type=int, default=0, metavar="N",
+                        help="also time prefetched Nexts while a site fine-tune on N labelled "
+                        "cases of the folder runs in a background thread (learning as you "
+                        "go's load); 0 (default): not")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
@@ -329,9 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     payload = run(root, checkpoint, args.cases, not args.no_baseline, args.timeout,
                   Path(args.screenshot) if args.screenshot else None, args.quiet,
-                  warm_first=args.warm_first)
+                  warm_first=args.warm_first, during_finetune=args.during_finetune)
     payload["summary"] = {"prefetched": _summary(payload["prefetched"]),
-                          "not_prefetched": _summary(payload["not_prefetched"])}
+                          "not_prefetched": _summary(payload["not_prefetched"]),
+                          "during_finetune": _summary(payload["during_finetune"])}
     payload["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
     payload["hardware"] = C.hardware_info("cpu")
     assert payload["hardware"]["torch_threads"] == threads

@@ -22,7 +22,7 @@ from scipy import ndimage
 
 import busseg.inference as inf
 from busseg import annotator as A
-from busseg.prompts import _deepest_error_click as reference_click
+from busseg.prompts import deepest_error_click as reference_click
 from busseg.prompts import jitter_box, mask_to_boxes
 
 

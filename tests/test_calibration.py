@@ -166,7 +166,7 @@ def test_a_session_calibrates_from_its_answers_and_keeps_it(tmp_path, make_head_
                           calibrate_every=5)
     s.open(0)
     autos = []
-    for i in range(5):
+    for _ in range(5):
         autos.append(s.predict(device="cpu"))
         s.mark_no_lesion(save=False)  # every answer: no lesion here
         s.next()

@@ -302,3 +302,16 @@ def test_a_killed_finetune_leaves_the_current_checkpoint_and_answers_readable(
         best = out / "best"
         if best.exists():
             load_checkpoint(best)
+
+
+def test_prompts_stay_with_the_base_without_a_clear_saving_on_enough_answers():
+    from busseg.finetune import MIN_PROMPT_EVIDENCE, PROMPT_MARGIN, prompts_from_adapted
+
+    masks = [np.ones((4, 4), bool)] * (MIN_PROMPT_EVIDENCE + 2)
+    val = list(range(len(masks)))
+    images = [None] * len(masks)
+    cheaper = {"base": 3.0, "adapted": 3.0 - PROMPT_MARGIN}
+    assert prompts_from_adapted(cheaper, images, masks, val)
+    assert not prompts_from_adapted({"base": 3.0, "adapted": 2.9}, images, masks, val)
+    assert not prompts_from_adapted(cheaper, images, masks, val[:MIN_PROMPT_EVIDENCE - 1])
+    assert not prompts_from_adapted({"base": 3.0, "adapted": float("nan")}, images, masks, val)

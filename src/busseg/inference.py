@@ -14,16 +14,20 @@ sigmoid, so the probabilities and the mask have the image's own size. Test-time 
 
 Models returned by :func:`load_model` are cached and shared: never train or modify them (the
 fine-tuning code loads its own copy with :func:`busseg.models.load_checkpoint`).
+
+This module runs the network and assembles a prediction; every name of the inference API is
+importable from here, though some live in the modules it is split into:
+:mod:`busseg.model_cache` (loading and caching checkpoints, what a loaded model says),
+:mod:`busseg.inputs` (validating inputs, preprocessing), :mod:`busseg.gating` (the normal-scan
+gate and the region filter of automatic masks) and :mod:`busseg.stack`
+(:func:`predict_stack_iter`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,173 +35,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from busseg.gating import apply_filter, apply_gate, describe_gate, resolve_filter, resolve_gate
+from busseg.inputs import (
+    check_device,
+    check_image,
+    check_postprocess,
+    preprocess,
+    resolve_threshold,
+    resolve_tta,
+)
+from busseg.model_cache import (
+    ModelLike,
+    clear_model_cache,
+    load_model,
+    model_config,
+    model_device,
+    model_multiple,
+    resolve_model,
+)
+from busseg.stack import predict_stack_iter
+
 __all__ = [
+    "ModelLike",
     "Prediction",
     "accepts_prompts",
     "apply_automatic_settings",
+    "check_device",
+    "check_image",
+    "check_postprocess",
+    "class_dict",
     "classify",
     "clear_model_cache",
     "describe_gate",
+    "forward",
     "has_class_head",
     "load_model",
+    "model_config",
     "model_device",
+    "model_multiple",
     "predict",
     "predict_logits_batch",
     "predict_mask",
     "predict_proba",
     "predict_stack_iter",
+    "predict_tensor",
     "preprocess",
+    "resolve_model",
+    "resolve_threshold",
+    "resolve_tta",
 ]
-
-ModelLike = nn.Module | str | os.PathLike | None
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _checkpoint_dir(path: str | os.PathLike | None) -> Path:
-    from busseg.models import default_checkpoint_path
-    from busseg.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-
-    p = default_checkpoint_path() if path is None else Path(path).expanduser()
-    if p.name in (CONFIG_NAME, WEIGHTS_NAME) and not p.is_dir():
-        p = p.parent
-    try:
-        return p.resolve()
-    except OSError:  # pragma: no cover - unreadable path; load_checkpoint reports it
-        return p
-
-
-def _files_key(directory: Path) -> tuple:
-    """(mtime_ns, size, inode) of config.json and model.safetensors; raises CheckpointError."""
-    from busseg.models import read_checkpoint_config
-    from busseg.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-
-    try:
-        stats = [os.stat(directory / n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
-    except OSError:
-        read_checkpoint_config(directory)  # raises CheckpointError saying what is missing
-        raise  # pragma: no cover - only if the files appeared in between
-    return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in stats)
-
-
-@functools.lru_cache(maxsize=8)
-def _load_cached(directory: str, files_key: tuple, device: str) -> nn.Module:
-    from busseg.models import load_checkpoint
-
-    model, config = load_checkpoint(directory, device=device)
-    if config.get("site"):  # a site checkpoint: adapted + base network (busseg.site)
-        from busseg.site import load_site_model
-
-        model = load_site_model(directory, model, config, device)
-        model.busseg_config = config
-    if torch.device(device).type in ("cpu", "cuda"):
-        # NHWC convolutions are ~25 % faster on CPU (measured for the base-16 U-Net).
-        model = model.to(memory_format=torch.channels_last)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.busseg_checkpoint_path = directory
-    return model
-
-
-def load_model(path: str | os.PathLike | None = None, device: str | torch.device = "auto"):
-    """Load a checkpoint for inference, cached by (path, file modification times, device).
-
-    Parameters
-    ----------
-    path : str or os.PathLike or None, optional
-        A checkpoint directory (``model.safetensors`` + ``config.json``, written by
-        :func:`busseg.models.save_checkpoint`) or either file in it. ``None`` (default) is the
-        shipped default model (:func:`busseg.models.default_checkpoint_path`).
-    device : str or torch.device, optional
-        ``"auto"`` (default: cuda, then mps, then cpu), ``"cuda"``, ``"cuda:<i>"``, ``"mps"``
-        or ``"cpu"`` (see :func:`busseg.devices.get_device`).
-
-    Returns
-    -------
-    torch.nn.Module
-        The network in eval mode on ``device`` with gradients disabled, mapping
-        (N, 1, h, w) float to logits (N, 1, h, w). ``model.busseg_config`` is the checkpoint
-        config (``preprocessing.input_size``, ``inference.threshold`` ...);
-        ``model.busseg_checkpoint_path`` the resolved checkpoint directory (str). Calling
-        again with the same path and device returns the *same object* until either file of
-        the checkpoint changes (new modification time, size or inode), which reloads it.
-        The object is shared: do not train or modify it; use
-        :func:`busseg.models.load_checkpoint` for a private copy. A site checkpoint
-        (:mod:`busseg.site`: a network adapted to one hospital plus the one it came from)
-        loads as one :class:`busseg.site.SiteModel` that routes automatic and prompted
-        images to the right network.
-
-    Raises
-    ------
-    busseg.models.CheckpointError
-        If the checkpoint (or the default model) is missing, incomplete or corrupt; the
-        message says what to do.
-    ValueError
-        If ``device`` is unknown or not present on this machine.
-    """
-    from busseg.devices import get_device
-
-    directory = _checkpoint_dir(path)
-    key = _files_key(directory)
-    dev = get_device(device)
-    return _load_cached(str(directory), key, str(dev))
-
-
-def clear_model_cache() -> None:
-    """Forget all models cached by :func:`load_model` (frees their memory once unused)."""
-    _load_cached.cache_clear()
-
-
-def _resolve_model(model: ModelLike) -> nn.Module:
-    if model is None or isinstance(model, (str, os.PathLike)):
-        return load_model(model)
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"model must be a torch.nn.Module from busseg.load_model, a checkpoint path or "
-            f"None (the default model), got {type(model).__name__}"
-        )
-    return model
-
-
-def _config(model: nn.Module) -> Mapping[str, Any]:
-    cfg = getattr(model, "busseg_config", None)
-    if not isinstance(cfg, Mapping):
-        raise ValueError(
-            f"this {type(model).__name__} carries no checkpoint config (model.busseg_config); "
-            "load it with busseg.load_model(path) or busseg.models.load_checkpoint(path), or "
-            "set model.busseg_config to a checkpoint config dict"
-        )
-    return cfg
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Return the device a model's parameters live on.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Any model.
-
-    Returns
-    -------
-    torch.device
-        The device of its first parameter (or buffer); ``cpu`` for a model without either.
-    """
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _multiple(model: nn.Module, cfg: Mapping[str, Any]) -> int:
-    m = getattr(model, "required_multiple", None)
-    if m is not None:
-        return int(m)
-    from busseg.models import required_multiple
-
-    return required_multiple(cfg.get("model"))
 
 
 @contextlib.contextmanager
@@ -211,138 +97,6 @@ def _eval_mode(model: nn.Module):
     finally:
         if was_training:
             model.train()
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def _check_image(image: Any, what: str = "image") -> np.ndarray:
-    """Validate one image at the API boundary and return it as an ndarray."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    arr = np.asarray(image)
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
-    ) or np.iscomplexobj(arr):
-        raise ValueError(
-            f"{what} must be a numeric array (uint8, uint16 or float), got dtype {arr.dtype}"
-        )
-    if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4):
-        raise ValueError(
-            f"{what} has shape {arr.shape}, which looks like a stack of {arr.shape[0]} slices; "
-            "predict one slice at a time or use busseg.inference.predict_stack_iter"
-        )
-    if arr.ndim not in (2, 3):
-        raise ValueError(
-            f"{what} must be 2D grey (H, W) or colour (H, W, 3|4), got shape {arr.shape}"
-            + ("; for a stack use busseg.inference.predict_stack_iter" if arr.ndim == 4 else "")
-        )
-    if arr.size == 0:
-        raise ValueError(f"{what} is empty (shape {arr.shape}); give an image with pixels")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        raise ValueError(
-            f"{what} contains {n_bad} NaN or infinite value(s); replace them first, e.g. "
-            "numpy.nan_to_num(image)"
-        )
-    return arr
-
-
-def _resolve_tta(tta: bool | None, cfg: Mapping[str, Any]) -> bool:
-    if tta is None:
-        return bool(cfg.get("inference", {}).get("tta_flips", False))
-    return bool(tta)
-
-
-def _resolve_threshold(threshold: float | None, cfg: Mapping[str, Any]) -> float:
-    if threshold is None:
-        threshold = cfg.get("inference", {}).get("threshold", 0.5)
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}") from None
-    if not 0.0 < t < 1.0:
-        raise ValueError(f"threshold must be in (0, 1) (a probability), got {threshold!r}")
-    return t
-
-
-def _check_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
-    own = model_device(model)
-    if device is None:
-        return own
-    from busseg.devices import get_device
-
-    want = get_device(device)
-    same = want.type == own.type and (
-        want.index is None or own.index is None or want.index == own.index
-    )
-    if not same:
-        raise ValueError(
-            f"the model is on {own} but device={str(device)!r} was asked for; load it there "
-            f"with busseg.load_model(path, device={str(want)!r}) (models are shared, so "
-            "inference never moves them)"
-        )
-    return own
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-def preprocess(
-    image: Any, preprocessing: Mapping[str, Any], *, multiple: int = 1
-) -> torch.Tensor:
-    """Turn an image into the network input, exactly as in training.
-
-    Parameters
-    ----------
-    image : numpy.ndarray
-        (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA (alpha ignored); uint8, uint16, bool or
-        float (see :func:`busseg.data.io.to_grey`).
-    preprocessing : mapping
-        The checkpoint's ``preprocessing`` section: ``input_size`` [h, w] in pixels (or
-        ``None``: keep the native size), ``grey`` (must be true) and ``normalize`` (must be
-        ``"zscore"``).
-    multiple : int, optional
-        With ``input_size`` None, the output is padded at the bottom and right (reflecting the
-        image) up to multiples of this (the network's ``2 ** depth``); ignored otherwise.
-
-    Returns
-    -------
-    torch.Tensor
-        (1, 1, h, w) float32 on the CPU, zero mean and unit variance over the image (before
-        any padding). (h, w) is ``input_size``, or (H, W) rounded up to ``multiple``.
-
-    Raises
-    ------
-    ValueError
-        If the image is not 2D grey / RGB / RGBA, is empty, holds NaN or infinity, or the
-        preprocessing asks for something this version does not do.
-    """
-    from busseg.data.io import to_grey
-    from busseg.data.transforms import normalize, resize_image
-
-    arr = _check_image(image)
-    if not preprocessing.get("grey", True):
-        raise ValueError("only grey-scale checkpoints (preprocessing.grey = true) are supported")
-    norm = preprocessing.get("normalize", "zscore")
-    if norm != "zscore":
-        raise ValueError(f"unsupported preprocessing.normalize {norm!r}; expected 'zscore'")
-    grey = to_grey(arr)
-    size = preprocessing.get("input_size")
-    if size is not None:
-        if len(size) != 2 or any(int(s) < 1 for s in size):
-            raise ValueError(f"preprocessing.input_size must be [h, w] > 0, got {size!r}")
-        size = (int(size[0]), int(size[1]))
-        if grey.shape != size:
-            grey = resize_image(grey, size)
-    x = normalize(torch.from_numpy(np.ascontiguousarray(grey))[None, None].float() / 255.0)
-    if size is None and multiple > 1:
-        h, w = grey.shape
-        ph, pw = (-h) % multiple, (-w) % multiple
-        if ph or pw:
-            mode = "reflect" if ph < h and pw < w else "replicate"
-            x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x
 
 
 # --------------------------------------------------------------------------- prediction
@@ -376,12 +130,32 @@ def predict_logits_batch(batch: torch.Tensor, model: nn.Module, *, tta: bool = F
         If ``batch`` is not (N, 1, h, w) (or (N, C, h, w) for a prompt model), or the model
         does not return (N, 1, h, w) logits.
     """
-    return _forward(batch, model, tta=tta, with_class=False)[0]
+    return forward(batch, model, tta=tta, with_class=False)[0]
 
 
-def _forward(batch: torch.Tensor, model: nn.Module, *, tta: bool, with_class: bool
+def forward(batch: torch.Tensor, model: nn.Module, *, tta: bool, with_class: bool
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (N, V, h, w) and, with ``with_class``, class probabilities (N, K) (view mean)."""
+    """Run the network: logits and, with ``with_class``, class probabilities.
+
+    Parameters
+    ----------
+    batch, model, tta
+        As :func:`predict_logits_batch`.
+    with_class : bool
+        Also return the class head's softmax probabilities (the model must have a head).
+
+    Returns
+    -------
+    logits : torch.Tensor
+        (N, V, h, w) float32 on the model's device (see :func:`predict_logits_batch`).
+    class_proba : torch.Tensor or None
+        (N, K) float32, averaged over the views; None without ``with_class``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`predict_logits_batch`.
+    """
     device = model_device(model)
     x = batch.to(device, non_blocking=True)
     channels = int(getattr(model, "in_channels", 1))
@@ -457,19 +231,38 @@ def _logits_to_proba(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     return proba[:, 0] if proba.shape[1] == 1 else proba.mean(dim=1)
 
 
-def _predict_tensor(
+def predict_tensor(
     images: Sequence[np.ndarray], model: nn.Module, tta: bool, prompts: Sequence | None = None,
     with_class: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Map validated arrays (and optional prompts) to probabilities on the model's device.
+    """Map validated images (and optional prompts) to probabilities on the model's device.
 
-    Returns one ((H, W) probabilities, (K,) class probabilities or None) per image.
+    Images of one shape go through the network in one batch.
+
+    Parameters
+    ----------
+    images : sequence of numpy.ndarray
+        Images checked by :func:`check_image`.
+    model : torch.nn.Module
+        A model carrying its checkpoint config.
+    tta : bool
+        Flip-average.
+    prompts : sequence of busseg.prompts.Prompts or None, optional
+        One per image (None or empty: automatic), from :func:`busseg.prompts.validate_prompts`.
+    with_class : bool, optional
+        Also return the class probabilities (the model must have a head).
+
+    Returns
+    -------
+    list of tuple
+        One ((H, W) float probabilities at the image's size, (K,) class probabilities or
+        None) per image, tensors on the model's device.
     """
     from busseg.prompts import DEFAULT_CLICK_RADIUS, render_guidance
 
-    cfg = _config(model)
+    cfg = model_config(model)
     prep = cfg.get("preprocessing", {})
-    multiple = _multiple(model, cfg)
+    multiple = model_multiple(model, cfg)
     xs = [preprocess(im, prep, multiple=multiple) for im in images]
     sizes = [tuple(np.shape(im)[:2]) for im in images]
     if prompts is not None and any(p is not None and not p.empty for p in prompts):
@@ -490,10 +283,10 @@ def _predict_tensor(
               torch.cat([g, g.new_zeros((1, channels - 1, *g.shape[-2:]))], 1) for g in guided]
     out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     if len({tuple(x.shape) for x in xs}) == 1:
-        groups = [(_forward(torch.cat(xs), model, tta=tta, with_class=with_class),
+        groups = [(forward(torch.cat(xs), model, tta=tta, with_class=with_class),
                    list(range(len(xs))))]
     else:
-        groups = [(_forward(x, model, tta=tta, with_class=with_class), [i])
+        groups = [(forward(x, model, tta=tta, with_class=with_class), [i])
                   for i, x in enumerate(xs)]
     for (logits, class_proba), idx in groups:
         for j, i in enumerate(idx):
@@ -504,6 +297,10 @@ def _predict_tensor(
             out.append((_logits_to_proba(lg, (H, W))[0],
                         None if class_proba is None else class_proba[j]))
     return out
+
+
+# predict_proba, predict and classify run the network through this name (tests replace it).
+_predict_tensor = predict_tensor
 
 
 def predict_proba(
@@ -562,7 +359,7 @@ def predict_proba(
     """
     model, arr, cfg = _prepare(image, model, device)
     pr = _prompts(model, arr, boxes, points, point_labels, previous_mask)
-    proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg), [pr])[0][0]
+    proba = _predict_tensor([arr], model, resolve_tta(tta, cfg), [pr])[0][0]
     return proba.to("cpu", torch.float32).numpy()
 
 
@@ -611,71 +408,26 @@ class Prediction:
     regions_removed: int = 0
 
 
-def _class_dict(model: nn.Module, probs: torch.Tensor) -> dict:
-    from busseg.models import CLASS_NAMES
-
-    names = list(_config(model).get("classes", CLASS_NAMES))
-    values = probs.to("cpu", torch.float64).tolist()
-    return {name: float(v) for name, v in zip(names, values, strict=True)}
-
-
-def _resolve_gate(normal_gate: Any, cfg: Mapping[str, Any]) -> dict | None:
-    """Return the gate {"p_normal": t, "lesion_confidence": c} to apply, or None."""
-    stored = cfg.get("inference", {}).get("normal_gate")
-    if normal_gate is None or normal_gate is False:
-        return None
-    if isinstance(normal_gate, str):
-        if normal_gate != "auto":
-            raise ValueError(f"normal_gate must be 'auto', None or a probability in (0, 1], "
-                             f"got {normal_gate!r}")
-        return dict(stored) if stored else None
-    try:
-        t = float(normal_gate)
-    except (TypeError, ValueError):
-        raise ValueError(f"normal_gate must be 'auto', None or a probability in (0, 1], got "
-                         f"{normal_gate!r}") from None
-    if not 0.0 < t <= 1.0:
-        raise ValueError(f"normal_gate must be in (0, 1], got {normal_gate!r}")
-    conf = (stored or {}).get("lesion_confidence", 1.0 + 1e-9)
-    return {"p_normal": t, "lesion_confidence": conf}
-
-
-def describe_gate(gate: Mapping[str, Any] | None) -> str:
-    """Say in words what a normal-scan gate does (for the CLI, evaluate.py and model cards).
+def class_dict(model: nn.Module, probs: torch.Tensor) -> dict:
+    """Name a model's class probabilities.
 
     Parameters
     ----------
-    gate : mapping or None
-        A checkpoint's ``inference.normal_gate``: ``{"p_normal": t, "lesion_confidence": c}``
-        (``c`` >= 1 or absent: the lesion probabilities never protect a mask); None or empty
-        for no gate.
+    model : torch.nn.Module
+        The model (its config's ``classes``, default normal, benign, malignant).
+    probs : torch.Tensor
+        (K,) class probabilities.
 
     Returns
     -------
-    str
-        E.g. ``"mask emptied when P(normal) >= 0.95 and no pixel reaches lesion probability
-        0.95"``; ``"none"`` without a gate.
+    dict
+        ``{class name: float}``.
     """
-    if not gate:
-        return "none"
-    text = f"mask emptied when P(normal) >= {float(gate['p_normal']):.4g}"
-    conf = gate.get("lesion_confidence")
-    if conf is not None and float(conf) < 1.0:
-        return text + f" and no pixel reaches lesion probability {float(conf):.4g}"
-    return text + ", whatever the lesion probabilities"
+    from busseg.models import CLASS_NAMES
 
-
-def _apply_gate(mask: np.ndarray, proba: torch.Tensor, class_proba: dict | None,
-                gate: dict | None) -> tuple[np.ndarray, bool]:
-    """Empty the mask when the head says normal and no predicted pixel is confident."""
-    if gate is None or class_proba is None or not mask.any():
-        return mask, False
-    if class_proba.get("normal", 0.0) < float(gate["p_normal"]):
-        return mask, False
-    if float(proba.max()) >= float(gate.get("lesion_confidence", 1.0 + 1e-9)):
-        return mask, False
-    return np.zeros_like(mask), True
-
+    names = list(model_config(model).get("classes", CLASS_NAMES))
+    values = probs.to("cpu", torch.float64).tolist()
+    return {name: float(v) for name, v in zip(names, values, strict=True)}
 
 
 def predict_mask(
@@ -761,8 +513,8 @@ def classify(
         raise ValueError(
             "this checkpoint has no lesion class head; use the shipped default model "
             "(busseg.load_model()) or one trained with `train.py --class-head`")
-    _, class_proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg), with_class=True)[0]
-    return _class_dict(model, class_proba)
+    _, class_proba = _predict_tensor([arr], model, resolve_tta(tta, cfg), with_class=True)[0]
+    return class_dict(model, class_proba)
 
 
 def predict(
@@ -843,27 +595,27 @@ def predict(
     from busseg.prompts import box_mask
 
     model, arr, cfg = _prepare(image, model, device)
-    t = _resolve_threshold(threshold, cfg)
-    _check_postprocess(keep, min_area)
-    gate = _resolve_gate(normal_gate, cfg)
-    rfilter = _resolve_filter(region_filter, cfg)
+    t = resolve_threshold(threshold, cfg)
+    check_postprocess(keep, min_area)
+    gate = resolve_gate(normal_gate, cfg)
+    rfilter = resolve_filter(region_filter, cfg)
     if not (isinstance(box_margin, (int, float)) and box_margin >= 0):
         raise ValueError(f"box_margin must be a number >= 0, got {box_margin!r}")
     pr = _prompts(model, arr, boxes, points, point_labels, previous_mask)
     with_class = has_class_head(model)
-    proba, class_proba = _predict_tensor([arr], model, _resolve_tta(tta, cfg), [pr],
+    proba, class_proba = _predict_tensor([arr], model, resolve_tta(tta, cfg), [pr],
                                          with_class=with_class)[0]
     mask = (proba >= t).cpu().numpy()
     if pr is not None and len(pr.boxes):
         mask &= box_mask(pr.boxes, mask.shape, box_margin)
     if fill_holes or keep != "all" or min_area > 0:
         mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
-    classes = _class_dict(model, class_proba) if class_proba is not None else None
+    classes = class_dict(model, class_proba) if class_proba is not None else None
     gated, removed = False, 0
     proba_np = proba.to("cpu", torch.float32).numpy()
     if pr is None or pr.empty:
-        mask, gated = _apply_gate(mask, proba, classes, gate)
-        mask, removed = _apply_filter(mask, proba_np, arr, classes, rfilter)
+        mask, gated = apply_gate(mask, proba, classes, gate)
+        mask, removed = apply_filter(mask, proba_np, arr, classes, rfilter)
     return Prediction(mask, proba_np, classes, gated, removed)
 
 
@@ -898,170 +650,20 @@ def apply_automatic_settings(raw: Prediction, image: Any, model: ModelLike = Non
     ValueError
         As :func:`predict` for a bad gate or filter.
     """
-    model = _resolve_model(model)
-    cfg = _config(model)
-    gate = _resolve_gate(normal_gate, cfg)
-    rfilter = _resolve_filter(region_filter, cfg)
-    arr = _check_image(image)
-    mask, _ = _apply_gate(np.asarray(raw.mask, bool), torch.from_numpy(raw.proba),
+    model = resolve_model(model)
+    cfg = model_config(model)
+    gate = resolve_gate(normal_gate, cfg)
+    rfilter = resolve_filter(region_filter, cfg)
+    arr = check_image(image)
+    mask, _ = apply_gate(np.asarray(raw.mask, bool), torch.from_numpy(raw.proba),
                           raw.class_proba, gate)
-    mask, _ = _apply_filter(mask, raw.proba, arr, raw.class_proba, rfilter)
+    mask, _ = apply_filter(mask, raw.proba, arr, raw.class_proba, rfilter)
     return mask
-
-
-def _resolve_filter(region_filter: Any, cfg: Mapping[str, Any]):
-    """Return the RegionFilter to apply, or None (see :func:`predict`)."""
-    from busseg.region_filter import resolve_filter
-
-    return resolve_filter(region_filter, cfg)
-
-
-def _apply_filter(mask: np.ndarray, proba: np.ndarray, image: np.ndarray,
-                  classes: dict | None, rfilter) -> tuple[np.ndarray, int]:
-    """Remove the components the region filter rejects: (mask, number removed)."""
-    if rfilter is None or not mask.any():
-        return mask, 0
-    res = rfilter.apply(mask, proba, image, classes)
-    return res.mask, res.removed
 
 
 def _prepare(image: Any, model: ModelLike, device) -> tuple[torch.nn.Module, np.ndarray, dict]:
     """Validate the inputs of predict_proba / predict_mask once: (model, image array, config)."""
-    model = _resolve_model(model)
-    arr = _check_image(image)
-    _check_device(model, device)
-    return model, arr, _config(model)
-
-
-def _check_postprocess(keep: str, min_area: int) -> None:
-    from busseg.postprocess import KEEP_CHOICES
-
-    if keep not in KEEP_CHOICES:
-        raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_CHOICES))}, got {keep!r}")
-    if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 0:
-        raise ValueError(f"min_area must be a non-negative integer (pixels), got {min_area!r}")
-
-
-def predict_stack_iter(
-    images: Iterable[Any] | np.ndarray,
-    model: ModelLike = None,
-    *,
-    threshold: float | None = None,
-    tta: bool | None = None,
-    fill_holes: bool = False,
-    keep: str = "all",
-    min_area: int = 0,
-    batch_size: int = 4,
-    device: str | torch.device | None = None,
-    normal_gate: Any = "auto",
-    with_class: bool = False,
-    region_filter: Any = "auto",
-    with_info: bool = False,
-) -> Iterator[tuple]:
-    """Predict slice after slice, yielding each result as soon as it is ready.
-
-    A generator, so a GUI can show progress and stop between slices (napari's
-    ``thread_worker`` wraps it; scripts simply loop over it).
-
-    Parameters
-    ----------
-    images : numpy.ndarray or iterable of numpy.ndarray
-        A stack (N, H, W) grey or (N, H, W, 3|4) colour, or any iterable of 2D images (sizes
-        may differ), each as accepted by :func:`predict_proba`. A 3D array whose last axis
-        has length 3 or 4 is refused as ambiguous (one colour image?): wrap a single image
-        in a list.
-    model : torch.nn.Module or str or os.PathLike or None, optional
-        As in :func:`predict_proba`.
-    threshold, tta, fill_holes, keep, min_area, device
-        As in :func:`predict_mask`.
-    batch_size : int, optional
-        Slices per forward pass (>= 1); results are still yielded one slice at a time.
-    normal_gate : "auto" or None or float, optional
-        The normal-scan gate, as in :func:`predict`.
-    with_class : bool, optional
-        Also yield the class probabilities (a dict, or None without a class head) as a
-        fourth item.
-    region_filter : "auto" or None or False or RegionFilter, optional
-        The region filter, as in :func:`predict` (applied after the gate).
-    with_info : bool, optional
-        Also yield, last, ``{"gated": bool, "regions_removed": int}`` (see
-        :class:`Prediction`).
-
-    Yields
-    ------
-    index : int
-        Position of the slice in ``images`` (0-based).
-    mask : numpy.ndarray
-        (H, W) bool.
-    proba : numpy.ndarray
-        (H, W) float32 in [0, 1].
-    class_proba : dict or None
-        Only with ``with_class``: as :attr:`Prediction.class_proba`.
-    info : dict
-        Only with ``with_info``: ``{"gated": bool, "regions_removed": int}``.
-
-    Raises
-    ------
-    ValueError
-        As :func:`predict_mask` (raised when the offending slice is reached; inputs that
-        are wrong as a whole raise on the first ``next()``), or for ``batch_size < 1``.
-    """
-    from busseg.postprocess import postprocess_mask
-
-    model = _resolve_model(model)
-    _check_device(model, device)
-    cfg = _config(model)
-    t = _resolve_threshold(threshold, cfg)
-    use_tta = _resolve_tta(tta, cfg)
-    _check_postprocess(keep, min_area)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
-    if isinstance(images, np.ndarray):
-        if images.ndim == 2:
-            raise ValueError(
-                f"images has shape {images.shape}: one 2D image, not a stack; use "
-                "predict_mask, or wrap it in a list"
-            )
-        if images.ndim == 3 and images.shape[-1] in (3, 4):
-            raise ValueError(
-                f"images has shape {images.shape}: ambiguous between one colour image and a "
-                f"stack of {images.shape[0]} slices {images.shape[1]} pixels wide; wrap a "
-                "single image in a list, or use predict_mask"
-            )
-        if images.ndim not in (3, 4):
-            raise ValueError(
-                f"a stack must be (N, H, W) or (N, H, W, 3|4), got shape {images.shape}"
-            )
-    post = fill_holes or keep != "all" or min_area > 0
-    gate = _resolve_gate(normal_gate, cfg)
-    rfilter = _resolve_filter(region_filter, cfg)
-    head = has_class_head(model)
-
-    def emit(chunk: list[tuple[int, np.ndarray]]):
-        results = _predict_tensor([a for _, a in chunk], model, use_tta, with_class=head)
-        for (i, arr), (p, cp) in zip(chunk, results, strict=True):
-            mask = (p >= t).cpu().numpy()
-            if post:
-                mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
-            classes = _class_dict(model, cp) if cp is not None else None
-            mask, gated = _apply_gate(mask, p, classes, gate)
-            p_np = p.to("cpu", torch.float32).numpy()
-            mask, removed = _apply_filter(mask, p_np, arr, classes, rfilter)
-            out = (i, mask, p_np)
-            if with_class:
-                out = (*out, classes)
-            if with_info:
-                out = (*out, {"gated": bool(gated), "regions_removed": int(removed)})
-            yield out
-
-    chunk: list[tuple[int, np.ndarray]] = []
-    for i, im in enumerate(images):
-        chunk.append((i, _check_image(im, what=f"slice {i}")))
-        if len(chunk) == batch_size:
-            yield from emit(chunk)
-            chunk = []
-    if chunk:
-        yield from emit(chunk)
-
+    model = resolve_model(model)
+    arr = check_image(image)
+    check_device(model, device)
+    return model, arr, model_config(model)

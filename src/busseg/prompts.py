@@ -384,10 +384,6 @@ def deepest_error_click(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, 
     return int(r), int(c), int(label)
 
 
-# Older spelling, imported by tests/test_annotator.py until it imports deepest_error_click.
-_deepest_error_click = deepest_error_click
-
-
 @dataclass
 class PromptSimulator:
     """Simulated prompts for training a prompt-conditioned network (one batch at a time).

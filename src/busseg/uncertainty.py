@@ -276,29 +276,29 @@ def uncertainty_score(
         If ``model`` is a path (or None) and the checkpoint cannot be loaded.
     """
     from busseg.inference import (
-        _check_image,
-        _class_dict,
-        _config,
-        _forward,
-        _multiple,
-        _resolve_model,
-        _resolve_threshold,
+        check_image,
+        class_dict,
+        forward,
         has_class_head,
+        model_config,
+        model_multiple,
         preprocess,
+        resolve_model,
+        resolve_threshold,
     )
 
-    model = _resolve_model(model)
-    arr = _check_image(image)
-    cfg = _config(model)
-    t = _resolve_threshold(threshold, cfg)
+    model = resolve_model(model)
+    arr = check_image(image)
+    cfg = model_config(model)
+    t = resolve_threshold(threshold, cfg)
     prep = cfg.get("preprocessing", {})
-    x = preprocess(arr, prep, multiple=_multiple(model, cfg))
+    x = preprocess(arr, prep, multiple=model_multiple(model, cfg))
     # one forward pass gives both views and, for a model with a head, the class probabilities
-    logits, class_proba = _forward(x, model, tta=bool(tta), with_class=has_class_head(model))
+    logits, class_proba = forward(x, model, tta=bool(tta), with_class=has_class_head(model))
     if prep.get("input_size") is None:  # native size: drop the reflection padding
         logits = logits[..., : arr.shape[0], : arr.shape[1]]
     out = scores_from_logits(logits, t, border=border)
-    probs = _class_dict(model, class_proba[0]) if class_proba is not None else None
+    probs = class_dict(model, class_proba[0]) if class_proba is not None else None
     out["class_entropy"] = class_entropy(probs)
     out["class_probabilities"] = probs
     out["threshold"] = t
@@ -312,8 +312,9 @@ def uncertainty_score(
 def checkpoint_key(model_or_path: Any = None) -> tuple | None:
     """Identify a checkpoint by its folder and its files' modification time, size and inode.
 
-    Uses the key :func:`busseg.inference.load_model` caches models by, so a checkpoint
-    rewritten in place gets a new key.
+    The checkpoint's identity (:func:`busseg.checkpoint_id.checkpoint_identity`), the key
+    :func:`busseg.inference.load_model` caches models by, so a checkpoint rewritten in place
+    gets a new key.
 
     Parameters
     ----------
@@ -324,15 +325,15 @@ def checkpoint_key(model_or_path: Any = None) -> tuple | None:
     Returns
     -------
     tuple or None
-        ``(folder, files_key)``; None for a model that does not come from a checkpoint
-        folder (its scores are then not cached).
+        ``(folder, files_key)`` (:func:`busseg.checkpoint_id.files_key`); None for a model
+        that does not come from a checkpoint folder (its scores are then not cached).
 
     Raises
     ------
     busseg.models.CheckpointError
         If a path is given whose checkpoint files are missing.
     """
-    from busseg.inference import _checkpoint_dir, _files_key
+    from busseg.checkpoint_id import checkpoint_identity
 
     if model_or_path is None or isinstance(model_or_path, (str, os.PathLike)):
         path = model_or_path
@@ -340,8 +341,7 @@ def checkpoint_key(model_or_path: Any = None) -> tuple | None:
         path = getattr(model_or_path, "busseg_checkpoint_path", None)
         if path is None:
             return None
-    directory = _checkpoint_dir(path)
-    return (str(directory), _files_key(directory))
+    return checkpoint_identity(path, explain=True)
 
 
 def image_key(item: Any) -> tuple:

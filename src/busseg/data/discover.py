@@ -384,7 +384,3 @@ def default_split(root: str | os.PathLike) -> Path:
         raise ValueError(f"no committed split for {root}; make one with "
                          "training/make_split.py and pass it with --split")
     return path
-
-
-# Older spelling, used by busseg._reader until it imports :func:`pair_dirs`.
-_pair_dirs = pair_dirs
