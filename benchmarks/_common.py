@@ -7,6 +7,7 @@ is not installed, ``src/`` of this checkout is put on ``sys.path`` so they run f
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -77,6 +78,20 @@ def set_threads(n: int | None) -> int:
             raise SystemExit(f"--threads must be at least 1, got {n}")
         torch.set_num_threads(int(n))
     return int(torch.get_num_threads())
+
+
+def argument_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A parser described by the first paragraph of a benchmark's docstring, kept as written."""
+    return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def threads_and_checkpoint(args: argparse.Namespace) -> tuple[int, Path]:
+    """Apply ``--threads`` and resolve ``--checkpoint``: (threads in use, checkpoint folder).
+
+    See :func:`set_threads` and :func:`resolve_checkpoint`.
+    """
+    return set_threads(args.threads), resolve_checkpoint(args.checkpoint)
 
 
 #: Earlier releases of the shipped default model, by name: the commit whose
@@ -261,6 +276,15 @@ def repo_relative(path: str | os.PathLike) -> str:
         return p.relative_to(REPO_ROOT).as_posix()
     except ValueError:
         return str(p)
+
+
+def report_head(title: str, result: Mapping[str, Any], model: str = "") -> list[str]:
+    """First lines of a benchmark's Markdown report: the title, the hardware and the checkpoint.
+
+    ``model`` prefixes the checkpoint line (e.g. ``"Prompt model: "``).
+    """
+    return [f"# {title}", "", hardware_markdown(result["hardware"]), "",
+            model + checkpoint_markdown(result["checkpoint"])]
 
 
 def checkpoint_markdown(summary: Mapping[str, Any]) -> str:

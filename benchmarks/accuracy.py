@@ -865,9 +865,7 @@ def targets_markdown(values: dict) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = C.argument_parser(__doc__)
     p.add_argument(
         "--busi",
         default=str(C.DEFAULT_BUSI),
@@ -1117,8 +1115,7 @@ def _busi_busbra_markdown(split_name: str, n_boot: int, busi_summary: dict, busi
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; return the JSON payload (also written to ``--out``)."""
     args = parse_args(argv)
-    threads = C.set_threads(args.threads)
-    ckpt = C.resolve_checkpoint(args.checkpoint)
+    threads, ckpt = C.threads_and_checkpoint(args)
     busi_root = C.require_dir(args.busi, "BUSI", "--busi")
     split_csv = Path(args.split)
     if not split_csv.is_file():

@@ -48,9 +48,7 @@ UNCERTAINTY, RANDOM = "uncertainty", "random"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = C.argument_parser(__doc__)
     p.add_argument("--busbra", default=str(C.DEFAULT_BUSBRA),
                    help="BUS-BRA folder (default ../shared/data/busbra-fold1)")
     p.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 40],
@@ -143,11 +141,8 @@ def render(result: dict) -> str:
     a = result["settings"]
     ft = a["finetune"]
     md = [
-        "# Active learning: correcting the most uncertain images vs random ones (BUS-BRA)",
-        "",
-        C.hardware_markdown(result["hardware"]),
-        "",
-        C.checkpoint_markdown(result["checkpoint"]),
+        *C.report_head("Active learning: correcting the most uncertain images vs random ones "
+                       "(BUS-BRA)", result),
         f"Wall time {result['seconds'] / 60:.1f} min.",
         "",
     ]
@@ -234,8 +229,7 @@ def make_figure(result: dict):
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; return the JSON payload (also written to ``--out``)."""
     args = parse_args(argv)
-    threads = C.set_threads(args.threads)
-    ckpt = C.resolve_checkpoint(args.checkpoint)
+    threads, ckpt = C.threads_and_checkpoint(args)
     busbra = C.require_dir(args.busbra, "BUS-BRA", "--busbra")
 
     from busseg.devices import get_device

@@ -600,7 +600,8 @@ def render(result: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def _ratio(a: float, b: float) -> str:
+def _ratio(a: float | None, b: float | None) -> str:
+    a, b = (math.nan if v is None else float(v) for v in (a, b))  # JSON writes NaN as null
     return "–" if not (np.isfinite(a) and np.isfinite(b) and b > 0) else f"{a / b:.2f}"
 
 
@@ -654,7 +655,7 @@ def make_figure(result: dict):
     fig, axes = C.new_figure(1, 2, size=(6.0, 4.2))
     ax, ax2 = axes[0]
     for arm in result["arms"]:
-        blocks = arm["summary"]["blocks"]
+        blocks = arm.get("report_blocks") or arm["summary"]["blocks"]
         x = [b["last"] for b in blocks]
         style = "-" if arm["learn"] else "--"
         ax.plot(x, [b["mean"] for b in blocks], style, marker="o", ms=3, label=arm["label"])
@@ -669,8 +670,11 @@ def make_figure(result: dict):
             a_.axvline(bound + 0.5, color="black", lw=0.8, ls=":")
         a_.set_xlabel("scans annotated")
         a_.legend(fontsize=7)
-    ax.set_ylabel(f"interactions per scan (mean per block of {BLOCK})")
-    ax.set_title("dotted: BUS-UCLM -> BUS-BRA; grey: adopted fine-tunes", fontsize=8)
+    per = result["settings"].get("block", BLOCK) if result["arms"][0].get("report_blocks") \
+        else BLOCK
+    ax.set_ylabel(f"interactions per scan (mean per block of {per})")
+    ax.set_title(("dotted: BUS-UCLM -> BUS-BRA; " if bound else "")
+                 + "grey: adopted fine-tunes", fontsize=8)
     ax2.set_ylabel("interactions, cumulative")
     fig.tight_layout()
     return fig
@@ -785,8 +789,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def rerender(path: str | Path) -> dict:
+    """Write the Markdown and the figure of a saved run again (``--from-json``), no re-run."""
+    import json
+
+    path = Path(path)
+    result = json.loads(path.read_text())
+    C.write_results(path.parent, NAME, render(result), result, make_figure(result))
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; return the JSON payload (also written to ``--out-dir``)."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if len(argv) == 2 and argv[0] == "--from-json":  # re-render a saved run
+        return rerender(argv[1])
     args = parse_args(argv)
     threads = C.set_threads(args.threads)
     ckpt = C.resolve_checkpoint(args.checkpoint)

@@ -686,13 +686,7 @@ def _comparison_table(comparison: Sequence[dict]) -> list[str]:
 
 def render(result: dict) -> str:
     a = result["settings"]
-    md = [
-        "# Interactive segmentation: boxes and clicks",
-        "",
-        C.hardware_markdown(result["hardware"]),
-        "",
-        "Prompt model: " + C.checkpoint_markdown(result["checkpoint"]),
-    ]
+    md = C.report_head("Interactive segmentation: boxes and clicks", result, "Prompt model: ")
     if result.get("baseline_checkpoint"):
         md.append("Crop-to-box baseline: " + C.checkpoint_markdown(result["baseline_checkpoint"]))
     md += [f"Wall time {result['seconds'] / 60:.1f} min.", ""]
@@ -850,8 +844,7 @@ def make_figure(result: dict):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = C.argument_parser(__doc__)
     p.add_argument("--baseline-checkpoint", default=None,
                    help="automatic model for the crop-to-box baseline (the old default: "
                         "git revision af83f33:src/busseg/weights/default, before prompts); "
@@ -1032,8 +1025,7 @@ def _evaluate_all(datasets: dict, model: Any, baseline: Any, args, rows: list,
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; return the JSON payload (also written to ``--out``)."""
     args = parse_args(argv)
-    threads = C.set_threads(args.threads)
-    ckpt = C.resolve_checkpoint(args.checkpoint)
+    threads, ckpt = C.threads_and_checkpoint(args)
     base_ckpt = (C.resolve_checkpoint(args.baseline_checkpoint)
                  if args.baseline_checkpoint else None)
 

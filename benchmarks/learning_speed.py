@@ -62,8 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run the benchmark; return the JSON payload (also written to ``--out``)."""
     args = parse_args(argv)
-    threads = C.set_threads(args.threads)
-    ckpt = C.resolve_checkpoint(args.checkpoint)
+    threads, ckpt = C.threads_and_checkpoint(args)
     from busseg.calibration import case_evidence, fit_calibration
     from busseg.data import discover
     from busseg.inference import load_model, predict

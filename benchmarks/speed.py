@@ -1066,9 +1066,7 @@ def make_figure(result: dict):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = C.argument_parser(__doc__)
     p.add_argument(
         "--busi",
         default=str(C.DEFAULT_BUSI),
@@ -1295,8 +1293,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     from busseg.devices import get_device
     from busseg.models import read_checkpoint_config
 
-    threads = C.set_threads(args.threads)
-    ckpt = C.resolve_checkpoint(args.checkpoint)
+    threads, ckpt = C.threads_and_checkpoint(args)
     device = get_device(args.device)
     cfg = read_checkpoint_config(ckpt)
     in_size = tuple(int(v) for v in cfg["preprocessing"]["input_size"])

@@ -15,7 +15,15 @@ Fixtures for other test modules:
 - ``tiny_checkpoint``: a checkpoint folder of ``build_model({"base_channels": 4, "depth": 2})``
   with preprocessing input size [32, 32] (untrained, seeded).
 - ``busseg_plugin``: napari's plugin manager with napari-busseg registered (discovered when
-  installed, else from ``src/busseg/napari.yaml``).
+  installed, else from ``src/busseg/napari.yaml``); ``viewer``: a napari viewer with it;
+  ``open_segment(checkpoint)``: the "Segment lesions" widget docked in ``viewer``;
+  ``segment``: ``open_segment(tiny_checkpoint)``.
+- ``tiny_model``, ``prompt_model``: ``tiny_checkpoint`` and ``tiny_prompt_checkpoint`` loaded
+  on the CPU.
+- ``fake_split``: a split CSV putting every image of ``fake_busi`` in the test split.
+
+Helpers to import (``from conftest import ...``): ``load_benchmark``, ``save_png``,
+``write_split_csv``, ``write_busbra``, ``scan_folder`` and ``answered_session``.
 
 Every test runs with one torch thread (the tensors are tiny; more threads only add overhead)
 and with ``BUSSEG_HOME`` pointing into a temporary folder so nothing lands in the real home.
@@ -23,6 +31,7 @@ and with ``BUSSEG_HOME`` pointing into a temporary folder so nothing lands in th
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -178,11 +187,71 @@ def load_benchmark(name: str):
     return sys.modules[key]
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
+def save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+
+
+def write_split_csv(path: Path, rows) -> Path:
+    """Write a split CSV (header ``image, label, group, split``) of ``rows``; return ``path``."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "label", "group", "split"])
+        w.writerows(rows)
+    return path
+
+
+def write_busbra(root: Path, images, masks, rows: list[dict]) -> Path:
+    """Write a BUS-BRA-like folder at ``root`` and return it.
+
+    ``Images/<ID>.png``, ``Masks/mask_<...>.png`` (0/255; ``bus_`` of the ID replaced by
+    ``mask_``) of each image, mask and row, and ``bus_data.csv`` holding ``rows`` (dicts with
+    at least ``"ID"``; the first row's keys are the columns).
+    """
+    for row, image, mask in zip(rows, images, masks, strict=True):
+        rid = row["ID"]
+        save_png(root / "Images" / f"{rid}.png", image)
+        save_png(root / "Masks" / f"{rid.replace('bus_', 'mask_')}.png",
+                 mask.astype(np.uint8) * 255)
+    with open(root / "bus_data.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def scan_folder(root: Path, n: int = 5, size=(24, 32), seed: int = 0) -> Path:
+    """A plain folder of n unlabeled grey scans ``scan<i>.png``; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        save_png(root / f"scan{i}.png", rng.integers(0, 255, size, dtype=np.uint8))
+    root.mkdir(parents=True, exist_ok=True)  # also for n = 0
+    return root
+
+
+def answered_session(tmp_path: Path, images, masks, *, empty_every: int, **kwargs):
+    """An ``AnnotationSession`` over ``images`` (``tmp_path/scans/s<ii>.png``), all answered.
+
+    Case ``i`` is saved as an edited correction: ``masks[i]``, or an empty mask (a normal
+    scan) where ``i % empty_every == 0``. Corrections go to ``tmp_path/corr``, checkpoints to
+    ``tmp_path/models``; ``kwargs`` go to ``AnnotationSession``.
+    """
+    from busseg.session import AnnotationSession
+
+    scans = tmp_path / "scans"
+    for i, image in enumerate(images):
+        save_png(scans / f"s{i:02d}.png", image)
+    s = AnnotationSession(scans, tmp_path / "corr", models_dir=tmp_path / "models", **kwargs)
+    s.open(0)
+    for i, mask in enumerate(masks):
+        s.set_prediction(np.zeros_like(mask))
+        s.set_mask(mask if i % empty_every else np.zeros_like(mask), edited=True)
+        if i + 1 < len(masks):
+            s.next()
+    s.save()
+    return s
 
 
 def _write_fake_busi(root: Path, edge_cases: bool, size: tuple[int, int]) -> Path:
@@ -195,27 +264,27 @@ def _write_fake_busi(root: Path, edge_cases: bool, size: tuple[int, int]) -> Pat
             if stem == FAKE_BUSI_RGB_IMAGE:
                 rgb = np.repeat(image[..., None], 3, axis=-1)
                 rgb[2:4, 2:6] = (255, 255, 0)  # a yellow caliper mark, as on some BUSI frames
-                _save_png(folder / f"{stem}.png", rgb)
+                save_png(folder / f"{stem}.png", rgb)
             else:
-                _save_png(folder / f"{stem}.png", image)
+                save_png(folder / f"{stem}.png", image)
             m8 = mask.astype(np.uint8) * 255
             if stem == FAKE_BUSI_RGBA_MASK:
                 rgba = np.zeros((*size, 4), np.uint8)
                 rgba[..., :3] = m8[..., None]
                 rgba[..., 3] = 255
-                _save_png(folder / f"{stem}_mask.png", rgba)
+                save_png(folder / f"{stem}_mask.png", rgba)
             else:
-                _save_png(folder / f"{stem}_mask.png", m8)
+                save_png(folder / f"{stem}_mask.png", m8)
             for k in range(1, n_masks):  # a second lesion, away from the first
                 second = _ellipse(size, size[0] * 0.8, size[1] * 0.15, 3, 3) & ~mask
-                _save_png(folder / f"{stem}_mask_{k}.png", second.astype(np.uint8) * 255)
+                save_png(folder / f"{stem}_mask_{k}.png", second.astype(np.uint8) * 255)
     if edge_cases:
         image, mask = _synthetic_pair(rng, size)
-        _save_png(data / FAKE_BUSI_EDGE["no_mask"], image)
-        _save_png(data / FAKE_BUSI_EDGE["orphan_mask"], mask.astype(np.uint8) * 255)
-        _save_png(data / FAKE_BUSI_EDGE["size_mismatch"], image)
+        save_png(data / FAKE_BUSI_EDGE["no_mask"], image)
+        save_png(data / FAKE_BUSI_EDGE["orphan_mask"], mask.astype(np.uint8) * 255)
+        save_png(data / FAKE_BUSI_EDGE["size_mismatch"], image)
         small = mask[: size[0] // 2, : size[1] // 2].astype(np.uint8) * 255
-        _save_png(data / FAKE_BUSI_EDGE["size_mismatch"].replace(".png", "_mask.png"), small)
+        save_png(data / FAKE_BUSI_EDGE["size_mismatch"].replace(".png", "_mask.png"), small)
     return data
 
 
@@ -239,6 +308,16 @@ def make_fake_busi(tmp_path):
 def fake_busi(make_fake_busi) -> Path:
     """A tiny BUSI-layout tree without edge cases; the ``Dataset_BUSI_with_GT`` folder."""
     return make_fake_busi()
+
+
+@pytest.fixture
+def fake_split(fake_busi, tmp_path) -> Path:
+    """A split CSV putting every image of ``fake_busi`` in the test split."""
+    from busseg.data import discover_busi
+
+    records = discover_busi(fake_busi).records
+    return write_split_csv(tmp_path / "split.csv",
+                           [[r.rel_path, r.label, i, "test"] for i, r in enumerate(records)])
 
 
 @pytest.fixture
@@ -267,6 +346,46 @@ def busseg_plugin():
     if "napari-busseg" not in pm:
         pm.register(PluginManifest.from_file(Path(busseg.__file__).parent / "napari.yaml"))
     return pm
+
+
+@pytest.fixture
+def viewer(make_napari_viewer, busseg_plugin):
+    """A napari viewer that knows the plugin (needs napari's pytest plugin and a display)."""
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def open_segment(viewer):
+    """Factory ``(checkpoint)``: dock "Segment lesions" in ``viewer`` using ``checkpoint``."""
+
+    def open_(checkpoint: Path):
+        _, w = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+        w.use_checkpoint(checkpoint)
+        return w
+
+    return open_
+
+
+@pytest.fixture
+def segment(open_segment, tiny_checkpoint):
+    """"Segment lesions" docked in ``viewer``, using ``tiny_checkpoint``."""
+    return open_segment(tiny_checkpoint)
+
+
+@pytest.fixture
+def tiny_model(tiny_checkpoint):
+    """``tiny_checkpoint`` loaded on the CPU (cached by ``busseg.inference.load_model``)."""
+    from busseg.inference import load_model
+
+    return load_model(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def prompt_model(tiny_prompt_checkpoint):
+    """``tiny_prompt_checkpoint`` loaded on the CPU (cached by ``load_model``)."""
+    from busseg.inference import load_model
+
+    return load_model(tiny_prompt_checkpoint, device="cpu")
 
 
 @pytest.fixture

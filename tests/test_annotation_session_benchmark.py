@@ -9,13 +9,12 @@ BUS-BRA folder with a tiny untrained prompt model drives the real
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, save_png, write_busbra, write_split_csv
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +65,6 @@ def test_summary_counts_kinds_sites_and_finetunes(bench):
 # --------------------------------------------------------------------------- end to end
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
 @pytest.fixture
 def fake_busuclm(tmp_path, synthetic_pairs):
     """BUS-UCLM-like pairs (colour masks) of patients AAAA, BBBB (test) and CCCC (train, one
@@ -87,34 +79,21 @@ def fake_busuclm(tmp_path, synthetic_pairs):
         if not normal:
             colour[masks[k]] = (0, 255, 0)
         image = images[k] if name != "CCCC_001" else images[k][:30]
-        _save_png(root / "images" / f"{name}.png", image)
-        _save_png(root / "masks" / f"{name}.png", colour)
+        save_png(root / "images" / f"{name}.png", image)
+        save_png(root / "masks" / f"{name}.png", colour)
         rows.append([f"images/{name}.png", "normal" if normal else "benign", k // 2,
                      "train" if name.startswith("CCCC") else "test"])
-    split = tmp_path / "busuclm.csv"
-    with open(split, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "label", "group", "split"])
-        w.writerows(rows)
-    return root, split
+    return root, write_split_csv(tmp_path / "busuclm.csv", rows)
 
 
 @pytest.fixture
 def fake_busbra(tmp_path, synthetic_pairs) -> Path:
     root = tmp_path / "busbra"
     images, masks = synthetic_pairs(3, size=(40, 48), seed=3)
-    rows = []
-    for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        rid = f"bus_000{k}-s"
-        _save_png(root / "Images" / f"{rid}.png", image)
-        _save_png(root / "Masks" / f"mask_000{k}-s.png", mask.astype(np.uint8) * 255)
-        rows.append({"ID": rid, "Case": str(k), "Pathology": "benign", "Device": "x",
-                     "Histology": "x", "BIRADS": "3", "Side": "left", "BBOX": "0,0,1,1"})
-    with open(root / "bus_data.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return root
+    rows = [{"ID": f"bus_000{k}-s", "Case": str(k), "Pathology": "benign", "Device": "x",
+             "Histology": "x", "BIRADS": "3", "Side": "left", "BBOX": "0,0,1,1"}
+            for k in range(3)]
+    return write_busbra(root, images, masks, rows)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, save_png, write_busbra
 
 _load = load_benchmark
 
@@ -22,13 +22,6 @@ _load = load_benchmark
 @pytest.fixture(scope="module")
 def common():
     return _load("_common")
-
-
-def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
 
 
 #: (ID, Case, Pathology, Device) of the fake BUS-BRA folder: 8 images of 6 patients.
@@ -48,45 +41,10 @@ FAKE_BUSBRA = [
 def fake_busbra(tmp_path, synthetic_pairs) -> Path:
     root = tmp_path / "busbra"
     images, masks = synthetic_pairs(len(FAKE_BUSBRA), size=(40, 48), seed=3)
-    rows = []
-    for (rid, case, path, dev), image, mask in zip(FAKE_BUSBRA, images, masks, strict=True):
-        _save_png(root / "Images" / f"{rid}.png", image)
-        _save_png(
-            root / "Masks" / f"{rid.replace('bus_', 'mask_')}.png", mask.astype(np.uint8) * 255
-        )
-        rows.append(
-            {
-                "ID": rid,
-                "Case": case,
-                "Histology": "x",
-                "Pathology": path,
-                "BIRADS": "4",
-                "Device": dev,
-                "Width": 48,
-                "Height": 40,
-                "Side": "left",
-                "BBOX": "[1,1,2,2]",
-            }
-        )
-    with open(root / "bus_data.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return root
-
-
-@pytest.fixture
-def fake_split(fake_busi, tmp_path) -> Path:
-    """A split CSV putting every image of ``fake_busi`` in the test split."""
-    from busseg.data import discover_busi
-
-    path = tmp_path / "split.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "label", "group", "split"])
-        for i, r in enumerate(discover_busi(fake_busi).records):
-            w.writerow([r.rel_path, r.label, i, "test"])
-    return path
+    rows = [{"ID": rid, "Case": case, "Histology": "x", "Pathology": path, "BIRADS": "4",
+             "Device": dev, "Width": 48, "Height": 40, "Side": "left", "BBOX": "[1,1,2,2]"}
+            for rid, case, path, dev in FAKE_BUSBRA]
+    return write_busbra(root, images, masks, rows)
 
 
 def _outputs(out: Path, name: str) -> dict:
@@ -269,8 +227,8 @@ def fake_busuclm(tmp_path, synthetic_pairs) -> tuple[Path, Path]:
         rgb = np.zeros((*mask.shape, 3), np.uint8)
         if label != "Normal":
             rgb[mask] = colour[label]
-        _save_png(root / "masks" / f"{name}.png", rgb)
-        _save_png(root / "images" / f"{name}.png",
+        save_png(root / "masks" / f"{name}.png", rgb)
+        save_png(root / "images" / f"{name}.png",
                   image[:30, :36] if name == "BBBB_002" else image)
         info.append(f"{name}.png;48x40;{label};No;{marks};No")
         split.append([f"images/{name}.png", label.lower(), "ABC".index(name[0]), part])

@@ -39,10 +39,11 @@ def _dock(viewer, *, predict=False, learn=False):
     return widget
 
 
-def test_learning_and_predict_on_open_are_on_by_default(make_napari_viewer, busseg_plugin):
+def test_predict_on_open_is_on_and_site_finetunes_off_by_default(make_napari_viewer,
+                                                                  busseg_plugin):
     viewer = make_napari_viewer()
     _, widget = viewer.window.add_plugin_dock_widget("napari-busseg", "Scan browser")
-    assert widget._learn_check.value and widget._predict_check.value
+    assert not widget._learn_check.value and widget._predict_check.value
 
 
 def _closed(qtbot, widget):
@@ -140,8 +141,7 @@ def test_predict_on_open_never_replaces_a_prediction(
 ):
     viewer, widget = browser
     widget.set_root(fake_busi)
-    widget._model_edit.value = tiny_checkpoint
-    widget._predict_check.value = True
+    _predict_on_open(widget, tiny_checkpoint)
     widget.select(0)
     widget.open_current()
     qtbot.waitUntil(lambda: "benign (1) prediction" in _names(viewer), timeout=60_000)
@@ -256,9 +256,7 @@ def test_reranks_when_segment_widget_switches_checkpoint(
 
     default_cache().clear()
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    widget = _dock(viewer)
-    seg.use_checkpoint(tiny_checkpoint)
+    seg, widget = _dock_with_segment(viewer, tiny_checkpoint)
     widget._model_edit.value = tmp_path  # ignored: the Segment lesions widget's checkpoint wins
     widget.set_root(fake_busi)
     assert widget.ranking_checkpoint() == tiny_checkpoint
@@ -316,6 +314,34 @@ def test_cancel_keeps_the_scores_so_far(browser, notes, fake_busi, tiny_checkpoi
 # --------------------------------------------------------------------------- one case at a time
 
 
+def _predict_on_open(widget, checkpoint):
+    """Switch the browser's "Predict on open" on, with its own model ``checkpoint``."""
+    widget._model_edit.value = checkpoint
+    widget._predict_check.value = True
+
+
+def _dock_with_segment(viewer, checkpoint, **kwargs):
+    """Dock "Segment lesions", then the Scan browser (``_dock(viewer, **kwargs)``); point
+    Segment lesions at ``checkpoint``. Returns (segment widget, browser widget)."""
+    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
+    widget = _dock(viewer, **kwargs)
+    seg.use_checkpoint(checkpoint)
+    return seg, widget
+
+
+def _open_scans(widget, tmp_path, n, index=0, corr_name="corr"):
+    """Browse ``n`` scans written to ``tmp_path/scans`` and open scan ``index``.
+
+    Corrections go to ``tmp_path/<corr_name>``, which is returned.
+    """
+    corr = tmp_path / corr_name
+    widget.set_root(_write_scans(tmp_path / "scans", n))
+    widget.set_corrections(corr)
+    widget.select(index)
+    widget.open_current()
+    return corr
+
+
 def _write_scans(root, n, size=(40, 48), seed=0):
     """A plain folder of n unlabeled grey scans (no masks)."""
     from PIL import Image
@@ -348,8 +374,7 @@ def test_plain_folder_browse_paint_next_autosaves_every_case(
     assert len(widget.records) == 12 and widget.session.layouts == ["folder"]
     assert list(widget._class_combo.choices) == ["all", "unknown"]
     assert widget._progress_label.value == "0 of 12 recorded"
-    widget._model_edit.value = tiny_checkpoint
-    widget._predict_check.value = True
+    _predict_on_open(widget, tiny_checkpoint)
 
     expected = {}
     widget.select(0)
@@ -455,36 +480,24 @@ def test_real_busbra_folder_opens_with_ground_truth(browser, notes, busbra_root,
     assert gt.data.shape == viewer.layers[rec.name].data.shape and gt.data.any()
 
 
-def test_closing_napari_saves_the_open_case(make_napari_viewer, notes, busseg_plugin, tmp_path):
-    scans = _write_scans(tmp_path / "scans", 3)
-    corr = tmp_path / "corrections"
+@pytest.mark.parametrize(
+    ("close", "n", "index", "edit"),
+    [
+        ("napari", 3, 1, np.s_[5:9, 5:9]),  # napari removes the layers first: saved then
+        ("window", 2, 0, np.s_[1:4, 2:9]),  # the window's close button (layers still there)
+    ],
+)
+def test_closing_saves_the_open_case(make_napari_viewer, notes, busseg_plugin, tmp_path,
+                                     close, n, index, edit):
     viewer = make_napari_viewer()
-    widget = _dock(viewer)
-    widget.set_root(scans)
-    widget.set_corrections(corr)
-    widget.select(1)
-    widget.open_current()
-    layer = viewer.add_labels(np.zeros((40, 48), np.uint8), name="scan 01 prediction")
-    layer.data[5:9, 5:9] = 1
-    viewer.close()  # napari removes the layers first: the edit is saved then
-    np.testing.assert_array_equal(read_mask(corr / "unknown" / "scan 01_mask.png"),
-                                  layer.data > 0)
-
-
-def test_closing_the_window_saves_the_open_case(make_napari_viewer, notes, busseg_plugin,
-                                                tmp_path):
-    scans = _write_scans(tmp_path / "scans", 2)
-    corr = tmp_path / "corrections"
-    viewer = make_napari_viewer()
-    widget = _dock(viewer)
-    widget.set_root(scans)
-    widget.set_corrections(corr)
-    widget.select(0)
-    widget.open_current()
-    layer = viewer.add_labels(np.zeros((40, 48), np.uint8), name="scan 00 prediction")
-    layer.data[1:4, 2:9] = 1
-    viewer.window._qt_window.close()  # the window's close button (layers still there)
-    np.testing.assert_array_equal(read_mask(corr / "unknown" / "scan 00_mask.png"),
+    corr = _open_scans(_dock(viewer), tmp_path, n, index, "corrections")
+    layer = viewer.add_labels(np.zeros((40, 48), np.uint8), name=f"scan {index:02d} prediction")
+    layer.data[edit] = 1
+    if close == "napari":
+        viewer.close()
+    else:
+        viewer.window._qt_window.close()
+    np.testing.assert_array_equal(read_mask(corr / "unknown" / f"scan {index:02d}_mask.png"),
                                   layer.data > 0)
 
 
@@ -505,12 +518,7 @@ def test_keyboard_shortcuts(browser, notes, tmp_path, monkeypatch):
     for key in browser_mod.SHORTCUTS:
         assert key.replace("-", "+") in widget.tooltip
 
-    scans = _write_scans(tmp_path / "scans", 3)
-    corr = tmp_path / "corr"
-    widget.set_root(scans)
-    widget.set_corrections(corr)
-    widget.select(0)
-    widget.open_current()
+    corr = _open_scans(widget, tmp_path, 3, 0)
     _press(viewer, "N")
     assert widget.open_record.name == "scan 01"
     _press(viewer, "Shift-N")
@@ -558,8 +566,7 @@ def test_unedited_prediction_is_recorded_as_accepted(browser, notes, tiny_checkp
     corr = tmp_path / "corr"
     widget.set_root(scans)
     widget.set_corrections(corr)
-    widget._model_edit.value = tiny_checkpoint
-    widget._predict_check.value = True
+    _predict_on_open(widget, tiny_checkpoint)
     widget.select(0)
     widget.open_current()
     qtbot.waitUntil(lambda: "scan 00 prediction" in _names(viewer), timeout=60_000)
@@ -624,9 +631,8 @@ def test_learn_as_you_go_switches_segment_lesions(
     monkeypatch.setattr(busseg.finetune, "finetune_iter", fake_finetune)
     monkeypatch.setattr(busseg.finetune, "heldout_costs", fake_costs)
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    widget = _dock(viewer)  # the test adds its own prediction layers
-    seg.use_checkpoint(tiny_checkpoint)
+    # the test adds its own prediction layers
+    seg, widget = _dock_with_segment(viewer, tiny_checkpoint)
     widget.set_learning(True, every=2)
     scans = _write_scans(tmp_path / "scans", 6)
     widget.set_corrections(tmp_path / "corr")
@@ -709,15 +715,9 @@ def test_keys_drive_the_segment_lesions_widget(
     from napari.layers import Points, Shapes
 
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    widget = _dock(viewer, predict=True)  # G races the prediction on open: G's mask wins
-    seg.use_checkpoint(tiny_checkpoint)
-    scans = _write_scans(tmp_path / "scans", 2)
-    corr = tmp_path / "corr"
-    widget.set_root(scans)
-    widget.set_corrections(corr)
-    widget.select(0)
-    widget.open_current()
+    # G races the prediction on open: G's mask wins
+    seg, widget = _dock_with_segment(viewer, tiny_checkpoint, predict=True)
+    corr = _open_scans(widget, tmp_path, 2, 0)
     _press(viewer, "G")
     qtbot.waitUntil(lambda: "scan 00 prediction" in _names(viewer) and not seg.running,
                     timeout=60_000)
@@ -934,9 +934,8 @@ def test_segment_replaces_an_unedited_browser_prediction_without_asking(
     make_napari_viewer, notes, busseg_plugin, tiny_checkpoint, tmp_path, qtbot
 ):
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    widget = _dock(viewer, predict=True)
-    seg.use_checkpoint(tiny_checkpoint)  # the browser predicts with Segment lesions' model
+    # the browser predicts with Segment lesions' model
+    seg, widget = _dock_with_segment(viewer, tiny_checkpoint, predict=True)
     scans = _write_scans(tmp_path / "scans", 2)
     widget.set_root(scans)
     widget.set_corrections(tmp_path / "corr")
@@ -965,9 +964,7 @@ def test_next_reuses_the_layers_and_keeps_each_case_its_own_edits(
 ):
     """Issue 18 item 4: Next swaps the data of the same layers; nothing crosses cases."""
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    widget = _dock(viewer, predict=True)
-    seg.use_checkpoint(tiny_checkpoint)
+    seg, widget = _dock_with_segment(viewer, tiny_checkpoint, predict=True)
     corr = tmp_path / "corrections"
     widget.set_corrections(corr)
     widget.set_root(fake_busi)
@@ -1071,9 +1068,7 @@ def test_first_open_takes_over_the_layers_made_when_the_folder_is_chosen(
 ):
     """The warm-up: napari's first layer of each kind is made before the first Open."""
     viewer = make_napari_viewer()
-    _, seg = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    widget = _dock(viewer, predict=True)
-    seg.use_checkpoint(tiny_checkpoint)
+    seg, widget = _dock_with_segment(viewer, tiny_checkpoint, predict=True)
     widget.set_corrections(tmp_path / "corr")
     widget.set_root(fake_busi)
     spares = widget.spare_layers
@@ -1141,12 +1136,7 @@ def test_both_docks_at_1500x900_show_ten_cases(make_napari_viewer, notes, busseg
 def test_skip_key_leaves_a_case_unrecorded(browser, notes, tmp_path, monkeypatch):
     viewer, widget = browser
     assert "K" in browser_mod.SHORTCUTS and "K" in widget.tooltip
-    scans = _write_scans(tmp_path / "scans", 3)
-    corr = tmp_path / "corr"
-    widget.set_root(scans)
-    widget.set_corrections(corr)
-    widget.select(0)
-    widget.open_current()
+    corr = _open_scans(widget, tmp_path, 3, 0)
     viewer.add_labels(np.ones((40, 48), np.uint8), name="scan 00 prediction")  # an edit ...
     _press(viewer, "K")  # ... left without recording it
     assert widget.open_record.name == "scan 01"

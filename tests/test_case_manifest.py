@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import scan_folder
 from PIL import Image
 
 from busseg.data.io import read_image, read_mask
@@ -37,13 +38,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUSUCLM_DEV = REPO_ROOT.parent / "shared" / "data" / "busuclm-dev"
 
 
-def _folder(root: Path, n: int = 5, size=(24, 32), seed: int = 0) -> Path:
-    """A plain folder of n unlabeled grey scans."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(root / f"scan{i}.png")
-    return root
+def _opened(tmp_path: Path, n: int):
+    """A session over ``scan_folder(tmp_path/scans, n)`` recording into ``tmp_path/corr``,
+    case 0 open; returns (scans, corr, session, the image shape)."""
+    scans = scan_folder(tmp_path / "scans", n=n)
+    corr = tmp_path / "corr"
+    s = AnnotationSession(scans, corr)
+    return scans, corr, s, s.open(0).image.shape
 
 
 def _mask(shape, k: int = 0) -> np.ndarray:
@@ -74,10 +75,7 @@ def test_statuses_are_the_four_decisions():
 
 
 def test_leaving_records_each_decision(tmp_path):
-    scans = _folder(tmp_path / "scans", n=6)
-    corr = tmp_path / "corr"
-    s = AnnotationSession(scans, corr)
-    shape = s.open(0).image.shape
+    scans, corr, s, shape = _opened(tmp_path, 6)
 
     s.set_prediction(_mask(shape))  # 0: left as predicted -> accepted, saved as it is
     assert s.decision() == ACCEPTED
@@ -131,7 +129,7 @@ def test_leaving_records_each_decision(tmp_path):
 
 
 def test_last_case_is_recorded_by_next_and_close(tmp_path):
-    scans = _folder(tmp_path / "scans", n=2)
+    scans = scan_folder(tmp_path / "scans", n=2)
     s = AnnotationSession(scans, tmp_path / "corr")
     shape = s.open(1).image.shape
     s.set_prediction(_mask(shape))
@@ -147,10 +145,7 @@ def test_last_case_is_recorded_by_next_and_close(tmp_path):
 
 
 def test_leaving_without_recording(tmp_path):
-    scans = _folder(tmp_path / "scans", n=4)
-    corr = tmp_path / "corr"
-    s = AnnotationSession(scans, corr)
-    shape = s.open(0).image.shape
+    scans, corr, s, shape = _opened(tmp_path, 4)
     s.set_prediction(_mask(shape))
     s.goto(2, record=False)
     assert s.last_save is None and not corr.exists()
@@ -165,10 +160,7 @@ def test_leaving_without_recording(tmp_path):
 
 
 def test_unchanged_stored_case_is_not_written_again(tmp_path):
-    scans = _folder(tmp_path / "scans", n=3)
-    corr = tmp_path / "corr"
-    s = AnnotationSession(scans, corr)
-    shape = s.open(0).image.shape
+    scans, corr, s, shape = _opened(tmp_path, 3)
     s.set_prediction(_mask(shape))
     s.set_mask(_mask(shape, 1))
     s.next()
@@ -198,7 +190,7 @@ def test_unchanged_stored_case_is_not_written_again(tmp_path):
 
 
 def test_accept(tmp_path):
-    scans = _folder(tmp_path / "scans", n=2)
+    scans = scan_folder(tmp_path / "scans", n=2)
     s = AnnotationSession(scans, tmp_path / "corr")
     shape = s.open(0).image.shape
     with pytest.raises(RuntimeError, match="predict"):
@@ -231,7 +223,7 @@ def test_accepted_busi_case_keeps_its_class(fake_busi, tmp_path):
 
 
 def test_manifest_columns_regions_area_checkpoint_time(tmp_path, tiny_checkpoint):
-    scans = _folder(tmp_path / "scans", n=3, size=(40, 48))
+    scans = scan_folder(tmp_path / "scans", n=3, size=(40, 48))
     corr = tmp_path / "corr"
     s = AnnotationSession(scans, corr, checkpoint=tiny_checkpoint)
     shape = s.open(0).image.shape
@@ -300,10 +292,7 @@ def test_area_in_mm2_from_dicom_spacing(tmp_path):
 
 
 def test_reopening_resumes_from_the_manifest(tmp_path):
-    scans = _folder(tmp_path / "scans", n=5)
-    corr = tmp_path / "corr"
-    s = AnnotationSession(scans, corr)
-    shape = s.open(0).image.shape
+    scans, corr, s, shape = _opened(tmp_path, 5)
     for k in range(3):
         s.set_prediction(_mask(shape, k))
         if k == 1:
@@ -329,10 +318,7 @@ def test_reopening_resumes_from_the_manifest(tmp_path):
 
 
 def test_rows_with_missing_files_are_reported_not_trusted(tmp_path):
-    scans = _folder(tmp_path / "scans", n=3)
-    corr = tmp_path / "corr"
-    s = AnnotationSession(scans, corr)
-    shape = s.open(0).image.shape
+    scans, corr, s, shape = _opened(tmp_path, 3)
     for k in range(3):
         s.set_prediction(_mask(shape, k))
         s.next()
@@ -354,7 +340,7 @@ def test_rows_with_missing_files_are_reported_not_trusted(tmp_path):
 
 
 def test_legacy_folder_without_manifest_is_migrated(tmp_path):
-    scans = _folder(tmp_path / "scans", n=4)
+    scans = scan_folder(tmp_path / "scans", n=4)
     corr = tmp_path / "corr"
     from busseg.corrections import CorrectionStore
 
@@ -388,10 +374,7 @@ def test_legacy_folder_without_manifest_is_migrated(tmp_path):
 
 def test_store_of_a_stray_mask_is_kept_as_a_version(tmp_path):
     """A mask file the manifest does not trust is never overwritten without a copy."""
-    scans = _folder(tmp_path / "scans", n=2)
-    corr = tmp_path / "corr"
-    s = AnnotationSession(scans, corr)
-    shape = s.open(0).image.shape
+    scans, corr, s, shape = _opened(tmp_path, 2)
     s.set_prediction(_mask(shape))
     s.next()
     stray = corr / "unknown" / "scan1_mask.png"
@@ -425,7 +408,7 @@ def test_store_of_a_stray_mask_is_kept_as_a_version(tmp_path):
     (b'seq,name,status,label,image,mask,regions,area_px,area_mm2,checkpoint,time\n1,"a', "CSV"),
 ])
 def test_corrupt_manifest_is_a_clear_error(tmp_path, content, match):
-    scans = _folder(tmp_path / "scans", n=2)
+    scans = scan_folder(tmp_path / "scans", n=2)
     corr = tmp_path / "corr"
     corr.mkdir()
     (corr / MANIFEST_NAME).write_bytes(content)
@@ -442,8 +425,8 @@ def test_corrupt_manifest_is_a_clear_error(tmp_path, content, match):
 
 
 def test_manifest_of_another_folder_of_scans_is_refused(tmp_path):
-    a = _folder(tmp_path / "site_a", n=2)
-    b = _folder(tmp_path / "site_b", n=2, seed=3)
+    a = scan_folder(tmp_path / "site_a", n=2)
+    b = scan_folder(tmp_path / "site_b", n=2, seed=3)
     for p in b.iterdir():
         p.rename(p.with_name("b_" + p.name))
     corr = tmp_path / "corr"
@@ -521,7 +504,7 @@ _CHILD = textwrap.dedent("""
 
 
 def test_a_kill_during_saves_loses_nothing(tmp_path):
-    scans = _folder(tmp_path / "scans", n=6, size=(64, 80))
+    scans = scan_folder(tmp_path / "scans", n=6, size=(64, 80))
     corr = tmp_path / "corr"
     child = tmp_path / "child.py"
     child.write_text(_CHILD)
@@ -560,7 +543,7 @@ def test_a_kill_during_saves_loses_nothing(tmp_path):
 
 
 def test_temporary_files_of_killed_saves_are_swept(tmp_path):
-    scans = _folder(tmp_path / "scans", n=2)
+    scans = scan_folder(tmp_path / "scans", n=2)
     corr = tmp_path / "corr"
     (corr / "unknown").mkdir(parents=True)
     old = corr / "unknown" / ".scan0_mask.png.abc123.tmp"

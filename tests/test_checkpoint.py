@@ -18,16 +18,6 @@ from busseg.models import (
 )
 from busseg.models import checkpoint as ckpt_module
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add overhead (and spin badly on a shared 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = {"encoder": "plain", "depth": 2, "base_channels": 4}
 
 
@@ -190,12 +180,17 @@ def test_truncated_weights(saved):
         load_checkpoint(path)
 
 
-def test_corrupt_json(saved):
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [('{"format": "busseg-checkpoint", ', "not valid JSON"), ("[1, 2]", "JSON object")],
+    ids=["corrupt", "not_an_object"],
+)
+def test_bad_json(saved, text, match):
     path = saved[0]
-    (path / "config.json").write_text('{"format": "busseg-checkpoint", ')
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    (path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=match):
         load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="not valid JSON"):
+    with pytest.raises(CheckpointError, match=match):
         read_checkpoint_config(path)
 
 
@@ -223,13 +218,6 @@ def test_bad_config_fields(saved, changes, match):
     path = saved[0]
     _edit_config(path, **changes)
     with pytest.raises(CheckpointError, match=match):
-        load_checkpoint(path)
-
-
-def test_json_not_an_object(saved):
-    path = saved[0]
-    (path / "config.json").write_text("[1, 2]")
-    with pytest.raises(CheckpointError, match="JSON object"):
         load_checkpoint(path)
 
 

@@ -22,6 +22,15 @@ def _run(argv, capsys):
     return code, out, err
 
 
+def _predict_ok(capsys, out_dir, checkpoint, *args):
+    """Run ``busseg predict ARGS --out OUT_DIR --checkpoint CHECKPOINT --no-progress``, check
+    that it succeeded; return its stdout and the written files (relative to out_dir, sorted)."""
+    code, out, err = _run(["predict", *args, "--out", out_dir, "--checkpoint", checkpoint,
+                           "--no-progress"], capsys)
+    assert code == 0, err
+    return out, sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png"))
+
+
 def _mask_png(path):
     with Image.open(path) as im:
         assert im.mode == "L"
@@ -36,12 +45,7 @@ def _printed_dice(out):
 
 def test_predict_busi_tree_writes_masks_and_dice(fake_busi, tiny_checkpoint, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, out, err = _run(
-        ["predict", fake_busi, "--out", out_dir, "--checkpoint", tiny_checkpoint, "--no-progress"],
-        capsys,
-    )
-    assert code == 0, err
-    written = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png"))
+    out, written = _predict_ok(capsys, out_dir, tiny_checkpoint, fake_busi)
     assert written == [
         "benign/benign (1)_mask.png",
         "benign/benign (2)_mask.png",
@@ -151,21 +155,7 @@ def test_plain_folder_and_single_files(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_samples(tiny_checkpoint, tmp_path, capsys):
-    out_dir = tmp_path / "s"
-    code, out, err = _run(
-        [
-            "predict",
-            "--samples",
-            "--out",
-            out_dir,
-            "--checkpoint",
-            tiny_checkpoint,
-            "--no-progress",
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    names = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png"))
+    out, names = _predict_ok(capsys, tmp_path / "s", tiny_checkpoint, "--samples")
     assert names == [
         "benign/benign (100)_mask.png",
         "malignant/malignant (181)_mask.png",

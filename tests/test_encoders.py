@@ -34,13 +34,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_registry_holds_the_three_encoders():
     assert encoder_names() == ("plain", "resnet34", "efficientnet_lite0")

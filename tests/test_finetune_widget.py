@@ -16,18 +16,6 @@ TIMEOUT_MS = 120_000
 
 
 @pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-@pytest.fixture
-def segment(viewer, tiny_checkpoint):
-    _, w = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    w.use_checkpoint(tiny_checkpoint)
-    return w
-
-
-@pytest.fixture
 def finetune(viewer):
     _, w = viewer.window.add_plugin_dock_widget("napari-busseg", "Fine-tune")
     return w
@@ -40,6 +28,16 @@ def add_pairs(viewer, w, images, masks, prefix="case"):
         w._pair_image.value = img
         assert w._pair_labels.value is lab  # the image's prediction layer is pre-selected
         w._add_btn.native.click()
+
+
+def start_run(viewer, w, images, masks, out, **settings):
+    """Add the pairs, set the output folder and the settings (``amount=2`` sets
+    ``w._amount.value``, in the order given), and click Start."""
+    add_pairs(viewer, w, images, masks)
+    w._out.value = out
+    for name, value in settings.items():
+        getattr(w, f"_{name}").value = value
+    w._start_btn.native.click()
 
 
 def _weights(path):
@@ -104,12 +102,8 @@ def test_frozen_encoder_option_reaches_the_run(
     qtbot, viewer, segment, finetune, tiny_checkpoint, synthetic_pairs, tmp_path
 ):
     images, masks = synthetic_pairs(3, size=(40, 44), seed=4)
-    add_pairs(viewer, finetune, images, masks)
-    finetune._out.value = tmp_path / "frozen-run"
-    finetune._amount.value = 2
-    finetune._batch.value = 2
-    finetune._freeze.value = True
-    finetune._start_btn.native.click()
+    start_run(viewer, finetune, images, masks, tmp_path / "frozen-run", amount=2, batch=2,
+              freeze=True)
     qtbot.waitUntil(lambda: not finetune.running, timeout=TIMEOUT_MS)
     assert finetune.last_result is not None, finetune._status.value
     cfg = json.loads((tmp_path / "frozen-run" / "best" / "config.json").read_text())
@@ -209,10 +203,7 @@ def test_stop_ends_training_and_keeps_the_viewer_responsive(
     qtbot, viewer, segment, finetune, tiny_checkpoint, synthetic_pairs, tmp_path
 ):
     images, masks = synthetic_pairs(3, size=(32, 32), seed=6)
-    add_pairs(viewer, finetune, images, masks)
-    finetune._out.value = tmp_path / "stopped"
-    finetune._amount.value = 100_000
-    finetune._start_btn.native.click()
+    start_run(viewer, finetune, images, masks, tmp_path / "stopped", amount=100_000)
     # progress arrives through queued signals: the GUI thread is free while training runs
     qtbot.waitUntil(lambda: finetune._progress.value >= 2, timeout=TIMEOUT_MS)
     assert finetune.running
@@ -232,11 +223,8 @@ def test_stop_ends_training_and_keeps_the_viewer_responsive(
 
 def test_errors_are_shown_not_raised(qtbot, viewer, finetune, synthetic_pairs, tmp_path):
     images, masks = synthetic_pairs(1, size=(32, 32))
-    add_pairs(viewer, finetune, images, masks)
-    finetune._base.value = "checkpoint folder"
-    finetune._base_path.value = tmp_path / "no-such-checkpoint"
-    finetune._out.value = tmp_path / "out"
-    finetune._start_btn.native.click()
+    start_run(viewer, finetune, images, masks, tmp_path / "out", base="checkpoint folder",
+              base_path=tmp_path / "no-such-checkpoint")
     qtbot.waitUntil(lambda: not finetune.running, timeout=TIMEOUT_MS)
     assert finetune._status.value.startswith("error:")
     assert finetune.last_result is None
@@ -296,11 +284,7 @@ def test_recipe_combo_fills_the_settings_and_reaches_the_run(
     finetune._recipe.value = "replay"
     assert finetune._lr.value == pytest.approx(FINETUNE_RECIPES["replay"]["lr"])
     images, masks = synthetic_pairs(3, size=(40, 44), seed=4)
-    add_pairs(viewer, finetune, images, masks)
-    finetune._out.value = tmp_path / "replay-run"
-    finetune._amount.value = 2
-    finetune._batch.value = 2
-    finetune._start_btn.native.click()
+    start_run(viewer, finetune, images, masks, tmp_path / "replay-run", amount=2, batch=2)
     qtbot.waitUntil(lambda: not finetune.running, timeout=TIMEOUT_MS)
     assert finetune.last_result is not None, finetune._status.value
     cfg = json.loads((tmp_path / "replay-run" / "best" / "config.json").read_text())

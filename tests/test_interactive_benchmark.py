@@ -7,14 +7,13 @@ inputs whose answer is known.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, save_png, write_busbra, write_split_csv
 
 
 @pytest.fixture(scope="module")
@@ -22,41 +21,13 @@ def bench():
     return load_benchmark("interactive")
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
-
-
-@pytest.fixture
-def fake_split(fake_busi, tmp_path) -> Path:
-    from busseg.data import discover_busi
-
-    path = tmp_path / "split.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "label", "group", "split"])
-        for i, r in enumerate(discover_busi(fake_busi).records):
-            w.writerow([r.rel_path, r.label, i, "test"])
-    return path
-
-
 @pytest.fixture
 def fake_busbra(tmp_path, synthetic_pairs) -> Path:
     root = tmp_path / "busbra"
     images, masks = synthetic_pairs(3, size=(40, 48), seed=3)
-    rows = []
-    for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        rid = f"bus_000{k}-s"
-        _save_png(root / "Images" / f"{rid}.png", image)
-        _save_png(root / "Masks" / f"mask_000{k}-s.png", mask.astype(np.uint8) * 255)
-        rows.append({"ID": rid, "Case": str(k), "Pathology": "benign", "Device": "x"})
-    with open(root / "bus_data.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return root
+    rows = [{"ID": f"bus_000{k}-s", "Case": str(k), "Pathology": "benign", "Device": "x"}
+            for k in range(3)]
+    return write_busbra(root, images, masks, rows)
 
 
 @pytest.fixture
@@ -71,17 +42,12 @@ def fake_busuclm(tmp_path, synthetic_pairs):
         colour = np.zeros((*masks[k].shape, 3), np.uint8)
         if not normal:
             colour[masks[k]] = (255, 0, 0) if k == 2 else (0, 255, 0)
-        _save_png(root / "images" / f"{name}.png",
+        save_png(root / "images" / f"{name}.png",
                   images[k][:30] if name == "BBBB_001" else images[k])
-        _save_png(root / "masks" / f"{name}.png", colour)
+        save_png(root / "masks" / f"{name}.png", colour)
         rows.append([f"images/{name}.png", "normal" if normal else "benign", k // 2,
                      "train" if name.startswith("CCCC") else "test"])
-    split = tmp_path / "busuclm.csv"
-    with open(split, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "label", "group", "split"])
-        w.writerows(rows)
-    return root, split
+    return root, write_split_csv(tmp_path / "busuclm.csv", rows)
 
 
 def test_quick_run_writes_tables_json_and_plot(bench, tmp_path, fake_busi, fake_split,

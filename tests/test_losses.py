@@ -13,15 +13,6 @@ from busseg.losses import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add overhead (and spin badly on a shared 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _target(n=2, size=32):
     t = torch.zeros(n, 1, size, size)
     t[:, :, 8:20, 10:24] = 1

@@ -17,15 +17,6 @@ from busseg.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: OpenMP threads only add overhead (and spin badly on a shared 2-core box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -186,6 +177,15 @@ def _check_logits(t, expected, atol=1e-4):
     assert got == pytest.approx(expected["vals"], abs=atol)
 
 
+def _check_with_class(model, x, expected, class_logits):
+    """Run ``model(x, with_class=True)``; check the logits (:func:`_check_logits`) and the
+    class logits (flattened, to 1e-4)."""
+    with torch.no_grad():
+        seg, cls = model(x, with_class=True)
+    _check_logits(seg, expected)
+    assert cls.flatten().tolist() == pytest.approx(class_logits, abs=1e-4)
+
+
 SEEDED = {  # name: (config, key signature, eval-mode logits on a seeded 64x64 input)
     "plain": ({}, {"n_params": 1942289, "n_keys": 118, "keys_sha": "aec158c6b6947c4a"},
               {"sum": -1935.3338547479361, "abs_sum": 3950.0247427430004,
@@ -244,23 +244,17 @@ def test_shipped_default_model_predicts_as_before():
     # seeded random input; guidance channels binary (noise above 1.5)
     x = torch.randn(2, 5, 256, 256, generator=torch.Generator().manual_seed(0))
     x[:, 1:] = (x[:, 1:] > 1.5).float()
-    with torch.no_grad():
-        seg, cls = model(x, with_class=True)
-    _check_logits(seg, {"sum": -288911.0352596799, "abs_sum": 382099.8789414698,
-                        "vals": [-5.111860275268555, -5.240578651428223, -4.971089839935303,
-                                 -5.571702003479004]})
-    assert cls.flatten().tolist() == pytest.approx(
-        [1.1000937223434448, -1.9731965065002441, 0.7325046062469482,
-         1.0668517351150513, -1.9793109893798828, 0.7388315200805664], abs=1e-4)
+    _check_with_class(model, x, {"sum": -288911.0352596799, "abs_sum": 382099.8789414698,
+                                 "vals": [-5.111860275268555, -5.240578651428223,
+                                          -4.971089839935303, -5.571702003479004]},
+                      [1.1000937223434448, -1.9731965065002441, 0.7325046062469482,
+                       1.0668517351150513, -1.9793109893798828, 0.7388315200805664])
     # a real BUSI scan (z-scored top-left 256x256 crop), no prompts
     path = Path(busseg.samples.__file__).parent / "benign" / "benign (100).png"
     image = skimage.io.imread(path).astype(np.float32)[:256, :256]
     xs = torch.zeros(1, 5, 256, 256)
     xs[0, 0] = torch.from_numpy((image - image.mean()) / image.std())
-    with torch.no_grad():
-        seg, cls = model(xs, with_class=True)
-    _check_logits(seg, {"sum": -486763.7219271995, "abs_sum": 521228.810677778,
-                        "vals": [-5.214500904083252, -8.166609764099121, -6.365567684173584,
-                                 -6.0016770362854]})
-    assert cls.flatten().tolist() == pytest.approx(
-        [0.11243735253810883, 1.4734714031219482, -1.7416412830352783], abs=1e-4)
+    _check_with_class(model, xs, {"sum": -486763.7219271995, "abs_sum": 521228.810677778,
+                                  "vals": [-5.214500904083252, -8.166609764099121,
+                                           -6.365567684173584, -6.0016770362854]},
+                      [0.11243735253810883, 1.4734714031219482, -1.7416412830352783])

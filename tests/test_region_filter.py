@@ -408,27 +408,14 @@ def test_refit_follows_the_site_and_stays_near_the_prior():
 def test_session_benchmark_filter_arms(tmp_path, synthetic_pairs, make_head_checkpoint):
     """--region-filter on,off,site: three arms on the same scans; the filter-off arm sees the
     unfiltered automatic masks, the others the filtered ones (here: empty)."""
-    import csv
-
-    from conftest import load_benchmark
-    from PIL import Image
+    from conftest import load_benchmark, write_busbra
 
     bench = load_benchmark("annotation_session")
-    root = tmp_path / "busbra"
-    (root / "Images").mkdir(parents=True)
-    (root / "Masks").mkdir()
     images, masks = synthetic_pairs(3, size=(64, 64), seed=3)
-    rows = []
-    for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
-        rid = f"bus_000{k}-s"
-        Image.fromarray(image).save(root / "Images" / f"{rid}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "Masks" / f"mask_000{k}-s.png")
-        rows.append({"ID": rid, "Case": str(k), "Pathology": "benign", "Device": "x",
-                     "Histology": "x", "BIRADS": "3", "Side": "left", "BBOX": "0,0,1,1"})
-    with open(root / "bus_data.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    rows = [{"ID": f"bus_000{k}-s", "Case": str(k), "Pathology": "benign", "Device": "x",
+             "Histology": "x", "BIRADS": "3", "Side": "left", "BBOX": "0,0,1,1"}
+            for k in range(3)]
+    root = write_busbra(tmp_path / "busbra", images, masks, rows)
     ck = make_head_checkpoint({}, name="rf_bench", threshold=0.3, region_filter=REMOVE_ALL)
     result = bench.main(["--checkpoint", str(ck), "--no-busuclm", "--busbra", str(root),
                          "--learn", "off", "--orders", "file", "--region-filter", "on,off,site",

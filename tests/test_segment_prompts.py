@@ -29,22 +29,19 @@ def _grey(shape, seed=0):
 
 
 @pytest.fixture
-def viewer(make_napari_viewer, busseg_plugin):
-    return make_napari_viewer()
+def widget(open_segment, tiny_prompt_checkpoint):
+    return open_segment(tiny_prompt_checkpoint)
 
 
-@pytest.fixture
-def widget(viewer, tiny_prompt_checkpoint):
-    _, w = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    w.use_checkpoint(tiny_prompt_checkpoint)
-    return w
-
-
-@pytest.fixture
-def prompt_model(tiny_prompt_checkpoint):
-    from busseg.inference import load_model
-
-    return load_model(tiny_prompt_checkpoint, device="cpu")
+def _first_click(qtbot, viewer, widget, monkeypatch):
+    """The fake model (:func:`_disk_model`), a 64x80 image "img" and one lesion click at
+    (20, 20), applied; returns (the model's calls, the clicks layer, the prediction layer)."""
+    calls = _disk_model(monkeypatch)
+    viewer.add_image(_grey((64, 80)), name="img")
+    clicks = viewer.layers["img clicks"]
+    clicks.add([20, 20])
+    wait_prompt(qtbot, widget)
+    return calls, clicks, viewer.layers["img prediction"]
 
 
 def wait_prompt(qtbot, w):
@@ -161,12 +158,7 @@ def test_click_changes_the_prediction_of_a_run(qtbot, viewer, widget, prompt_mod
 
 
 def test_brush_edit_outside_survives_a_later_click(qtbot, viewer, widget, monkeypatch):
-    calls = _disk_model(monkeypatch)
-    viewer.add_image(_grey((64, 80)), name="img")
-    clicks = viewer.layers["img clicks"]
-    clicks.add([20, 20])
-    wait_prompt(qtbot, widget)
-    pred = viewer.layers["img prediction"]
+    calls, clicks, pred = _first_click(qtbot, viewer, widget, monkeypatch)
     assert pred.data[20, 20] == 1 and pred.data[20, 27] == 0
 
     # the user paints a second lesion by hand, far from the click
@@ -205,12 +197,7 @@ def test_negative_clicks_toggle_modifier_and_colours(qtbot, viewer, widget, monk
 
 
 def test_negative_click_removes_the_lesion_it_is_on(qtbot, viewer, widget, monkeypatch):
-    calls = _disk_model(monkeypatch)
-    viewer.add_image(_grey((64, 80)), name="img")
-    clicks = viewer.layers["img clicks"]
-    clicks.add([20, 20])
-    wait_prompt(qtbot, widget)
-    pred = viewer.layers["img prediction"]
+    calls, clicks, pred = _first_click(qtbot, viewer, widget, monkeypatch)
     pred.paint((50, 65), 1)  # a brush edit elsewhere
     widget._click_label.value = "background (−)"
     clicks.add([20, 22])
@@ -225,12 +212,7 @@ def test_negative_click_removes_the_lesion_it_is_on(qtbot, viewer, widget, monke
 
 
 def test_undo_reverts_a_prompt(qtbot, viewer, widget, monkeypatch):
-    _disk_model(monkeypatch)
-    viewer.add_image(_grey((64, 80)), name="img")
-    clicks = viewer.layers["img clicks"]
-    clicks.add([20, 20])
-    wait_prompt(qtbot, widget)
-    pred = viewer.layers["img prediction"]
+    _, clicks, pred = _first_click(qtbot, viewer, widget, monkeypatch)
     after_first = pred.data.copy()
     clicks.add([40, 60])
     wait_prompt(qtbot, widget)

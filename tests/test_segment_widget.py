@@ -16,22 +16,8 @@ TIMEOUT_MS = 60_000
 
 
 @pytest.fixture
-def viewer(make_napari_viewer):
-    return make_napari_viewer()
-
-
-@pytest.fixture
-def widget(viewer, tiny_checkpoint):
-    _, w = viewer.window.add_plugin_dock_widget("napari-busseg", "Segment lesions")
-    w.use_checkpoint(tiny_checkpoint)
-    return w
-
-
-@pytest.fixture
-def tiny_model(tiny_checkpoint):
-    from busseg.inference import load_model
-
-    return load_model(tiny_checkpoint, device="cpu")
+def widget(open_segment, tiny_checkpoint):
+    return open_segment(tiny_checkpoint)
 
 
 def run(qtbot, w):

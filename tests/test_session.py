@@ -8,19 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import scan_folder
 
 from busseg.data.io import read_mask
 from busseg.session import AnnotationSession, case_names, mask_fingerprint
-
-
-def _folder(root: Path, n: int = 5, size=(24, 32), seed: int = 0) -> Path:
-    """A plain folder of n unlabeled grey scans."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(root / f"scan{i}.png")
-    return root
 
 
 def _mask(shape, k: int) -> np.ndarray:
@@ -37,7 +28,7 @@ def test_the_core_imports_no_qt():
 
 
 def test_autosave_on_move_unedited_recorded_as_accepted_and_resume(tmp_path):
-    scans = _folder(tmp_path / "scans")
+    scans = scan_folder(tmp_path / "scans")
     corr = tmp_path / "corr"
     s = AnnotationSession(scans, corr)
     assert len(s) == 5 and s.progress_text() == "0 of 5 recorded"
@@ -86,7 +77,7 @@ def test_autosave_on_move_unedited_recorded_as_accepted_and_resume(tmp_path):
 
 
 def test_saving_again_keeps_the_earlier_version(tmp_path):
-    scans = _folder(tmp_path / "scans", n=2)
+    scans = scan_folder(tmp_path / "scans", n=2)
     corr = tmp_path / "corr"
     s = AnnotationSession(scans, corr)
     shape = s.open(0).image.shape
@@ -115,7 +106,7 @@ def test_saving_again_keeps_the_earlier_version(tmp_path):
 
 
 def test_no_lesion_is_a_normal_scan_correction(tmp_path):
-    scans = _folder(tmp_path / "scans", n=3)
+    scans = scan_folder(tmp_path / "scans", n=3)
     corr = tmp_path / "corr"
     s = AnnotationSession(scans, corr)
     shape = s.open(0).image.shape
@@ -148,8 +139,8 @@ def test_no_lesion_is_a_normal_scan_correction(tmp_path):
 
 
 def test_several_roots_same_names_and_overlap(tmp_path):
-    a = _folder(tmp_path / "a", n=2)
-    b = _folder(tmp_path / "b", n=2, seed=1)
+    a = scan_folder(tmp_path / "a", n=2)
+    b = scan_folder(tmp_path / "b", n=2, seed=1)
     s = AnnotationSession([a, b], tmp_path / "corr")
     assert len(s) == 4
     assert len(set(s.names)) == 4  # scan0 of a and of b do not share a correction
@@ -235,7 +226,7 @@ def count_forward(monkeypatch):
 
 
 def test_prefetched_prediction_is_what_predict_makes(tmp_path, tiny_checkpoint, count_forward):
-    scans = _folder(tmp_path / "scans", n=4)
+    scans = scan_folder(tmp_path / "scans", n=4)
     s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
     assert s.cached_prediction(1) is None and s.prefetched == 0
     pre = s.prefetch(1, threshold=0.5)
@@ -264,7 +255,7 @@ def test_prefetched_prediction_is_what_predict_makes(tmp_path, tiny_checkpoint, 
 
 def test_prefetch_cache_follows_the_checkpoint_and_settings(tmp_path, tiny_checkpoint,
                                                              count_forward):
-    scans = _folder(tmp_path / "scans", n=3)
+    scans = scan_folder(tmp_path / "scans", n=3)
     other = _second_checkpoint(tmp_path / "other")
     s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
     a = s.prefetch(0)
@@ -298,7 +289,7 @@ def test_prefetch_cache_follows_the_checkpoint_and_settings(tmp_path, tiny_check
 
 def test_cache_lookup_imports_no_torch(tmp_path, tiny_checkpoint):
     """The GUI thread looks up the cache before any model is loaded: no torch import then."""
-    scans = _folder(tmp_path / "scans", n=2)
+    scans = scan_folder(tmp_path / "scans", n=2)
     code = f"""
 import sys
 from busseg.session import AnnotationSession
@@ -316,7 +307,7 @@ assert "torch" not in sys.modules, "torch imported"
 
 
 def test_prefetch_cache_is_bounded(tmp_path, tiny_checkpoint):
-    scans = _folder(tmp_path / "scans", n=7, size=(64, 80))
+    scans = scan_folder(tmp_path / "scans", n=7, size=(64, 80))
     s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
     s.prefetch_limit = 3
     for i in range(7):
@@ -330,7 +321,7 @@ def test_prefetch_cache_is_bounded(tmp_path, tiny_checkpoint):
 def test_cancelled_prefetch_skips_the_model(tmp_path, tiny_checkpoint, count_forward):
     from busseg.engine import drain
 
-    scans = _folder(tmp_path / "scans", n=3)
+    scans = scan_folder(tmp_path / "scans", n=3)
     s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
     stale = s.prefetch_job(1)
     wanted = s.prefetch_job(2, cancellable=False)
@@ -367,7 +358,7 @@ def test_one_forward_pass_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
                 active[0] -= 1
 
     monkeypatch.setattr(busseg.inference, "predict", slow)
-    scans = _folder(tmp_path / "scans", n=3)
+    scans = scan_folder(tmp_path / "scans", n=3)
     s = AnnotationSession(scans, tmp_path / "corr", checkpoint=tiny_checkpoint)
     worker = threading.Thread(target=s.prefetch, args=(1,))
     worker.start()

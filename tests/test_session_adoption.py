@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import answered_session
 
 from busseg.session import AnnotationSession, FinetuneOutcome
 
@@ -20,23 +20,11 @@ from busseg.session import AnnotationSession, FinetuneOutcome
 def _session(tmp_path, synthetic_pairs, n, **kwargs) -> AnnotationSession:
     """A session over ``n`` synthetic scans, all corrected (scan 0 as a normal scan)."""
     images, masks = synthetic_pairs(n, size=(32, 32))
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(scans / f"s{i:02d}.png")
     # these tests check the adoption rule on the fine-tuned network itself ("whole"); the
     # site checkpoints of the default mode are tested in tests/test_site.py
     opts = kwargs.setdefault("finetune_options", {})
     opts.setdefault("site", "whole")
-    s = AnnotationSession(scans, tmp_path / "corr", models_dir=tmp_path / "models", **kwargs)
-    s.open(0)
-    for i in range(n):
-        s.set_prediction(np.zeros_like(masks[i]))
-        s.set_mask(masks[i] if i % 4 else np.zeros_like(masks[i]), edited=True)
-        if i + 1 < n:
-            s.next()
-    s.save()
-    return s
+    return answered_session(tmp_path, images, masks, empty_every=4, **kwargs)
 
 
 def _fake_finetune(dice_before, dice_after, val=None):

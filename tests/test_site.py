@@ -206,25 +206,11 @@ def test_a_site_checkpoint_without_its_base_says_what_to_do(tmp_path, tiny_promp
 
 
 def _answered_session(tmp_path, synthetic_pairs, ck, n=8, **kwargs):
-    from PIL import Image
-
-    from busseg.session import AnnotationSession
+    from conftest import answered_session
 
     images, masks = synthetic_pairs(n, size=(48, 48))
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(scans / f"s{i:02d}.png")
-    s = AnnotationSession(scans, tmp_path / "corr", checkpoint=ck, learn=True, learn_every=n,
-                          models_dir=tmp_path / "models", **kwargs)
-    s.open(0)
-    for i in range(n):
-        s.set_prediction(np.zeros_like(masks[i]))
-        s.set_mask(masks[i] if i % 3 else np.zeros_like(masks[i]), edited=True)
-        if i + 1 < n:
-            s.next()
-    s.save()
-    return s
+    return answered_session(tmp_path, images, masks, empty_every=3, checkpoint=ck, learn=True,
+                            learn_every=n, **kwargs)
 
 
 def test_learning_as_you_go_writes_a_site_checkpoint_from_the_starting_network(

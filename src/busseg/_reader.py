@@ -348,18 +348,16 @@ def read_case(
         except (OSError, ValueError) as exc:
             _notify("warning", f"ground truth of {path.name} not loaded: {exc}")
         else:
-            layers.append(
-                (
-                    gt.astype(np.uint8),
-                    {
-                        "name": ground_truth_name(path.stem),
-                        "metadata": {META_KEY: {**meta, "kind": "ground truth"}},
-                        "opacity": _LABELS_OPACITY,
-                    },
-                    "labels",
-                )
-            )
+            layers.append(_ground_truth_layer(gt.astype(np.uint8), path.stem, meta, "ground truth"))
     return layers
+
+
+def _ground_truth_layer(data: Any, image_name: str, meta: dict, kind: str,
+                        **kwargs: Any) -> LayerData:
+    """Return the Labels layer of an image layer's ground truth (``meta`` with ``kind``)."""
+    return (data, {"name": ground_truth_name(image_name),
+                   "metadata": {META_KEY: {**meta, "kind": kind}},
+                   "opacity": _LABELS_OPACITY, **kwargs}, "labels")
 
 
 def read_image_file(path: str | os.PathLike) -> list[LayerData]:
@@ -605,18 +603,8 @@ def stack_layers(records: Sequence[BusiRecord], root: Path, name: str) -> list[L
         masks = da.map_blocks(
             _mask_block, dtype=np.uint8, chunks=chunks, meta=meta_array, name=f"busseg-mask-{token}"
         )
-        layers.append(
-            (
-                masks,
-                {
-                    "name": ground_truth_name(name),
-                    "metadata": {META_KEY: {**meta, "kind": "ground truth stack"}},
-                    "opacity": _LABELS_OPACITY,
-                    "multiscale": False,
-                },
-                "labels",
-            )
-        )
+        layers.append(_ground_truth_layer(masks, name, meta, "ground truth stack",
+                                          multiscale=False))
     return layers
 
 

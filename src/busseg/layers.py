@@ -86,18 +86,7 @@ def prediction_name(image_name: str) -> str:
 
 
 def ground_truth_name(image_name: str) -> str:
-    """Name of the ground-truth Labels layer of an image layer.
-
-    Parameters
-    ----------
-    image_name : str
-        The image layer's name, e.g. ``"benign (4)"``.
-
-    Returns
-    -------
-    str
-        ``"<image_name> ground truth"``.
-    """
+    """Name of the ground-truth Labels layer of an image layer: ``"<image_name> ground truth"``."""
     return f"{image_name}{GROUND_TRUTH_SUFFIX}"
 
 

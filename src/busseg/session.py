@@ -472,14 +472,18 @@ class AnnotationSession(SessionRecords, SessionPredictions, SessionLearning):
                 correction = None
         self.current = Case(index, self.records[index], name, correction,
                             self.status_of(index))
-        self._mask = None
+        self._reset_case_state(mask_fingerprint(correction) if correction is not None else None)
         self._edited = None
         self._no_lesion = False
+        return self.current
+
+    def _reset_case_state(self, baseline: str | None = None) -> None:
+        """Forget the current answer's mask, prediction and status hint; set the baseline."""
+        self._mask = None
+        self._baseline = baseline
         self._predicted = False
         self._predicted_by = None
         self._status_hint = None
-        self._baseline = mask_fingerprint(correction) if correction is not None else None
-        return self.current
 
     def set_mask(self, mask: Any, *, edited: bool | None = None,
                  status: str | None = None) -> None:
@@ -670,11 +674,7 @@ class AnnotationSession(SessionRecords, SessionPredictions, SessionLearning):
         """
         result = self.record() if record and self.current is not None else None
         self.current = None
-        self._mask = None
-        self._baseline = None
-        self._predicted = False
-        self._predicted_by = None
-        self._status_hint = None
+        self._reset_case_state()
         return result
 
     def _require_case(self) -> Case:

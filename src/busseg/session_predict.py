@@ -120,10 +120,8 @@ class SessionPredictions:
 
         Parameters
         ----------
-        index : int
-            Position in :attr:`records`.
-        **kwargs
-            The settings :meth:`predict` would get.
+        index, **kwargs
+            As for :meth:`prediction_key`.
 
         Returns
         -------

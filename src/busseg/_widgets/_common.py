@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
-from magicgui.widgets import Label
+from magicgui.widgets import Label, ProgressBar, PushButton
 
 from busseg.jobs import WorkerError, guarded  # noqa: F401  (Qt-free; re-exported)
 
@@ -202,15 +203,38 @@ def scroll_rows(container: Any, *, min_height: int = 120, object_name: str = "",
     return scroll
 
 
-def _fit_width(scroll: Any, form: Any) -> None:
-    """Widen ``scroll`` to ``form``'s minimum width whenever the form is laid out or styled."""
-    from qtpy.QtCore import QEvent, QObject
+class RunStatusMixin:
+    """The status line and the end of a worker run, shared by "Segment lesions" and "Fine-tune".
 
-    def fit() -> None:
-        bar = scroll.verticalScrollBar().sizeHint().width()
-        width = form.minimumSizeHint().width() + bar
-        if scroll.minimumWidth() != width:
-            scroll.setMinimumWidth(width)
+    The widget has ``_status`` (a text widget), ``_progress`` (a progress bar) and ``_worker``.
+    """
+
+    def _set_status(self, text: str) -> None:
+        self._status.value = text
+
+    def _run_controls(self, start: str, stop: str) -> tuple[PushButton, PushButton]:
+        """Make the progress bar ``_progress``; return new start and (disabled) stop buttons."""
+        self._progress = ProgressBar(label="progress", min=0, max=1, value=0)
+        return PushButton(text=start), PushButton(text=stop, enabled=False)
+
+    def _on_errored(self, exc: BaseException) -> None:
+        self._set_status(f"error: {exc}")
+
+    def _end_run(self, start_btn: Any, stop_btn: Any) -> None:
+        """Forget the worker, enable ``start_btn``, disable ``stop_btn``, fill an empty bar."""
+        self._worker = None
+        start_btn.enabled = True
+        stop_btn.enabled = False
+        if self._progress.max == 0:
+            self._progress.max = 1
+
+
+def _refit_on_layout(form: Any, attr: str, fit: Callable[[], None]) -> None:
+    """Call ``fit`` now and whenever ``form`` is shown, restyled or laid out again.
+
+    The event filter is kept alive as ``form.<attr>``.
+    """
+    from qtpy.QtCore import QEvent, QObject
 
     class _Filter(QObject):
         def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
@@ -219,9 +243,21 @@ def _fit_width(scroll: Any, form: Any) -> None:
                 fit()
             return False
 
-    form._busseg_width_filter = _Filter(form)  # kept alive by the form
-    form.installEventFilter(form._busseg_width_filter)
+    setattr(form, attr, _Filter(form))
+    form.installEventFilter(getattr(form, attr))
     fit()
+
+
+def _fit_width(scroll: Any, form: Any) -> None:
+    """Widen ``scroll`` to ``form``'s minimum width whenever the form is laid out or styled."""
+
+    def fit() -> None:
+        bar = scroll.verticalScrollBar().sizeHint().width()
+        width = form.minimumSizeHint().width() + bar
+        if scroll.minimumWidth() != width:
+            scroll.setMinimumWidth(width)
+
+    _refit_on_layout(form, "_busseg_width_filter", fit)
 
 
 class TextRow(Label):
@@ -329,8 +365,6 @@ def cap_height_to_content(scroll: Any) -> Any:
     callable
         Re-measure now (e.g. after a section was folded or unfolded).
     """
-    from qtpy.QtCore import QEvent, QObject
-
     form = scroll.widget()
 
     def fit() -> None:
@@ -347,14 +381,5 @@ def cap_height_to_content(scroll: Any) -> Any:
             if outer is not None:
                 outer.setMaximumHeight(cap)
 
-    class _Filter(QObject):
-        def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 (Qt's name)
-            if event.type() in (QEvent.Type.LayoutRequest, QEvent.Type.Show,
-                                QEvent.Type.StyleChange, QEvent.Type.FontChange):
-                fit()
-            return False
-
-    form._busseg_height_filter = _Filter(form)  # kept alive by the form
-    form.installEventFilter(form._busseg_height_filter)
-    fit()
+    _refit_on_layout(form, "_busseg_height_filter", fit)
     return fit

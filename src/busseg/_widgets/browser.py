@@ -239,7 +239,9 @@ class ScanBrowserWidget(KeysMixin, CaseListMixin, CaseLayersMixin, PredictMixin,
         self._progress = ProgressBar(label="Recorded", min=0, max=1, value=0)
         # on by default: the annotation-session benchmark measured 2.03 interactions per scan with
         # it against 2.31 without (benchmarks/results/learning/annotation_session.md)
-        self._learn_check = CheckBox(text="Learn as you go, every", value=True)
+        # off by default: on the annotation-session benchmark the site fine-tunes add nothing
+        # measurable on top of the site calibration, which is always on (README)
+        self._learn_check = CheckBox(text="Learn as you go, every", value=False)
         self._learn_spin = SpinBox(label="every", value=DEFAULT_LEARN_EVERY, min=2, max=1000,
                                    tooltip="fine-tune after this many new corrections")
         self._keys_label = Label(value="Keys: " + " · ".join(

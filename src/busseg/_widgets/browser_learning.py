@@ -19,10 +19,12 @@ __all__ = ["LEARNING_TOOLTIP", "LearningMixin", "path_or_none"]
 
 #: Tooltip of the "Learn as you go" check box.
 LEARNING_TOOLTIP = (
-    "After every N new recorded cases, fine-tune the current checkpoint on all corrections in "
-    "the background; the new checkpoint is adopted (Segment lesions switches to it) only when "
-    "the simulated annotator needs no more interactions per held-out scan with it than with "
-    "the current one (adoption is decided by those interactions, not by Dice)")
+    "Site fine-tunes in the background (off by default): after 10, 20, 30, 45 ... recorded "
+    "answers the checkpoint you started from is fine-tuned on all of them, the latest held "
+    "out, and written as a site checkpoint; Segment lesions switches to it only when the "
+    "simulated annotator needs no more interactions per held-out scan with it than with the "
+    "current one (adoption is decided by those interactions, not by Dice). The site "
+    "calibration of the automatic masks runs every 5 answers whether this is on or off.")
 
 
 def path_or_none(value: Any) -> Path | None:

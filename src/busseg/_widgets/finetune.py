@@ -27,13 +27,13 @@ from magicgui.widgets import (
     FileEdit,
     FloatSpinBox,
     Label,
-    ProgressBar,
     PushButton,
     Select,
     SpinBox,
 )
 
 from busseg._widgets._common import (
+    RunStatusMixin,
     connect_layer_changes,
     find_layer,
     prediction_name,
@@ -173,7 +173,7 @@ def finetune_job(
     return result
 
 
-class FineTuneWidget(Container):
+class FineTuneWidget(RunStatusMixin, Container):
     """Dock widget "Fine-tune": train a checkpoint further on corrected masks.
 
     Parameters
@@ -256,9 +256,7 @@ class FineTuneWidget(Container):
                              tooltip="A new folder for the run; if you pick an existing folder, "
                              "the run goes into a new time-stamped folder inside it")
         # --- run
-        self._start_btn = PushButton(text="Start")
-        self._stop_btn = PushButton(text="Stop", enabled=False)
-        self._progress = ProgressBar(label="progress", min=0, max=1, value=0)
+        self._start_btn, self._stop_btn = self._run_controls("Start", "Stop")
         self._live = Label(label="training", value="")
         self._status = Label(label="status", value="add corrected pairs, then Start")
         self._result = Label(label="result", value="")
@@ -528,16 +526,6 @@ class FineTuneWidget(Container):
                               f"Checkpoint: {result.checkpoint}{switched}")
         self._out.value = default_output_dir(Path(self._run_out).parent)
 
-    def _on_errored(self, exc: BaseException) -> None:
-        self._set_status(f"error: {exc}")
-
     def _on_finished(self) -> None:
-        self._worker = None
         self._stop_event = None
-        self._start_btn.enabled = True
-        self._stop_btn.enabled = False
-        if self._progress.max == 0:
-            self._progress.max = 1
-
-    def _set_status(self, text: str) -> None:
-        self._status.value = text
+        self._end_run(self._start_btn, self._stop_btn)

@@ -43,13 +43,12 @@ from magicgui.widgets import (
     Container,
     FileEdit,
     FloatSpinBox,
-    ProgressBar,
-    PushButton,
     RadioButtons,
     SpinBox,
 )
 
 from busseg._widgets._common import (
+    RunStatusMixin,
     TextRow,
     cap_height_to_content,
     connect_layer_changes,
@@ -191,7 +190,7 @@ def _checkpoint_dir(path: str | Path) -> Path:
 # --------------------------------------------------------------------------- the widget
 
 
-class SegmentWidget(PromptsMixin, ResultsMixin, Container):
+class SegmentWidget(PromptsMixin, ResultsMixin, RunStatusMixin, Container):
     """Dock widget "Segment lesions": U-Net prediction into an editable Labels layer.
 
     Parameters
@@ -276,9 +275,7 @@ class SegmentWidget(PromptsMixin, ResultsMixin, Container):
         self._min_area = SpinBox(label="min area", min=0, max=10_000_000, value=0,
                                  tooltip="Remove predicted regions smaller than this many pixels")
         self._with_proba = CheckBox(text="also add probability map", value=False)
-        self._run_btn = PushButton(text="Run")
-        self._cancel_btn = PushButton(text="Cancel", enabled=False)
-        self._progress = ProgressBar(label="progress", min=0, max=1, value=0)
+        self._run_btn, self._cancel_btn = self._run_controls("Run", "Cancel")
         self._status = TextRow(label="status", value="ready")
         self._metrics = TextRow(label="vs truth", value="")
         self._classes = TextRow(label="class", value="")
@@ -673,22 +670,12 @@ class SegmentWidget(PromptsMixin, ResultsMixin, Container):
         self._show_metrics(run.image_name, result.labels)
         self._show_classes(layer, result)
 
-    def _on_errored(self, exc: BaseException) -> None:
-        self._set_status(f"error: {exc}")
-
     def _on_aborted(self) -> None:
         self._set_status("cancelled; nothing was written")
 
     def _on_finished(self) -> None:
-        self._worker = None
         self._state.segmenting = None
-        self._run_btn.enabled = True
-        self._cancel_btn.enabled = False
-        if self._progress.max == 0:
-            self._progress.max = 1
-
-    def _set_status(self, text: str) -> None:
-        self._status.value = text
+        self._end_run(self._run_btn, self._cancel_btn)
 
     def _start_prompt(self, req: PromptRequest) -> None:
         """Run :func:`busseg.jobs.prompt_job` on ``req`` in a worker (one at a time)."""

@@ -44,14 +44,7 @@ def has_pydicom() -> bool:
 def is_dicom(path: str | os.PathLike) -> bool:
     """Tell whether a file is DICOM: a ``.dcm``/``.dicom`` name or the ``DICM`` preamble.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-        A file; only its name and its first 132 bytes are looked at.
-
-    Returns
-    -------
-    bool
+    Only the name of ``path`` (str or os.PathLike) and its first 132 bytes are looked at.
     """
     p = Path(path)
     if p.suffix.lower() in DICOM_SUFFIXES:

@@ -264,16 +264,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 def frame_count(path: str | os.PathLike) -> int:
     """Count the pages (TIFF, GIF ...) or frames (DICOM) of an image file from its header.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-        An image file.
-
-    Returns
-    -------
-    int
-        1 for a single 2D image; 0 when the header cannot be read (the readers report why
-        when they decode the file).
+    ``path`` (str or os.PathLike) is an image file. Returns 1 for a single 2D image, 0 when
+    the header cannot be read (the readers report why when they decode the file).
     """
     path = Path(path)
     try:

@@ -226,3 +226,29 @@ class EncoderUNet(Encoder):
         if with_class:
             return logits, self.class_head(deepest)
         return logits
+
+
+class DepthEncoderUNet(EncoderUNet):
+    """An :class:`EncoderUNet` over an encoder built from its width, depth and norm.
+
+    The ``__init__`` shared by :class:`~busseg.models.unet.UNet` and
+    :class:`~busseg.models.resnet.ResNetUNet`: it builds the encoder with
+    ``(in_channels, base_channels, depth, norm)`` and then calls :meth:`init_unet`.
+
+    A model class inherits from it and then from the encoder
+    (``class UNet(DepthEncoderUNet, PlainEncoder)``); the encoder's ``__init__`` is the next
+    one in the method resolution order. The parameters are documented on the model classes.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        base_channels: int = 16,
+        depth: int = 4,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        upsample: str = "transpose",
+    ) -> None:
+        super().__init__(in_channels, base_channels, depth, norm)  # the encoder's __init__
+        self.init_unet(out_channels, upsample=upsample, norm=norm, feature_dropout=dropout)

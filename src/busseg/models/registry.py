@@ -77,16 +77,8 @@ class EncoderInfo:
     def feature_strides(self, config: Mapping[str, Any]) -> tuple[int, ...]:
         """Strides of the encoder's features relative to the input, finest first.
 
-        Parameters
-        ----------
-        config : mapping
-            A model config with every key (:func:`busseg.models.normalize_model_config`).
-
-        Returns
-        -------
-        tuple of int
-            Increasing powers of two; the last one is the input size multiple the model
-            needs.
+        Takes the ``config`` of :meth:`feature_channels`; returns a tuple of increasing
+        powers of two, the last one the input size multiple the model needs.
         """
         return self.encoder.channels_and_strides(config)[1]
 

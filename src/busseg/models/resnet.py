@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Encoder, EncoderUNet
+from .base import DepthEncoderUNet, Encoder
 from .layers import ConvBlock, make_norm
 
 __all__ = ["BasicBlock", "ResNet34Encoder", "ResNetUNet"]
@@ -144,7 +144,7 @@ class ResNet34Encoder(Encoder):
         return [self.full_res[0], self.stages[0][0]]
 
 
-class ResNetUNet(EncoderUNet, ResNet34Encoder):
+class ResNetUNet(DepthEncoderUNet, ResNet34Encoder):
     """U-Net whose encoder is a (possibly slimmed) ResNet-34, producing per-pixel logits.
 
     The :class:`ResNet34Encoder` (``w = base_channels``; the width multiplier of ResNet-34
@@ -172,16 +172,3 @@ class ResNetUNet(EncoderUNet, ResNet34Encoder):
     upsample : {"transpose", "bilinear"}, optional
         Decoder upsampling.
     """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 1,
-        base_channels: int = 16,
-        depth: int = 4,
-        norm: str = "batch",
-        dropout: float = 0.0,
-        upsample: str = "transpose",
-    ) -> None:
-        ResNet34Encoder.__init__(self, in_channels, base_channels, depth, norm)
-        self.init_unet(out_channels, upsample=upsample, norm=norm, feature_dropout=dropout)

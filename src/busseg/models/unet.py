@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Encoder, EncoderUNet
+from .base import DepthEncoderUNet, Encoder
 from .layers import NORMS, UPSAMPLES, ConvBlock, UpBlock, check_input, init_weights, make_norm
 
 __all__ = [
@@ -103,7 +103,7 @@ class PlainEncoder(Encoder):
         return [self.encoders[0][0]]
 
 
-class UNet(EncoderUNet, PlainEncoder):
+class UNet(DepthEncoderUNet, PlainEncoder):
     """Classic U-Net producing per-pixel logits.
 
     Ronneberger et al., MICCAI 2015, arXiv:1505.04597: the :class:`PlainEncoder`, optional
@@ -136,16 +136,3 @@ class UNet(EncoderUNet, PlainEncoder):
     Input: float tensor (N, in_channels, H, W), typically z-scored. Output: float logits
     (N, out_channels, H, W); apply ``torch.sigmoid`` for probabilities in [0, 1].
     """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        out_channels: int = 1,
-        base_channels: int = 16,
-        depth: int = 4,
-        norm: str = "batch",
-        dropout: float = 0.0,
-        upsample: str = "transpose",
-    ) -> None:
-        PlainEncoder.__init__(self, in_channels, base_channels, depth, norm)
-        self.init_unet(out_channels, upsample=upsample, norm=norm, feature_dropout=dropout)
