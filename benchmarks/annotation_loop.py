@@ -19,20 +19,20 @@ on, the whole network trained, BCE on every pair + Dice on pairs with a lesion; 
 rate, L2-SP, replay pairs and prompt rounds as the recipe says). The orders are
 nested: a draw's 10 images include its 5. ``k = 0`` is the base model. With
 ``--compare-frozen`` every fine-tune is repeated on the same pairs with the encoder frozen
-(the widget's "freeze the encoder" option, the default before issue 13), so both modes are
+(the widget's "freeze the encoder" option, the default before model v2), so both modes are
 shown side by side; the issue's targets are Dice gains over the base model of >= +0.04 at
 k = 10 and >= +0.06 at k = 40 with the widget defaults. With ``--recipes NAME ...`` every
 fine-tune is run once per named recipe of :data:`busseg.finetune.FINETUNE_RECIPES` on the same
 pairs (the first recipe fills the main table), and a recipe table gives, per k and recipe,
-the Dice gain and the box-then-clicks interactions before and after (issue 17).
+the Dice gain and the box-then-clicks interactions before and after.
 
-Prompt skill (issue 17): on every lesion scan of the evaluation set, the simulated annotator
+Prompt skill: on every lesion scan of the evaluation set, the simulated annotator
 of :mod:`busseg.annotator` (one implementation, :func:`busseg.annotator.annotation_cost`)
 draws one jittered box per lesion and then clicks until IoU >= 0.85 (the automatic mask is
 not offered, so this is the box-then-clicks part of the protocol alone), capped at 20
 interactions; the box jitter of scan ``i`` is seeded by ``(--seed, i)``, so every model sees
 the same boxes. Reported: interactions per lesion scan before (base model) and after each
-fine-tune, and the scans that never reach IoU 0.85. A recipe meets issue 17's target at
+fine-tune, and the scans that never reach IoU 0.85. A recipe meets the recipe target at
 k = 10 when its Dice gain is >= +0.04 and its interactions are no higher than the base
 model's; the rule that picks the default recipe (:func:`choose_recipe`) is printed with the
 table.
@@ -133,7 +133,7 @@ def score(model, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> d
 
 def box_click_cost(model, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                    seed: int) -> dict | None:
-    """Box-then-clicks interactions of ``model`` on the lesion scans (issue 17).
+    """Box-then-clicks interactions of ``model`` on the lesion scans.
 
     The simulated annotator of :mod:`busseg.annotator` on every scan with a lesion, with an
     empty automatic mask so that nothing is accepted or cleared: one jittered box per
@@ -187,7 +187,7 @@ def recipe_rows(runs: list[dict], ks: Sequence[int], recipes: Sequence[str]) -> 
         ``k``, ``recipe``, ``n_models``, ``dice_before``, ``dice_after`` (mean, sd),
         ``gain``, ``inter_before``, ``inter_after`` (mean, sd), ``never_before``,
         ``never_after`` (mean count), ``busi_dice_lesion``, ``finetune_s`` (mean, sd),
-        ``meets`` (issue 17's target at this k: gain >= +0.04 and interactions no higher
+        ``meets`` (the recipe target at this k: gain >= +0.04 and interactions no higher
         than the base model's; None where it is not measured).
     """
     base = next((r for r in runs if r["k"] == 0), None)
@@ -255,7 +255,7 @@ def choose_recipe(rows: Sequence[dict], k: int = 10) -> dict:
 
 
 def recipe_lines(rows: Sequence[dict], choice: dict | None) -> list[str]:
-    """The recipe table (issue 17) and the rule's choice, as Markdown lines."""
+    """The recipe table and the rule's choice, as Markdown lines."""
     if not rows:
         return []
     md = [

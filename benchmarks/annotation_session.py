@@ -16,7 +16,7 @@ stream: ``goto`` (records the previous case as accepted, corrected, brushed or n
 as you go ``run_due_finetune`` (after every ``--learn-every`` new corrections, a fine-tune
 of the current checkpoint on all corrections so far, adopted when the simulated annotator
 below, run on the held-out corrections with the current and the new checkpoint, does not
-need more interactions per scan with the new one, whatever the Dice says; issue 17).
+need more interactions per scan with the new one, whatever the Dice says).
 
 The simulated annotator, per scan (ground truth = the dataset's expert mask):
 

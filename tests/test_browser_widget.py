@@ -661,7 +661,7 @@ def test_learn_as_you_go_switches_segment_lesions(
 
 @pytest.mark.slow
 def test_memory_stays_flat_over_200_cases(make_napari_viewer, notes, busseg_plugin, tmp_path):
-    """RSS after 200 cases is at most 300 MB above RSS after 10 (issue 14).
+    """RSS after 200 cases is at most 300 MB above RSS after 10.
 
     Each case: open, paint into its prediction layer, Next (autosave, close). Between cases
     Qt runs its deferred deletions, as napari's event loop does between two key presses

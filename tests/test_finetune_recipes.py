@@ -1,4 +1,4 @@
-"""Fine-tune recipes, the shipped replay set and L2-SP (issue 17)."""
+"""Fine-tune recipes, the shipped replay set and L2-SP."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_the_default_is_a_named_recipe_and_every_recipe_builds():
         assert cfg.lr == s["lr"] and cfg.prompts == s["prompts"]
         assert cfg.l2sp_alpha == s["l2sp_alpha"] and cfg.weight_decay == s["weight_decay"]
         assert 0 <= s["replay"] <= 30
-    # v2 stays what issue 13 shipped, whatever the default becomes
+    # v2 stays what model v2 shipped with, whatever the default becomes
     v2 = FINETUNE_RECIPES["v2-default"]
     assert (v2["lr"], v2["replay"], v2["l2sp_alpha"]) == (3e-4, 0, 0.0)
     assert v2["prompts"] == {"max_rounds": 0, "from_auto": 0.0}

@@ -109,7 +109,7 @@ def test_quick_run_writes_tables_json_and_plot(bench, tmp_path, fake_busi, fake_
     s = busi["summary"]
     assert s["bc_never85_share"] == s["bc_never85"] / 3
     assert "| BUSI test | small | 1 |" in md and "as a share of the image" in md
-    # issue 17's targets: one line per check, met or missed, in the report and the JSON
+    # the box-then-clicks targets: one line per check, met or missed, in the report and the JSON
     checks = payload["target_checks_17"]
     assert {c["dataset"] for c in checks} == {"BUSI test", "BUS-BRA", "BUS-UCLM test"}
     assert sum(c["dataset"] == "BUSI test" for c in checks) == 4  # NoC@85, @90, never x 2

@@ -527,7 +527,7 @@ def test_segment_action_runs_like_the_run_button(qtbot, viewer, widget):
 
 
 def test_rows_scroll_instead_of_being_squashed(viewer, widget):
-    """A short dock scrolls; the wrapped rows keep their height (issue 14: clipped rows)."""
+    """A short dock scrolls; the wrapped rows keep their height (they were clipped once)."""
     from qtpy.QtWidgets import QScrollArea
 
     scroll = widget.native.findChild(QScrollArea, "busseg_segment_scroll")

@@ -176,7 +176,7 @@ def test_fingerprint_ignores_dtype_and_scale():
 # --------------------------------------------------------------------------- learning as you go
 
 
-# The adoption tests of learning as you go (issue 17: adopted on the simulated annotation
+# The adoption tests of learning as you go (adopted on the simulated annotation
 # cost, whatever the Dice says) are in tests/test_session_adoption.py.
 
 

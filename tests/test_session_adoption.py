@@ -1,4 +1,4 @@
-"""Learning as you go adopts a fine-tune on the simulated annotation cost (issue 17).
+"""Learning as you go adopts a fine-tune on the simulated annotation cost.
 
 ``AnnotationSession.finetune_job`` fine-tunes on the stored corrections, then annotates the
 held-out corrections with the simulated annotator (:func:`busseg.finetune.heldout_costs`, one
@@ -63,7 +63,7 @@ def _fake_costs(before, after, calls):
     [
         (3.0, 2.0, 0.80, 0.60, True),   # cheaper to annotate, lower Dice: adopted
         (2.0, 2.0, 0.70, 0.70, True),   # not higher: adopted
-        (2.0, 3.0, 0.50, 0.90, False),  # Dice rose but it costs more: kept (issue 17)
+        (2.0, 3.0, 0.50, 0.90, False),  # Dice rose but it costs more: kept
     ],
 )
 def test_adopts_on_interactions_whatever_the_dice(tmp_path, synthetic_pairs, monkeypatch,
