@@ -23,8 +23,10 @@ MASK_RE = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<k>\d+))?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class BusiRecord:
-    """One image of a BUSI-layout dataset.
+class ScanRecord:
+    """One scan of a dataset or folder (any layout :func:`busseg.data.discover` reads).
+
+    ``BusiRecord`` is the same class under its earlier name (kept as a deprecated alias).
 
     Attributes
     ----------
@@ -65,8 +67,10 @@ class BusiRecord:
 
 
 @dataclass
-class BusiIndex:
-    """The result of :func:`discover_busi`.
+class ScanIndex:
+    """The records of a folder, as :func:`busseg.data.discover` and :func:`discover_busi` give them.
+
+    ``BusiIndex`` is the same class under its earlier name (kept as a deprecated alias).
 
     Attributes
     ----------
@@ -280,7 +284,7 @@ def discover_busi(root: str | os.PathLike, *, check_sizes: bool = True) -> BusiI
         If the folder is not BUSI-like, or holds no image at all.
     """
     base, folders = resolve_busi_root(root)
-    index = BusiIndex(root=base)
+    index = ScanIndex(root=base)
     for folder in folders:
         images: dict[str, Path] = {}
         masks: dict[str, list[tuple[int, Path]]] = {}
@@ -306,7 +310,7 @@ def discover_busi(root: str | os.PathLike, *, check_sizes: bool = True) -> BusiI
                 size, found = size_problems(img, mps)
                 problems += found
             rel = img.relative_to(base).as_posix()
-            rec = BusiRecord(
+            rec = ScanRecord(
                 name=stem,
                 label=_label_for(folder, stem),
                 image_path=img,
@@ -323,3 +327,9 @@ def discover_busi(root: str | os.PathLike, *, check_sizes: bool = True) -> BusiI
             "'benign (1)_mask.png'"
         )
     return index
+
+
+#: Earlier names of :class:`ScanRecord` and :class:`ScanIndex` (deprecated aliases: the records
+#: come from any folder layout, not only BUSI).
+BusiRecord = ScanRecord
+BusiIndex = ScanIndex

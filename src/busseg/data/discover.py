@@ -44,7 +44,7 @@ from busseg.data.busi import (
 )
 from busseg.data.io import IMAGE_SUFFIXES
 
-ScanRecord = BusiRecord
+ScanRecord = BusiRecord  # the same classes (busseg.data.busi defines them under both names)
 ScanIndex = BusiIndex
 
 LAYOUTS = ("busi", "busbra", "pairs", "folder")
