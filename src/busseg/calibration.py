@@ -94,19 +94,15 @@ class CaseEvidence:
 
     def cost(self, threshold: float, gate: float, lesion_confidence: float,
              accept_iou: float = 0.85, prompt_cost: float = PROMPT_COST) -> float:
-        """Return the simulated interactions for this case under one candidate."""
-        keep = np.asarray(self.scores, float) >= threshold
-        if (self.p_normal is not None and self.p_normal >= gate
-                and self.peak < lesion_confidence):
-            keep[:] = False
-        if not self.lesion:
-            return float(keep.any())
-        inter = float(np.asarray(self.overlaps, float)[keep].sum())
-        area = float(np.asarray(self.areas, float)[keep].sum())
-        union = self.answer_area + area - inter
-        if union > 0 and inter / union >= accept_iou:
-            return 0.0
-        return prompt_cost + float(np.asarray(self.outside, bool)[keep].any())
+        """Return the simulated interactions for this case under one candidate.
+
+        The rule :func:`fit_calibration` scores every candidate with (one implementation).
+        """
+        ungated, gated = _cost_table([self], np.array([float(threshold)]), accept_iou,
+                                     prompt_cost)
+        is_gated = (self.p_normal is not None and self.p_normal >= gate
+                    and self.peak < lesion_confidence)
+        return float(gated[0] if is_gated else ungated[0, 0])
 
 
 def case_evidence(raw_mask: np.ndarray, proba: np.ndarray, image: np.ndarray,
@@ -260,20 +256,37 @@ class Calibration:
         path = Path(folder) / CALIBRATION_NAME
         if not path.is_file():
             return None
+        return cls._from_data(_read_file(path), path, checkpoint)
+
+    @classmethod
+    def _from_data(cls, data: dict, path: Path, checkpoint: str) -> Calibration:
+        """Build the calibration stored in ``data`` (read from ``path``) for ``checkpoint``."""
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.pop("format", None) != "busseg-calibration":
-                raise ValueError("not a busseg calibration")
             fields = set(cls.__dataclass_fields__)
             cal = cls(**{k: v for k, v in data.items() if k in fields})
-        except (ValueError, TypeError) as exc:
-            raise CalibrationError(f"{path} is corrupt ({exc}); delete it, a new calibration "
-                                   "is made from the answers") from exc
+        except TypeError as exc:
+            raise _corrupt(path, exc) from exc
         if cal.checkpoint != checkpoint:
             raise CalibrationError(
                 f"{path} was made for the checkpoint {cal.checkpoint}, not {checkpoint}; "
                 "switch back to that checkpoint, or delete the file to calibrate anew")
         return cal
+
+
+def _corrupt(path: Path, exc: Exception) -> CalibrationError:
+    return CalibrationError(f"{path} is corrupt ({exc}); delete it, a new calibration is made "
+                            "from the answers")
+
+
+def _read_file(path: Path) -> dict:
+    """Return a stored calibration file's JSON object; CalibrationError when corrupt."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.pop("format", None) != "busseg-calibration":
+            raise ValueError("not a busseg calibration")
+    except ValueError as exc:
+        raise _corrupt(path, exc) from exc
+    return data
 
 
 def _cost_table(evidence: Sequence[CaseEvidence], thresholds: np.ndarray, accept_iou: float,
@@ -513,12 +526,11 @@ class SiteCalibrator:
         path = Path(folder) / CALIBRATION_NAME
         if not path.is_file():
             return False
+        data = _read_file(path)  # read once: the calibration and its evidence
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            evidence = [CaseEvidence(**e) for e in data.get("evidence", [])]
-        except (ValueError, TypeError) as exc:
-            raise CalibrationError(f"{path} is corrupt ({exc}); delete it, a new calibration "
-                                   "is made from the answers") from exc
-        self.calibration = Calibration.load(folder, checkpoint)
+            evidence = [CaseEvidence(**e) for e in data.pop("evidence", [])]
+        except TypeError as exc:
+            raise _corrupt(path, exc) from exc
+        self.calibration = Calibration._from_data(data, path, checkpoint)
         self.evidence = evidence
         return True

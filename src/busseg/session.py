@@ -289,6 +289,7 @@ class AnnotationSession(SessionRecords, SessionPredictions, SessionLearning):
         self.status = ""
         self.history: list[FinetuneOutcome] = []
         self.new_corrections = 0  # answers recorded since the last fine-tune started
+        self._answers_at_finetune = 0  # answers the last fine-tune was trained on
         self.current: Case | None = None
         self.last_save: SaveResult | None = None
         self._baseline: str | None = None

@@ -104,7 +104,7 @@ class SessionLearning:
         int
             >= :attr:`learn_every`.
         """
-        grown = int(getattr(self, "_answers_at_finetune", 0) * LEARN_GROWTH)
+        grown = int(self._answers_at_finetune * LEARN_GROWTH)
         return max(self.learn_every, min(LEARN_MAX_EVERY, grown))
 
     def finetune_due(self) -> bool:
