@@ -899,8 +899,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                       [pool_masks[i] for i in idx],
                                       res.extra["val_indices"],
                                       {"base": ckpt, "adapted": res.checkpoint})
-                    ok = prompts_from_adapted(pc, [pool_images[i] for i in idx],
-                                              [pool_masks[i] for i in idx],
+                    ok = prompts_from_adapted(pc, [pool_masks[i] for i in idx],
                                               res.extra["val_indices"])
                     make_site_checkpoint(res.checkpoint, ckpt, automatic=mode_site[mode],
                                          prompts="adapted" if ok else "base")

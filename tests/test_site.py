@@ -295,9 +295,8 @@ def test_prompts_stay_with_the_base_without_a_clear_saving_on_enough_answers():
 
     masks = [np.ones((4, 4), bool)] * (MIN_PROMPT_EVIDENCE + 2)
     val = list(range(len(masks)))
-    images = [None] * len(masks)
     cheaper = {"base": 3.0, "adapted": 3.0 - PROMPT_MARGIN}
-    assert prompts_from_adapted(cheaper, images, masks, val)
-    assert not prompts_from_adapted({"base": 3.0, "adapted": 2.9}, images, masks, val)
-    assert not prompts_from_adapted(cheaper, images, masks, val[:MIN_PROMPT_EVIDENCE - 1])
-    assert not prompts_from_adapted({"base": 3.0, "adapted": float("nan")}, images, masks, val)
+    assert prompts_from_adapted(cheaper, masks, val)
+    assert not prompts_from_adapted({"base": 3.0, "adapted": 2.9}, masks, val)
+    assert not prompts_from_adapted(cheaper, masks, val[:MIN_PROMPT_EVIDENCE - 1])
+    assert not prompts_from_adapted({"base": 3.0, "adapted": float("nan")}, masks, val)

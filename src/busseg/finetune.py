@@ -724,8 +724,8 @@ MIN_PROMPT_EVIDENCE = 10
 PROMPT_MARGIN = 0.5
 
 
-def prompts_from_adapted(costs: dict[str, float], images: Sequence[np.ndarray],
-                         masks: Sequence[np.ndarray], val_indices: Sequence[int]) -> bool:
+def prompts_from_adapted(costs: dict[str, float], masks: Sequence[np.ndarray],
+                         val_indices: Sequence[int]) -> bool:
     """Whether a site checkpoint's prompts should come from its adapted network.
 
     Only when :func:`prompt_costs` says it saves at least :data:`PROMPT_MARGIN` interactions
@@ -737,14 +737,13 @@ def prompts_from_adapted(costs: dict[str, float], images: Sequence[np.ndarray],
     ----------
     costs : dict
         ``{"base": float, "adapted": float}`` from :func:`prompt_costs` (NaN: not measured).
-    images, masks, val_indices
-        As :func:`prompt_costs`.
+    masks, val_indices
+        As :func:`prompt_costs` (the held-out answers with a lesion are counted).
 
     Returns
     -------
     bool
     """
-    del images  # the count of held-out lesion answers is what matters
     n_lesion = sum(bool(np.asarray(masks[int(i)]).any()) for i in val_indices)
     a, b = costs.get("adapted", np.nan), costs.get("base", np.nan)
     return bool(n_lesion >= MIN_PROMPT_EVIDENCE and np.isfinite(a) and np.isfinite(b)

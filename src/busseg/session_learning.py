@@ -234,7 +234,7 @@ class SessionLearning:
             self.status = "Choosing the network that answers prompts …"
             costs = prompt_costs(images, masks, val,
                                  {"base": start, "adapted": result.checkpoint})
-        adapted_ok = prompts_from_adapted(costs, images, masks, val)
+        adapted_ok = prompts_from_adapted(costs, masks, val)
         make_site_checkpoint(result.checkpoint, start, automatic=site,
                              prompts="adapted" if adapted_ok else "base",
                              info={"prompt_costs": {k: (float(v) if np.isfinite(v) else None)
