@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     busbra = C.require_dir(args.busbra, "BUS-BRA", "--busbra")
 
     from busseg.devices import get_device
-    from busseg.finetune import FINETUNE_DEFAULTS, finetune, finetune_config
+    from busseg.finetune import FinetuneSettings, finetune
     from busseg.inference import clear_model_cache, load_model
     from busseg.uncertainty import rank
 
@@ -245,8 +245,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     eval_images, eval_masks = AL.load_pairs([(r.image_path, [r.mask_path]) for r in evalset])
     pool_images, pool_masks = AL.load_pairs([(r.image_path, [r.mask_path]) for r in pool])
     overrides = {} if args.max_steps is None else {"max_steps": args.max_steps}
-    cfg = finetune_config(**overrides)
-    ft_settings = {**FINETUNE_DEFAULTS, **cfg.to_dict()}
+    settings = FinetuneSettings.resolve(None, **overrides)
+    ft_settings = {k: v for k, v in settings.to_dict().items() if k != "recipe"}
 
     base = load_model(ckpt, device=device)
     base_eval = AL.score(base, eval_images, eval_masks)
@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 ids = [pool[i].id for i in idx]
                 t0 = time.perf_counter()
                 res = finetune([pool_images[i] for i in idx], [pool_masks[i] for i in idx],
-                               ckpt, cfg=cfg, out_dir=work / f"{strategy}_d{draw}_k{k}",
+                               ckpt, settings=settings, out_dir=work / f"{strategy}_d{draw}_k{k}",
                                names=ids, device=str(device))
                 ft_s = time.perf_counter() - t0
                 if res.checkpoint is None:

@@ -715,8 +715,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from busseg.finetune import (
         DEFAULT_RECIPE,
         SITE_RECIPE,
+        FinetuneSettings,
         finetune,
-        finetune_config,
         prompt_costs,
         prompts_from_adapted,
         recipe_settings,
@@ -747,8 +747,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     first = args.recipes[0] if args.recipes else None
     if first is not None and first.startswith("site:"):
         first = SITE_RECIPE
-    cfg = finetune_config(first, **overrides)
-    ft_settings = {**recipe_settings(first), **cfg.to_dict()}
+    first_settings = FinetuneSettings.resolve(first, **overrides)
+    ft_settings = {k: v for k, v in first_settings.to_dict().items() if k != "recipe"}
 
     # base model: k = 0, and its predictions on the pool (the user's starting point)
     base = load_model(ckpt, device=device)
@@ -785,7 +785,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "finetune_s": 0.0,
             }
         )
-    # a mode: (name, recipe, extra TrainConfig overrides); without --recipes the widget's
+    # a mode: (name, recipe, extra overrides); without --recipes the widget's
     # defaults are the mode "default"
     # "site:vote" / "site:adapted": the site recipe, and the fine-tuned folder made a site
     # checkpoint (busseg.site) as learning as you go writes it
@@ -793,10 +793,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
               for name in args.recipes] if args.recipes else [(DEFAULT, None, {})])
     mode_site = {m: m.split(":", 1)[1] for m, _, _ in modes if m.startswith("site:")}
     main_mode = modes[0][0]
-    if args.compare_frozen and not cfg.freeze_encoder:
+    if args.compare_frozen and not first_settings.train.freeze_encoder:
         modes.append((FROZEN, first, {"freeze_encoder": True}))
-    mode_cfgs = {m: finetune_config(rec, **{**overrides, **extra}) for m, rec, extra in modes}
-    mode_recipe = {m: rec for m, rec, _ in modes}
+    mode_settings = {m: FinetuneSettings.resolve(rec, **{**overrides, **extra})
+                     for m, rec, extra in modes}
     n_ft = len([k for k in args.ks if k > 0]) * args.draws * len(modes)
     estimate = time.perf_counter() - t_start
     def report(runs: list[dict], done_models: int) -> dict:
@@ -885,11 +885,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     [pool_images[i] for i in idx],
                     [pool_masks[i] for i in idx],
                     ckpt,
-                    cfg=mode_cfgs[mode],
+                    settings=mode_settings[mode],
                     out_dir=out_dir,
                     names=ids,
                     device=str(device),
-                    recipe=mode_recipe[mode],
                 )
                 ft_s = time.perf_counter() - t0
                 if res.checkpoint is None:
@@ -917,8 +916,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "k": k,
                         "draw": d,
                         "mode": mode,
-                        "recipe": mode_recipe[mode] or DEFAULT_RECIPE,
-                        "freeze_encoder": bool(mode_cfgs[mode].freeze_encoder),
+                        "recipe": mode_settings[mode].recipe or DEFAULT_RECIPE,
+                        "freeze_encoder": bool(mode_settings[mode].train.freeze_encoder),
                         "ids": ids,
                         "eval": ev,
                         "busi": bu,

@@ -607,7 +607,7 @@ def _finetune_once(checkpoint: Path, images, masks, names, steps: int, threads: 
 
     import torch
 
-    from busseg.finetune import finetune, finetune_config
+    from busseg.finetune import FinetuneSettings, finetune
 
     overrides: dict[str, Any] = {"max_steps": steps}
     if freeze_encoder is not None:
@@ -617,7 +617,7 @@ def _finetune_once(checkpoint: Path, images, masks, names, steps: int, threads: 
     try:
         torch.set_num_threads(threads)
         t, c = time.perf_counter(), time.process_time()
-        res = finetune(images, masks, checkpoint, cfg=finetune_config(**overrides),
+        res = finetune(images, masks, checkpoint, settings=FinetuneSettings.resolve(**overrides),
                        out_dir=tmp / "run", names=names, device=str(device))
         seconds, cpu = time.perf_counter() - t, time.process_time() - c
     finally:

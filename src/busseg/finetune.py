@@ -13,12 +13,13 @@ lower learning rates, correction rounds in the prompt simulation, a replay of sh
 training pairs beside the corrections (:func:`replay_pairs`) and L2-SP towards the base
 weights (Li et al., ICML 2018; ``TrainConfig.l2sp_alpha``). :data:`FINETUNE_DEFAULTS` is the
 one chosen; :func:`heldout_costs` gives the simulated annotation cost of two models on the
-held-out corrections (learning as you go adopts on it).
+held-out corrections (learning as you go adopts on it). The recipes and
+:class:`FinetuneSettings` (a recipe resolved once, with overrides, and passed whole to
+:func:`finetune_iter`) live in :mod:`busseg.finetune_settings`; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import os
 from collections.abc import Generator, Sequence
@@ -29,115 +30,45 @@ from typing import Any
 import numpy as np
 
 from busseg.engine import FitResult, ProgressEvent, TrainConfig
+from busseg.finetune_settings import (
+    DEFAULT_RECIPE,
+    FINETUNE_DEFAULTS,
+    FINETUNE_RECIPES,
+    MAX_REPLAY,
+    SETTINGS_KEYS,
+    SITE_RECIPE,
+    FinetuneSettings,
+    recipe_settings,
+)
 
-#: The fine-tune settings of model v2's release: the widget's defaults before the recipes.
-_V2: dict[str, Any] = {
-    "max_steps": 100,
-    "batch_size": 4,
-    "lr": 3e-4,
-    "weight_decay": 1e-4,
-    "warmup_steps": 5,
-    "min_lr_ratio": 0.1,
-    "early_stopping": None,
-    "val_fraction": 0.2,
-    "augment": True,
-    "seed": 0,
-    # the whole network adapts: on 10 corrected BUS-BRA images, Dice on other patients of
-    # that site rose +0.063 with it against +0.008 with the encoder frozen
-    "freeze_encoder": False,
-    # BCE on every pair, Dice on pairs with a lesion: a corrected normal scan (empty mask)
-    # teaches "no lesion here" without pushing every mask towards empty
-    "loss": "bce_lesion_dice",
-    # the live held-out Dice is the automatic one: no extra box-prompt pass per validation
-    "eval_box_prompts": False,
-    # box and first-click prompts only: correction rounds cost extra forward passes
-    "prompts": {"max_rounds": 0, "from_auto": 0.0},
-    # shipped BUSI training pairs replayed beside the corrections (:func:`replay_pairs`)
-    "replay": 0,
-    # L2-SP strength (``TrainConfig.l2sp_alpha``); 0 = plain weight decay towards zero
-    "l2sp_alpha": 0.0,
-}
-
-#: Correction rounds as the base model was trained with them (RITM's iterative protocol).
-_ROUNDS4 = {"max_rounds": 4, "from_auto": 0.5}
-
-#: Named fine-tune recipes: complete settings, each the v2 settings with a few changed.
-#: ``benchmarks/annotation_loop.py --recipes NAME ...`` compares them on the same
-#: corrections; :data:`FINETUNE_DEFAULTS` is one of them.
-FINETUNE_RECIPES: dict[str, dict[str, Any]] = {
-    "v2-default": dict(_V2),
-    "lr1e-4": {**_V2, "lr": 1e-4},
-    "lr3e-5": {**_V2, "lr": 3e-5},
-    "rounds4": {**_V2, "prompts": dict(_ROUNDS4)},
-    "replay": {**_V2, "replay": 30},
-    "replay+rounds4": {**_V2, "replay": 30, "prompts": dict(_ROUNDS4)},
-    "replay+lr1e-4": {**_V2, "replay": 30, "lr": 1e-4},
-    "replay10+rounds4": {**_V2, "replay": 10, "prompts": dict(_ROUNDS4)},
-    "l2sp": {**_V2, "l2sp_alpha": 0.01, "weight_decay": 0.0},
-    "l2sp0.1": {**_V2, "l2sp_alpha": 0.1, "weight_decay": 0.0},
-    "l2sp+replay10+rounds4": {**_V2, "l2sp_alpha": 0.01, "weight_decay": 0.0, "replay": 10,
-                              "prompts": dict(_ROUNDS4)},
-    # the adapted network of a site checkpoint (busseg.site): it draws or votes on the
-    # automatic mask only, prompts stay with the base network unless the adapted one costs
-    # no more, so nothing holds it back from fitting the site (whole network, the site's
-    # normal scans in the loss, no replay, no correction rounds)
-    "site": dict(_V2),
-}
-
-#: The recipe of a site checkpoint's adapted network (learning as you go, "vote" and
-#: "adapted" modes of :meth:`busseg.session.AnnotationSession.finetune_job`).
-SITE_RECIPE = "site"
-
-#: Name of the recipe :data:`FINETUNE_DEFAULTS` holds, chosen by this rule: at k = 10
-#: corrected BUS-BRA scans, automatic Dice gain on other patients >= +0.04 and box-then-clicks
-#: interactions per lesion scan no higher than the base model's, fewest interactions among
-#: those; if none meets both, fewest interactions among those that gain Dice. Measured with
-#: ``python benchmarks/annotation_loop.py --checkpoint <snapshot of weights/default> --ks 0 10
-#: --draws 3 --eval-limit 60 --busi-limit 10 --recipes l2sp+replay10+rounds4 v2-default
-#: replay10+rounds4 --threads 1`` (benchmarks/results/annotation_loop.md; 60 evaluation scans)
-#: on the BUSI + BUS-UCLM default model: Dice gain / interactions (base 0.740 / 2.73)
-#: l2sp+replay10+rounds4 +0.030 / 2.37, replay10+rounds4 +0.029 / 2.57, v2-default +0.063 /
-#: 2.99 (0.7 scans per model never converge). No recipe met both there (the gain target is
-#: missed); this one costs the fewest interactions. On two earlier base models it met both
-#: (BUSI-only v2, 3 draws: +0.068 / 2.91 against 3.17, v2-default +0.082 / 3.09; a BUSI +
-#: BUS-UCLM candidate: +0.066 / 2.62 against 2.87, v2-default +0.076 / 3.13). L2-SP alone
-#: (alpha 0.01, 0.1) kept the interactions below the base on the BUSI-only model but not on
-#: the candidate (3.09 / 3.16 against 2.87); lr 1e-4 (BUSI-only model only, 2 draws: +0.038 /
-#: 2.97 against 3.17); 30 replay pairs without correction rounds raised them (3.28).
-DEFAULT_RECIPE = "l2sp+replay10+rounds4"
-
-#: Settings of the fine-tune widget, of learning as you go and of
-#: ``benchmarks/annotation_loop.py``: the one source of the default recipe.
-FINETUNE_DEFAULTS: dict[str, Any] = copy.deepcopy(FINETUNE_RECIPES[DEFAULT_RECIPE])
+__all__ = [
+    "DEFAULT_RECIPE",
+    "FINETUNE_DEFAULTS",
+    "FINETUNE_RECIPES",
+    "MAX_REPLAY",
+    "MIN_PROMPT_EVIDENCE",
+    "PROMPT_MARGIN",
+    "REPLAY_DIR",
+    "SETTINGS_KEYS",
+    "SITE_RECIPE",
+    "FinetuneResult",
+    "FinetuneSettings",
+    "default_output_dir",
+    "finetune",
+    "finetune_config",
+    "finetune_iter",
+    "heldout_costs",
+    "later_split",
+    "lesions_kept",
+    "prompt_costs",
+    "prompts_from_adapted",
+    "recipe_settings",
+    "replay_pairs",
+    "split_pairs",
+]
 
 #: Where the shipped replay pairs live (see its README for source, citation and licence).
 REPLAY_DIR = Path(__file__).resolve().parent / "replay"
-
-
-def recipe_settings(recipe: str | None = None) -> dict[str, Any]:
-    """Return a copy of a named recipe's settings (None: :data:`FINETUNE_DEFAULTS`).
-
-    Parameters
-    ----------
-    recipe : str, optional
-        A key of :data:`FINETUNE_RECIPES`.
-
-    Returns
-    -------
-    dict
-        ``TrainConfig`` fields plus ``val_fraction``, ``augment`` and ``replay``.
-
-    Raises
-    ------
-    ValueError
-        If the name is unknown (the message lists the known ones).
-    """
-    if recipe is None:
-        return copy.deepcopy(FINETUNE_DEFAULTS)
-    if recipe not in FINETUNE_RECIPES:
-        raise ValueError(f"unknown fine-tune recipe {recipe!r}; choose one of "
-                         f"{', '.join(FINETUNE_RECIPES)}")
-    return copy.deepcopy(FINETUNE_RECIPES[recipe])
 
 
 def replay_pairs(n: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
@@ -202,15 +133,17 @@ def replay_pairs(n: int | None = None) -> tuple[list[np.ndarray], list[np.ndarra
 def finetune_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
     """Return the :class:`~busseg.engine.TrainConfig` of fine-tuning, with optional overrides.
 
+    The ``train`` part of :meth:`FinetuneSettings.resolve` ``(recipe, **overrides)``: use
+    that to get the held-out share, augmentation and replay of the recipe too.
+
     Parameters
     ----------
     recipe : str, optional
         A key of :data:`FINETUNE_RECIPES` to start from; None for :data:`FINETUNE_DEFAULTS`.
-        (The recipe's ``replay`` is not a ``TrainConfig`` field: pass ``recipe`` to
-        :func:`finetune_iter` to get it too.)
     **overrides
         Any ``TrainConfig`` field (``max_steps``, ``epochs``, ``lr``, ``batch_size`` ...).
-        Passing ``epochs`` without ``max_steps`` trains for that many epochs instead.
+        Passing ``epochs`` without ``max_steps`` trains for that many epochs instead. Other
+        keys (a widget's ``val_fraction`` ...) are ignored.
 
     Returns
     -------
@@ -223,13 +156,8 @@ def finetune_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
         If ``recipe`` is unknown or a setting is invalid.
     """
     keys = set(TrainConfig.__dataclass_fields__)
-    base = {k: v for k, v in recipe_settings(recipe).items() if k in keys}
-    if "epochs" in overrides and "max_steps" not in overrides:
-        base["max_steps"] = None
-    base.update({k: v for k, v in overrides.items() if k in keys})
-    if base.get("max_steps"):
-        base.setdefault("eval_every_steps", max(1, int(base["max_steps"]) // 10))
-    return TrainConfig(**base)
+    train = {k: v for k, v in overrides.items() if k in keys}
+    return FinetuneSettings.resolve(recipe, **train).train
 
 
 def split_pairs(n: int, val_fraction: float = 0.2, seed: int = 0,
@@ -395,6 +323,7 @@ def finetune_iter(
     masks: Sequence[np.ndarray],
     base: str | os.PathLike | None = None,
     *,
+    settings: FinetuneSettings | None = None,
     cfg: TrainConfig | None = None,
     val_fraction: float | None = None,
     augment: bool | None = None,
@@ -416,12 +345,17 @@ def finetune_iter(
         (H, W) corrected masks, > 0 = lesion, each its image's size.
     base : path, optional
         Checkpoint to start from; None for the shipped default model.
-    cfg : TrainConfig, optional
-        Defaults to :func:`finetune_config` ``(recipe)``.
-    val_fraction : float, optional
-        Share of pairs held out (default the recipe's ``val_fraction``, 0.2).
-    augment : bool, optional
-        Use the training augmentation (default the recipe's, True).
+    settings : FinetuneSettings, optional
+        Everything the fine-tune runs with (:meth:`FinetuneSettings.resolve`), used whole:
+        the training loop's ``TrainConfig``, the held-out share, the augmentation and the
+        replayed pairs (added to the pairs trained on, never held out: the held-out split is
+        drawn from the user's pairs alone, so the held-out Dice measures the user's site).
+        Its ``recipe`` goes into the checkpoint's lineage. Default: the recipe's settings.
+    cfg, val_fraction, augment, recipe, replay : optional
+        The older way to give the settings, folded into one by
+        :meth:`FinetuneSettings.from_parts` (``cfg`` a ``TrainConfig`` used whole, the others
+        overriding the recipe's; ``recipe`` a key of :data:`FINETUNE_RECIPES`, None for
+        :data:`FINETUNE_DEFAULTS`). Not together with ``settings``.
     out_dir : path, optional
         Run folder to create (default :func:`default_output_dir`); must not exist.
     names : sequence of str, optional
@@ -430,13 +364,6 @@ def finetune_iter(
         ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
     stop : threading.Event, optional
         Set it to stop early; the best weights so far are still written.
-    recipe : str, optional
-        A key of :data:`FINETUNE_RECIPES`; None for :data:`FINETUNE_DEFAULTS`. Gives the
-        defaults of ``cfg``, ``val_fraction``, ``augment`` and ``replay``.
-    replay : int, optional
-        Shipped BUSI training pairs (:func:`replay_pairs`) added to the pairs trained on,
-        never to the held-out ones (default the recipe's). The held-out split is drawn from
-        the user's pairs alone, so the held-out Dice measures the user's site.
     val_indices : sequence of int, optional
         Hold out exactly these pairs (positions in ``images``) instead of a random draw of
         ``val_fraction``: learning as you go holds out the most recent answers
@@ -454,8 +381,12 @@ def finetune_iter(
 
     Raises
     ------
+    TypeError
+        If ``settings`` comes with any of ``cfg``, ``val_fraction``, ``augment``, ``recipe``
+        or ``replay``.
     ValueError
-        If there are no pairs, lengths differ, or a mask is not its image's size.
+        If there are no pairs, lengths differ, a mask is not its image's size, or a setting
+        is invalid.
     FileExistsError
         If ``out_dir`` exists.
     busseg.models.CheckpointError
@@ -467,15 +398,13 @@ def finetune_iter(
     from busseg.engine import fit_iter
     from busseg.models import default_checkpoint_path, load_checkpoint
 
+    settings = _one_settings(settings, recipe=recipe, cfg=cfg, val_fraction=val_fraction,
+                             augment=augment, replay=replay)
     if len(images) != len(masks):
         raise ValueError(f"{len(images)} images but {len(masks)} masks")
-    settings = recipe_settings(recipe)
-    vf = settings["val_fraction"] if val_fraction is None else val_fraction
-    aug = settings["augment"] if augment is None else augment
-    n_replay = int(settings.get("replay", 0) if replay is None else replay)
-    cfg = cfg or finetune_config(recipe)
+    cfg, aug, n_replay = settings.train, settings.augment, settings.replay
     names = list(names) if names is not None else [f"pair {i}" for i in range(len(images))]
-    tr, va = _train_val(masks, vf, cfg.seed, val_indices)
+    tr, va = _train_val(masks, settings.val_fraction, cfg.seed, val_indices)
     r_images, r_masks, r_names = replay_pairs(n_replay) if n_replay else ([], [], [])
     base_path = Path(base) if base is not None else default_checkpoint_path()
     dev = get_device(device)
@@ -491,7 +420,7 @@ def finetune_iter(
     out = Path(out_dir) if out_dir is not None else default_output_dir()
     if out.exists():
         raise FileExistsError(f"{out} exists; fine-tuning writes a new folder, choose another")
-    ckpt_cfg = _checkpoint_config(base_cfg, base_path, recipe, aug, before,
+    ckpt_cfg = _checkpoint_config(base_cfg, base_path, settings.recipe, aug, before,
                                   [names[i] for i in tr], [names[i] for i in va], r_names)
     gen = fit_iter(model, train_set, val_set, cfg, device=dev, stop=stop, out_dir=out,
                    checkpoint_config=ckpt_cfg)
@@ -506,6 +435,19 @@ def finetune_iter(
     return FinetuneResult(ckpt, fit, before, after, len(tr), len(va),
                           extra={"heldout": heldout, "train_indices": tr, "val_indices": va,
                                  "n_replay": len(r_names)})
+
+
+def _one_settings(settings: FinetuneSettings | None, **legacy: Any) -> FinetuneSettings:
+    """Return ``settings``, or the older keywords folded into one (not both)."""
+    given = [k for k, v in legacy.items() if v is not None]
+    if settings is None:
+        return FinetuneSettings.from_parts(legacy.pop("recipe"), **legacy)
+    if given:
+        raise TypeError(f"pass either settings or {', '.join(given)}, not both: settings "
+                        "already holds them (use settings.replace(...) to change one)")
+    if not isinstance(settings, FinetuneSettings):
+        raise TypeError(f"settings must be a FinetuneSettings, got {type(settings).__name__}")
+    return settings
 
 
 def _evaluate_before(model: Any, val_set: Any, device: Any, cfg: TrainConfig

@@ -202,7 +202,9 @@ class AnnotationSession(SessionRecords, SessionPredictions, SessionLearning):
     finetune_options : dict, optional
         Keyword arguments of :func:`busseg.finetune.finetune_iter` (``cfg``,
         ``val_fraction``, ``device`` ...); ``cfg`` may also be a dict of
-        :func:`busseg.finetune.finetune_config` overrides.
+        :meth:`busseg.finetune.FinetuneSettings.resolve` overrides, and ``settings`` a
+        whole :class:`busseg.finetune.FinetuneSettings`. The settings are resolved once per
+        fine-tune (``recipe`` default ``"site"`` unless ``site`` is ``"whole"``).
     models_dir : path, optional
         Where fine-tuned checkpoints go (default :func:`busseg.finetune.default_output_dir`'s
         ``~/.busseg/finetuned``).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from busseg.session_types import (
     FinetuneOutcome,
     checkpoint_text,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from busseg.finetune_settings import FinetuneSettings
 
 __all__ = ["SessionLearning"]
 
@@ -177,13 +180,7 @@ class SessionLearning:
         t0 = time.perf_counter()
         current = self.checkpoint
         try:
-            from busseg.finetune import (
-                SITE_RECIPE,
-                default_output_dir,
-                finetune_config,
-                finetune_iter,
-                later_split,
-            )
+            from busseg.finetune import default_output_dir, finetune_iter, later_split
             from busseg.site import drawing_base
 
             images, masks, names, _ = self.recorded_pairs()
@@ -197,18 +194,15 @@ class SessionLearning:
             if site not in SITE_MODES:
                 raise ValueError(f"finetune_options['site'] must be one of {SITE_MODES}, "
                                  f"got {site!r}")
-            if site != "whole":
-                opts.setdefault("recipe", SITE_RECIPE)
-            cfg = opts.pop("cfg", None)
-            if isinstance(cfg, dict):
-                cfg = finetune_config(**{"recipe": opts.get("recipe"), **cfg})
+            random_split = "val_fraction" in opts
+            settings = self._finetune_settings(opts, site)
             out = opts.pop("out_dir", None) or default_output_dir(self.models_dir)
-            if "val_indices" not in opts and "val_fraction" not in opts:
+            if "val_indices" not in opts and not random_split:
                 _, opts["val_indices"] = later_split([bool(np.any(m)) for m in masks])
             start = current if site == "whole" else drawing_base(current)
             self.status = f"Fine-tuning on {len(images)} recorded answers …"
-            result = yield from finetune_iter(images, masks, start, cfg=cfg, out_dir=out,
-                                              names=names, stop=self._stop, **opts)
+            result = yield from finetune_iter(images, masks, start, settings=settings,
+                                              out_dir=out, names=names, stop=self._stop, **opts)
             if site != "whole" and result.checkpoint is not None:
                 self._make_site(result, images, masks, start, site)
             outcome = self._adoption(result, images, masks, current, t0)
@@ -220,6 +214,29 @@ class SessionLearning:
             raise
         finally:
             self._finetune_running = False
+
+    @staticmethod
+    def _finetune_settings(opts: dict[str, Any], site: str) -> FinetuneSettings:
+        """Resolve the fine-tune's settings once, taking their keys out of ``opts``.
+
+        ``opts["settings"]`` (a :class:`busseg.finetune.FinetuneSettings`) is used whole;
+        otherwise ``recipe`` (default :data:`busseg.finetune.SITE_RECIPE` unless ``site`` is
+        ``"whole"``), ``cfg`` (a dict of overrides or a ``TrainConfig``), ``val_fraction``,
+        ``augment`` and ``replay`` are folded into one. What stays in ``opts`` (``val_indices``,
+        ``device`` ...) goes to :func:`busseg.finetune.finetune_iter` as it is.
+        """
+        from busseg.finetune import SITE_RECIPE, FinetuneSettings
+
+        keys = ("recipe", "cfg", "val_fraction", "augment", "replay")
+        parts = {k: opts.pop(k) for k in keys if k in opts}
+        settings = opts.pop("settings", None)
+        if settings is not None:
+            if parts:
+                raise TypeError(f"finetune_options: pass either 'settings' or "
+                                f"{', '.join(map(repr, parts))}, not both")
+            return settings
+        recipe = parts.pop("recipe", None if site == "whole" else SITE_RECIPE)
+        return FinetuneSettings.from_parts(recipe, **parts)
 
     def _make_site(self, result: Any, images: Sequence[np.ndarray],
                    masks: Sequence[np.ndarray], start: Path | None, site: str) -> None:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
 
     from busseg.finetune import FinetuneResult
+    from busseg.finetune_settings import FinetuneSettings
 
 __all__ = [
     "BASE_CHECKPOINT",
@@ -100,6 +101,7 @@ def finetune_job(
     *,
     corrections: str | Path | None = None,
     base: str | Path | None = None,
+    settings: FinetuneSettings | None = None,
     overrides: dict | None = None,
     val_fraction: float | None = None,
     augment: bool | None = None,
@@ -120,10 +122,17 @@ def finetune_job(
         (:meth:`busseg.corrections.CorrectionStore.load_pairs`) are added.
     base : path, optional
         Checkpoint to start from; None for the shipped default model.
+    settings : busseg.finetune.FinetuneSettings, optional
+        Everything the fine-tune runs with, passed whole to
+        :func:`busseg.finetune.finetune_iter` (the widget resolves it once from its recipe
+        and fields). Default: the recipe's settings with ``overrides``.
     overrides : dict, optional
-        :func:`busseg.finetune.finetune_config` overrides (``max_steps`` or ``epochs``,
-        ``lr``, ``batch_size`` ...).
-    val_fraction, augment, out_dir, device, stop
+        The older way: settings of :meth:`busseg.finetune.FinetuneSettings.resolve`
+        (``max_steps`` or ``epochs``, ``lr``, ``batch_size`` ...) over ``recipe``'s. Not
+        together with ``settings``, nor are ``val_fraction``, ``augment`` and ``recipe``.
+    val_fraction, augment : optional
+        Override the recipe's (the older way, as ``overrides``).
+    out_dir, device, stop
         As :func:`busseg.finetune.finetune_iter`.
     recipe : str, optional
         A named recipe (:data:`busseg.finetune.FINETUNE_RECIPES`) whose settings the
@@ -140,15 +149,25 @@ def finetune_job(
 
     Raises
     ------
+    TypeError
+        If ``settings`` comes with ``overrides``, ``val_fraction``, ``augment`` or
+        ``recipe``, or an override is not a setting.
     ValueError
-        If there is no pair at all, or a mask is not its image's size.
+        If there is no pair at all, a mask is not its image's size, or a setting is invalid.
     FileExistsError
         If ``out_dir`` exists.
     busseg.models.CheckpointError
         If the base checkpoint cannot be loaded.
     """
-    from busseg.finetune import finetune_config, finetune_iter
+    from busseg.finetune import FinetuneSettings, finetune_iter
 
+    legacy = {"overrides": overrides, "val_fraction": val_fraction, "augment": augment,
+              "recipe": recipe}
+    if settings is None:
+        settings = FinetuneSettings.from_parts(recipe, cfg=overrides, val_fraction=val_fraction,
+                                               augment=augment)
+    elif given := [k for k, v in legacy.items() if v is not None]:
+        raise TypeError(f"pass either settings or {', '.join(given)}, not both")
     images, masks, names = list(images), list(masks), list(names)
     if corrections is not None:
         from busseg.corrections import CorrectionStore
@@ -164,11 +183,10 @@ def finetune_job(
             "no training pairs: add pairs from the viewer (Add pair) or choose a corrections "
             "folder that holds corrected cases"
         )
-    cfg = finetune_config(recipe, **(overrides or {}))
     yield ("status", f"loading the base model; {len(images)} pair(s) …")
     result = yield from finetune_iter(
-        images, masks, base, cfg=cfg, val_fraction=val_fraction, augment=augment,
-        out_dir=out_dir, names=names, device=device, stop=stop, recipe=recipe,
+        images, masks, base, settings=settings, out_dir=out_dir, names=names, device=device,
+        stop=stop,
     )
     return result
 
@@ -193,8 +211,8 @@ class FineTuneWidget(RunStatusMixin, Container):
         super().__init__(labels=True)
         from busseg.finetune import (
             DEFAULT_RECIPE,
-            FINETUNE_DEFAULTS,
             FINETUNE_RECIPES,
+            FinetuneSettings,
             default_output_dir,
         )
 
@@ -205,7 +223,9 @@ class FineTuneWidget(RunStatusMixin, Container):
         self._run_out: Path | None = None
         self.pairs: list[Pair] = []
         self.last_result: FinetuneResult | None = None
-        self._defaults = dict(FINETUNE_DEFAULTS)
+        #: The chosen recipe's settings, resolved once; Start changes the widget's fields
+        self._defaults = FinetuneSettings.resolve(DEFAULT_RECIPE)
+        train = self._defaults.train
 
         # --- pairs from the viewer
         self._pair_image = ComboBox(label="image", choices=self._image_choices, nullable=True)
@@ -234,22 +254,21 @@ class FineTuneWidget(RunStatusMixin, Container):
             "(benchmarks/annotation_loop.py --recipes compares them)")
         self._unit = ComboBox(label="train for", choices=["steps", "epochs"], value="steps")
         self._amount = SpinBox(label="steps", min=1, max=1_000_000,
-                               value=int(self._defaults["max_steps"]))
+                               value=int(train.max_steps))
         self._lr = FloatSpinBox(label="learning rate", min=1e-6, max=1.0, step=1e-5,
-                                value=float(self._defaults["lr"]))
-        self._batch = SpinBox(label="batch size", min=1, max=256,
-                              value=int(self._defaults["batch_size"]))
-        self._augment = CheckBox(text="augmentation", value=bool(self._defaults["augment"]))
+                                value=float(train.lr))
+        self._batch = SpinBox(label="batch size", min=1, max=256, value=int(train.batch_size))
+        self._augment = CheckBox(text="augmentation", value=self._defaults.augment)
         self._freeze = CheckBox(
             text="freeze the encoder (faster; the decoder alone adapts)",
-            value=bool(self._defaults["freeze_encoder"]),
+            value=bool(train.freeze_encoder),
             tooltip="Off (default): the whole network trains, which is what adapts the model "
             "to a new scanner. On: only the decoder and heads train, about 20 % faster per "
             "step, but on 10 corrected BUS-BRA images it lifted Dice on other patients by "
             "+0.008 against +0.063 for the whole network",
         )
         self._val_fraction = FloatSpinBox(label="held-out fraction", min=0.0, max=0.9,
-                                          step=0.05, value=float(self._defaults["val_fraction"]),
+                                          step=0.05, value=self._defaults.val_fraction,
                                           tooltip="Share of the pairs kept out of training to "
                                           "measure Dice before and after")
         self._out = FileEdit(label="output folder", mode="d", value=default_output_dir(),
@@ -345,22 +364,22 @@ class FineTuneWidget(RunStatusMixin, Container):
         self._base_path.enabled = self._base.value == BASE_CHECKPOINT
 
     def _on_recipe_changed(self, _value: Any = None) -> None:
-        from busseg.finetune import recipe_settings
+        from busseg.finetune import FinetuneSettings
 
-        self._defaults = recipe_settings(self._recipe.value)
-        d = self._defaults
+        self._defaults = FinetuneSettings.resolve(self._recipe.value)
+        train = self._defaults.train
         if self._unit.value == "steps":
-            self._amount.value = int(d["max_steps"])
-        self._lr.value = float(d["lr"])
-        self._batch.value = int(d["batch_size"])
-        self._augment.value = bool(d["augment"])
-        self._freeze.value = bool(d["freeze_encoder"])
-        self._val_fraction.value = float(d["val_fraction"])
+            self._amount.value = int(train.max_steps)
+        self._lr.value = float(train.lr)
+        self._batch.value = int(train.batch_size)
+        self._augment.value = self._defaults.augment
+        self._freeze.value = bool(train.freeze_encoder)
+        self._val_fraction.value = self._defaults.val_fraction
 
     def _on_unit_changed(self, _value: Any = None) -> None:
         steps = self._unit.value == "steps"
         self._amount.label = "steps" if steps else "epochs"
-        self._amount.value = int(self._defaults["max_steps"]) if steps else _DEFAULT_EPOCHS
+        self._amount.value = int(self._defaults.train.max_steps) if steps else _DEFAULT_EPOCHS
 
     # ---------------------------------------------------------------- pairs
 
@@ -436,6 +455,14 @@ class FineTuneWidget(RunStatusMixin, Container):
             return new, f" ({out} exists, so the run goes into {new.name} inside it)"
         return out, ""
 
+    def _settings(self) -> FinetuneSettings:
+        """Return the chosen recipe's settings with the widget's fields."""
+        unit = "max_steps" if self._unit.value == "steps" else "epochs"
+        return self._defaults.replace(
+            lr=float(self._lr.value), batch_size=int(self._batch.value),
+            freeze_encoder=bool(self._freeze.value), val_fraction=float(self._val_fraction.value),
+            augment=bool(self._augment.value), **{unit: int(self._amount.value)})
+
     def _on_start(self, _value: Any = None) -> None:
         if self.running:
             return
@@ -448,20 +475,18 @@ class FineTuneWidget(RunStatusMixin, Container):
         if self._base.value == BASE_CHECKPOINT and self._base_path.value is None:
             self._set_status(f"choose the base checkpoint folder, or switch to '{BASE_DEFAULT}'")
             return
+        try:
+            settings = self._settings()
+        except (TypeError, ValueError) as exc:
+            self._set_status(f"error: {exc}")
+            return
         out, note = self._output_dir()
-        overrides = {"lr": float(self._lr.value), "batch_size": int(self._batch.value),
-                     "freeze_encoder": bool(self._freeze.value)}
-        if self._unit.value == "steps":
-            overrides["max_steps"] = int(self._amount.value)
-        else:
-            overrides["epochs"] = int(self._amount.value)
         base = self.base_checkpoint()
         self._stop_event = threading.Event()
         job = finetune_job(
             [p.image for p in self.pairs], [p.mask for p in self.pairs],
-            [p.name for p in self.pairs], corrections=folder, base=base, overrides=overrides,
-            val_fraction=float(self._val_fraction.value), augment=bool(self._augment.value),
-            out_dir=out, stop=self._stop_event, recipe=self._recipe.value,
+            [p.name for p in self.pairs], corrections=folder, base=base, settings=settings,
+            out_dir=out, stop=self._stop_event,
         )
         self._worker = start_worker(job, yielded=self._on_yielded, returned=self._on_returned,
                                     errored=self._on_errored, finished=self._on_finished,
