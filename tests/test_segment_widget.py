@@ -7,6 +7,8 @@ import csv
 import numpy as np
 import pytest
 
+from busseg.settings import InferenceSettings
+
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
@@ -362,8 +364,9 @@ def test_expert_settings_fold_away_and_the_viewer_state_follows(make_napari_view
     state = viewer_state(viewer)
     assert state.checkpoint == tiny_checkpoint  # the checkpoint in use is the viewer's
     widget._threshold.value = 0.3
-    assert state.settings["threshold"] == pytest.approx(0.3)
-    assert "checkpoint" not in state.settings and "with_proba" not in state.settings
+    assert state.settings.threshold == pytest.approx(0.3)
+    assert isinstance(state.settings, InferenceSettings)  # no checkpoint, no output choice
+    assert not hasattr(state.settings, "checkpoint") and not hasattr(state.settings, "with_proba")
     state.checkpoint = None  # adopted elsewhere (fine-tune, learning as you go)
     assert widget.current_checkpoint() is None
     assert state.perform("toggle_click_label") in (0, 1)  # the keyboard actions it offers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from busseg.settings import InferenceSettings
 from busseg.state import Event, NoHandler, ViewerState, viewer_state
 
 
@@ -56,12 +58,15 @@ def test_settings_vanish_with_their_publisher():
     pub = Publisher()
     seen = []
     state.settings_changed.connect(seen.append)
-    state.publish_settings({"threshold": 0.4}, owner=pub)
-    assert state.settings == {"threshold": 0.4}
-    state.settings["threshold"] = 0.9  # a copy
-    assert state.settings == {"threshold": 0.4}
-    state.publish_settings({"threshold": 0.4}, owner=pub)  # unchanged: no event
-    assert seen == [{"threshold": 0.4}]
+    state.publish_settings({"threshold": 0.4}, owner=pub)  # a mapping is made typed
+    assert state.settings == InferenceSettings(threshold=0.4)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # nobody changes what others read
+        state.settings.threshold = 0.9
+    assert state.settings == InferenceSettings(threshold=0.4)
+    state.publish_settings(InferenceSettings(threshold=0.4), owner=pub)  # unchanged: no event
+    assert seen == [InferenceSettings(threshold=0.4)]
+    with pytest.raises(TypeError, match="checkpoint"):  # not a setting: said, not dropped
+        state.publish_settings({"checkpoint": None}, owner=pub)
     del pub
     gc.collect()
     assert state.settings is None

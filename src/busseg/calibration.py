@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from busseg.settings import InferenceSettings
+
 __all__ = [
     "CALIBRATION_NAME",
     "Calibration",
@@ -420,12 +422,25 @@ class SiteCalibrator:
         return ("calibration", None if c is None else (c.threshold, c.p_normal))
 
     def predict(self, index: int, image: np.ndarray, model: Any, checkpoint: str,
-                **kwargs: Any) -> np.ndarray:
+                settings: InferenceSettings | None = None, **kwargs: Any) -> np.ndarray:
         """Automatic mask of case ``index`` with the calibration in use.
 
-        ``normal_gate`` and ``region_filter`` given as ``"auto"`` (or absent) take the
-        calibrated values; anything else is used as given. Other keyword arguments go to
-        :func:`busseg.inference.predict`.
+        Parameters
+        ----------
+        index : int
+            The case (its raw prediction is kept for :meth:`observe`).
+        image : numpy.ndarray
+            Its image.
+        model : torch.nn.Module
+            The checkpoint's model.
+        checkpoint : str
+            Identity of the checkpoint.
+        settings : busseg.settings.InferenceSettings or None
+            ``normal_gate`` and ``region_filter`` left at ``"auto"`` take the calibrated
+            values; anything else is used as given. None: the defaults.
+        **kwargs
+            Fields of ``InferenceSettings`` overriding those of ``settings``; other keywords
+            go to :func:`busseg.inference.predict`.
 
         Returns
         -------
@@ -434,21 +449,23 @@ class SiteCalibrator:
         """
         from busseg.inference import apply_automatic_settings, predict
 
+        fields, extra = InferenceSettings.split(kwargs)
+        settings = InferenceSettings.coerce(settings, "predict", **fields)
         self._use(checkpoint)
-        gate = kwargs.pop("normal_gate", "auto")
-        rfilter = kwargs.pop("region_filter", "auto")
-        sig = repr(sorted(kwargs.items()))
+        gate, rfilter = settings.normal_gate, settings.region_filter
+        raw_settings = settings.replace(normal_gate=None, region_filter=None)
+        sig = repr((raw_settings.key(), sorted(extra.items())))
         with self._lock:
             held = self._raw.get(int(index))
         if held is not None and held[0] == checkpoint and held[3] == sig:
             raw = held[1]  # predicted before: only the settings changed, no forward pass
         else:
-            raw = predict(image, model, normal_gate=None, region_filter=None, **kwargs)
+            raw = predict(image, model, raw_settings, **extra)
         cal = (self.calibration.predict_kwargs(model.busseg_config)
                if self.calibration is not None else {})
-        if not (isinstance(gate, str) and gate == "auto"):
+        if gate != "auto":
             cal["normal_gate"] = gate
-        if not (isinstance(rfilter, str) and rfilter == "auto"):
+        if rfilter != "auto":
             cal["region_filter"] = rfilter
         with self._lock:
             self._raw.pop(int(index), None)

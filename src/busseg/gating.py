@@ -14,7 +14,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["apply_filter", "apply_gate", "describe_gate", "resolve_filter", "resolve_gate"]
+__all__ = [
+    "apply_filter",
+    "apply_gate",
+    "describe_gate",
+    "finish_mask",
+    "resolve_filter",
+    "resolve_gate",
+]
 
 
 def resolve_gate(normal_gate: Any, cfg: Mapping[str, Any]) -> dict | None:
@@ -39,23 +46,16 @@ def resolve_gate(normal_gate: Any, cfg: Mapping[str, Any]) -> dict | None:
     ValueError
         For any other ``normal_gate``.
     """
+    from busseg.settings import check_gate
+
     stored = cfg.get("inference", {}).get("normal_gate")
-    if normal_gate is None or normal_gate is False:
+    gate = check_gate(normal_gate)
+    if gate is None:
         return None
-    if isinstance(normal_gate, str):
-        if normal_gate != "auto":
-            raise ValueError(f"normal_gate must be 'auto', None or a probability in (0, 1], "
-                             f"got {normal_gate!r}")
+    if gate == "auto":
         return dict(stored) if stored else None
-    try:
-        t = float(normal_gate)
-    except (TypeError, ValueError):
-        raise ValueError(f"normal_gate must be 'auto', None or a probability in (0, 1], got "
-                         f"{normal_gate!r}") from None
-    if not 0.0 < t <= 1.0:
-        raise ValueError(f"normal_gate must be in (0, 1], got {normal_gate!r}")
     conf = (stored or {}).get("lesion_confidence", 1.0 + 1e-9)
-    return {"p_normal": t, "lesion_confidence": conf}
+    return {"p_normal": gate, "lesion_confidence": conf}
 
 
 def describe_gate(gate: Mapping[str, Any] | None) -> str:
@@ -166,3 +166,47 @@ def apply_filter(mask: np.ndarray, proba: np.ndarray, image: np.ndarray,
         return mask, 0
     res = rfilter.apply(mask, proba, image, classes)
     return res.mask, res.removed
+
+
+def finish_mask(mask: np.ndarray, proba: np.ndarray, image: np.ndarray, classes: dict | None,
+                resolved: Any, automatic: bool = True) -> tuple[np.ndarray, bool, int]:
+    """Post-process a thresholded mask, then gate and filter it when it is automatic.
+
+    The steps every prediction takes after the threshold, in this order: post-processing
+    (:func:`busseg.postprocess.postprocess_mask`), the normal-scan gate, the region filter
+    (the last two in automatic mode only).
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        (H, W) bool, the probabilities thresholded.
+    proba : numpy.ndarray
+        (H, W) float32 lesion probabilities in [0, 1].
+    image : numpy.ndarray
+        The image predicted (the region filter's features).
+    classes : dict or None
+        The class head's probabilities.
+    resolved : busseg.settings.ResolvedInference
+        The settings, resolved against the checkpoint.
+    automatic : bool, optional
+        False for a prompted mask: no gate, no filter.
+
+    Returns
+    -------
+    mask : numpy.ndarray
+        (H, W) bool.
+    gated : bool
+        Whether the gate emptied a non-empty mask.
+    removed : int
+        Components the region filter removed.
+    """
+    if resolved.post is not None:
+        from busseg.postprocess import postprocess_mask
+
+        fill_holes, keep, min_area = resolved.post
+        mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
+    if not automatic:
+        return mask, False, 0
+    mask, gated = apply_gate(mask, proba, classes, resolved.gate)
+    mask, removed = apply_filter(mask, proba, image, classes, resolved.region_filter)
+    return mask, gated, removed

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from busseg.gating import apply_filter, apply_gate, describe_gate, resolve_filter, resolve_gate
+from busseg.gating import apply_filter, apply_gate, describe_gate, finish_mask
 from busseg.inputs import (
     check_device,
     check_image,
@@ -53,9 +53,11 @@ from busseg.model_cache import (
     model_multiple,
     resolve_model,
 )
+from busseg.settings import InferenceSettings
 from busseg.stack import predict_stack_iter
 
 __all__ = [
+    "InferenceSettings",
     "ModelLike",
     "Prediction",
     "accepts_prompts",
@@ -306,13 +308,13 @@ _predict_tensor = predict_tensor
 def predict_proba(
     image: Any,
     model: ModelLike = None,
+    settings: InferenceSettings | None = None,
     *,
-    device: str | torch.device | None = None,
-    tta: bool | None = None,
     boxes: Any = None,
     points: Any = None,
     point_labels: Any = None,
     previous_mask: Any = None,
+    **overrides: Any,
 ) -> np.ndarray:
     """Lesion probability per pixel at the image's original size.
 
@@ -325,14 +327,13 @@ def predict_proba(
     model : torch.nn.Module or str or os.PathLike or None, optional
         A model from :func:`load_model`, a checkpoint path (loaded and cached), or ``None``
         for the shipped default model.
-    device : str or torch.device or None, optional
-        Where to run. ``None`` (default) uses the model's own device; anything else must be
-        that device (shared models are never moved; load one with ``load_model(path,
-        device=...)`` instead).
-    tta : bool or None, optional
-        Test-time augmentation: average the probabilities of the image and of its left-right
-        mirror image (twice the network cost). ``None`` uses the checkpoint's
-        ``inference.tta_flips``.
+    settings : InferenceSettings or None, optional
+        Its ``device`` and ``tta`` are used (the other fields decide masks, not
+        probabilities). ``device``: where to run; ``None`` (default) uses the model's own
+        device; anything else must be that device (shared models are never moved; load one
+        with ``load_model(path, device=...)`` instead). ``tta``: test-time augmentation,
+        the probabilities of the image and of its left-right mirror image averaged (twice
+        the network cost); ``None`` uses the checkpoint's ``inference.tta_flips``.
     boxes, points, point_labels, previous_mask : optional
         Prompts for a prompt model (:func:`accepts_prompts`), in pixels of ``image``,
         napari's (row, col) order: ``boxes`` (B, 4) ``(row_min, col_min, row_max, col_max)``
@@ -353,13 +354,22 @@ def predict_proba(
         If the image is not 2D grey / RGB / RGBA, is empty or holds NaN / infinity; if the
         model has no checkpoint config; if ``device`` is not the model's device; if prompts
         are malformed (outside the image, an empty box, lengths that differ) or given to a
-        model that does not take them.
+        model that does not take them; for a setting out of range.
+    TypeError
+        For a keyword that is neither a prompt nor a field of :class:`InferenceSettings`.
     busseg.models.CheckpointError
         If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
+
+    Other Parameters
+    ----------------
+    **overrides
+        Fields of :class:`InferenceSettings` (``device=``, ``tta=`` ...) replacing those of
+        ``settings``.
     """
-    model, arr, cfg = _prepare(image, model, device)
+    s = InferenceSettings.coerce(settings, "predict_proba", **overrides)
+    model, arr, cfg = _prepare(image, model, s.device)
     pr = _prompts(model, arr, boxes, points, point_labels, previous_mask)
-    proba = _predict_tensor([arr], model, resolve_tta(tta, cfg), [pr])[0][0]
+    proba = _predict_tensor([arr], model, resolve_tta(s.tta, cfg), [pr])[0][0]
     return proba.to("cpu", torch.float32).numpy()
 
 
@@ -433,27 +443,20 @@ def class_dict(model: nn.Module, probs: torch.Tensor) -> dict:
 def predict_mask(
     image: Any,
     model: ModelLike = None,
+    settings: InferenceSettings | None = None,
     *,
-    threshold: float | None = None,
-    tta: bool | None = None,
-    fill_holes: bool = False,
-    keep: str = "all",
-    min_area: int = 0,
-    device: str | torch.device | None = None,
     boxes: Any = None,
     points: Any = None,
     point_labels: Any = None,
     previous_mask: Any = None,
-    normal_gate: Any = "auto",
     box_margin: float = 0.1,
-    region_filter: Any = "auto",
+    **overrides: Any,
 ) -> np.ndarray:
     """Binary lesion mask at the image's original size (see :func:`predict` for all outputs).
 
     Parameters
     ----------
-    image, model, threshold, tta, fill_holes, keep, min_area, device, boxes, points,
-    point_labels, previous_mask, normal_gate, box_margin, region_filter
+    image, model, settings, boxes, points, point_labels, previous_mask, box_margin, **overrides
         As in :func:`predict`.
 
     Returns
@@ -463,22 +466,19 @@ def predict_mask(
 
     Raises
     ------
-    ValueError, busseg.models.CheckpointError
+    ValueError, TypeError, busseg.models.CheckpointError
         As :func:`predict`.
     """
-    return predict(image, model, threshold=threshold, tta=tta, fill_holes=fill_holes,
-                   keep=keep, min_area=min_area, device=device, boxes=boxes, points=points,
+    return predict(image, model, settings, boxes=boxes, points=points,
                    point_labels=point_labels, previous_mask=previous_mask,
-                   normal_gate=normal_gate, box_margin=box_margin,
-                   region_filter=region_filter).mask
+                   box_margin=box_margin, **overrides).mask
 
 
 def classify(
     image: Any,
     model: ModelLike = None,
-    *,
-    tta: bool | None = None,
-    device: str | torch.device | None = None,
+    settings: InferenceSettings | None = None,
+    **overrides: Any,
 ) -> dict:
     """Image-level class probabilities from the model's class head.
 
@@ -489,10 +489,11 @@ def classify(
     model : torch.nn.Module or str or os.PathLike or None, optional
         A model with a class head (:func:`has_class_head`), a checkpoint path, or ``None``
         (the default model).
-    tta : bool or None, optional
-        Average over the image and its mirror image; ``None`` uses the checkpoint setting.
-    device : str or torch.device or None, optional
-        See :func:`predict_proba`.
+    settings : InferenceSettings or None, optional
+        Its ``tta`` (average over the image and its mirror image; ``None`` uses the
+        checkpoint setting) and ``device`` (see :func:`predict_proba`) are used.
+    **overrides
+        Fields of :class:`InferenceSettings` (``tta=``, ``device=``).
 
     Returns
     -------
@@ -505,35 +506,32 @@ def classify(
     ValueError
         If the model has no class head (the message names one that does), or as
         :func:`predict_proba` for a bad image.
+    TypeError
+        For a keyword that is not a field of :class:`InferenceSettings`.
     busseg.models.CheckpointError
         If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
     """
-    model, arr, cfg = _prepare(image, model, device)
+    s = InferenceSettings.coerce(settings, "classify", **overrides)
+    model, arr, cfg = _prepare(image, model, s.device)
     if not has_class_head(model):
         raise ValueError(
             "this checkpoint has no lesion class head; use the shipped default model "
             "(busseg.load_model()) or one trained with `train.py --class-head`")
-    _, class_proba = _predict_tensor([arr], model, resolve_tta(tta, cfg), with_class=True)[0]
+    _, class_proba = _predict_tensor([arr], model, resolve_tta(s.tta, cfg), with_class=True)[0]
     return class_dict(model, class_proba)
 
 
 def predict(
     image: Any,
     model: ModelLike = None,
+    settings: InferenceSettings | None = None,
     *,
-    threshold: float | None = None,
-    tta: bool | None = None,
-    fill_holes: bool = False,
-    keep: str = "all",
-    min_area: int = 0,
-    device: str | torch.device | None = None,
     boxes: Any = None,
     points: Any = None,
     point_labels: Any = None,
     previous_mask: Any = None,
-    normal_gate: Any = "auto",
     box_margin: float = 0.1,
-    region_filter: Any = "auto",
+    **overrides: Any,
 ) -> Prediction:
     """Mask, probabilities and class probabilities of one image from one forward pass.
 
@@ -543,38 +541,28 @@ def predict(
         (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA; uint8, uint16, bool or float.
     model : torch.nn.Module or str or os.PathLike or None, optional
         A model from :func:`load_model`, a checkpoint path, or ``None`` (the default model).
-    threshold : float or None, optional
-        Probability threshold in (0, 1); a pixel is lesion where probability >= threshold.
-        ``None`` uses the checkpoint's ``inference.threshold``.
-    tta : bool or None, optional
-        Left-right flip test-time augmentation (see :func:`predict_proba`); ``None`` uses the
-        checkpoint's ``inference.tta_flips``.
-    fill_holes, keep, min_area
-        Post-processing, see :func:`busseg.postprocess.postprocess_mask`; the defaults (no
-        hole filling, ``keep="all"``, ``min_area=0``) return the thresholded mask as is.
-    device : str or torch.device or None, optional
-        See :func:`predict_proba`.
+    settings : InferenceSettings or None, optional
+        Threshold, test-time flips, normal-scan gate, region filter, post-processing and
+        device (see :class:`busseg.settings.InferenceSettings`); None: the defaults, which
+        take the checkpoint's stored threshold, flips, gate and filter and post-process
+        nothing. The gate and the region filter act in automatic mode only (no prompts): the
+        gate empties the mask when P(normal) >= its ``p_normal`` *and* no pixel's lesion
+        probability reaches its ``lesion_confidence``, so the class head alone cannot silence
+        a confident lesion; the filter then removes connected components its classifier
+        finds unlikely to be lesions (:mod:`busseg.region_filter`).
     boxes, points, point_labels, previous_mask : optional
         Prompts, as in :func:`predict_proba`. With boxes, the mask is restricted to the boxes
         (each grown by ``box_margin``).
-    normal_gate : "auto" or None or float, optional
-        The normal-scan gate of a model with a class head: in automatic mode (no prompts),
-        the mask is emptied when P(normal) >= the gate's ``p_normal`` *and* no pixel's
-        lesion probability reaches its ``lesion_confidence``, so the class head alone
-        cannot silence a confident lesion. ``"auto"`` (default) uses the gate chosen on the
-        validation split and stored in the checkpoint's ``inference.normal_gate`` (none
-        stored: no gate); ``None`` switches it off; a float in (0, 1] sets ``p_normal``
-        (keeping the stored ``lesion_confidence``). Ignored for models without a head.
     box_margin : float, optional
         Share of a box's side by which the mask may extend past it (>= 0), for boxes drawn
         a little too tight.
-    region_filter : "auto" or None or False or busseg.region_filter.RegionFilter, optional
-        The region filter (:mod:`busseg.region_filter`), applied after the gate in automatic
-        mode only (never to a prompted mask): connected components of the mask that its
-        classifier finds unlikely to be lesions are removed. ``"auto"`` (default) uses the
-        checkpoint's ``inference.region_filter`` (none stored: no filter, as before); None
-        or False switch it off; a :class:`~busseg.region_filter.RegionFilter` (or its
-        ``to_dict()``) is used as given.
+
+    Other Parameters
+    ----------------
+    **overrides
+        Fields of :class:`~busseg.settings.InferenceSettings` (``threshold=``, ``tta=``,
+        ``normal_gate=``, ``region_filter=``, ``fill_holes=``, ``keep=``, ``min_area=``,
+        ``device=``) replacing those of ``settings``.
 
     Returns
     -------
@@ -585,42 +573,36 @@ def predict(
     Raises
     ------
     ValueError
-        As :func:`predict_proba`; also for a threshold outside (0, 1), invalid
-        post-processing options, a bad ``normal_gate``, a bad ``region_filter`` (or an
-        invalid stored one) or a negative ``box_margin``.
+        As :func:`predict_proba`; also for a setting out of range (threshold outside
+        (0, 1), bad post-processing options, a bad ``normal_gate`` or ``region_filter``, or
+        an invalid stored one) or a negative ``box_margin``.
+    TypeError
+        For a keyword that is neither a prompt nor a field of ``InferenceSettings``.
     busseg.models.CheckpointError
         If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
     """
-    from busseg.postprocess import postprocess_mask
     from busseg.prompts import box_mask
 
-    model, arr, cfg = _prepare(image, model, device)
-    t = resolve_threshold(threshold, cfg)
-    check_postprocess(keep, min_area)
-    gate = resolve_gate(normal_gate, cfg)
-    rfilter = resolve_filter(region_filter, cfg)
+    s = InferenceSettings.coerce(settings, "predict", **overrides)
+    model, arr, cfg = _prepare(image, model, s.device)
+    r = s.resolve(cfg)
     if not (isinstance(box_margin, (int, float)) and box_margin >= 0):
         raise ValueError(f"box_margin must be a number >= 0, got {box_margin!r}")
     pr = _prompts(model, arr, boxes, points, point_labels, previous_mask)
     with_class = has_class_head(model)
-    proba, class_proba = _predict_tensor([arr], model, resolve_tta(tta, cfg), [pr],
-                                         with_class=with_class)[0]
-    mask = (proba >= t).cpu().numpy()
+    proba, class_proba = _predict_tensor([arr], model, r.tta, [pr], with_class=with_class)[0]
+    mask = (proba >= r.threshold).cpu().numpy()
     if pr is not None and len(pr.boxes):
         mask &= box_mask(pr.boxes, mask.shape, box_margin)
-    if fill_holes or keep != "all" or min_area > 0:
-        mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
     classes = class_dict(model, class_proba) if class_proba is not None else None
-    gated, removed = False, 0
     proba_np = proba.to("cpu", torch.float32).numpy()
-    if pr is None or pr.empty:
-        mask, gated = apply_gate(mask, proba, classes, gate)
-        mask, removed = apply_filter(mask, proba_np, arr, classes, rfilter)
+    mask, gated, removed = finish_mask(mask, proba_np, arr, classes, r,
+                                       automatic=pr is None or pr.empty)
     return Prediction(mask, proba_np, classes, gated, removed)
 
 
-def apply_automatic_settings(raw: Prediction, image: Any, model: ModelLike = None, *,
-                             normal_gate: Any = "auto", region_filter: Any = "auto"
+def apply_automatic_settings(raw: Prediction, image: Any, model: ModelLike = None,
+                             settings: InferenceSettings | None = None, **overrides: Any
                              ) -> np.ndarray:
     """Apply the normal-scan gate and the region filter to a raw automatic prediction.
 
@@ -637,8 +619,10 @@ def apply_automatic_settings(raw: Prediction, image: Any, model: ModelLike = Non
         The image it was predicted from.
     model : torch.nn.Module or str or os.PathLike or None
         The model (its stored gate and filter are the ``"auto"`` settings).
-    normal_gate, region_filter
-        As :func:`predict`.
+    settings : InferenceSettings or None, optional
+        Its ``normal_gate`` and ``region_filter`` are applied (the other fields made ``raw``).
+    **overrides
+        Fields of :class:`InferenceSettings` (``normal_gate=``, ``region_filter=``).
 
     Returns
     -------
@@ -650,14 +634,13 @@ def apply_automatic_settings(raw: Prediction, image: Any, model: ModelLike = Non
     ValueError
         As :func:`predict` for a bad gate or filter.
     """
+    s = InferenceSettings.coerce(settings, "apply_automatic_settings", **overrides)
     model = resolve_model(model)
-    cfg = model_config(model)
-    gate = resolve_gate(normal_gate, cfg)
-    rfilter = resolve_filter(region_filter, cfg)
+    r = s.resolve(model_config(model))
     arr = check_image(image)
     mask, _ = apply_gate(np.asarray(raw.mask, bool), torch.from_numpy(raw.proba),
-                          raw.class_proba, gate)
-    mask, _ = apply_filter(mask, raw.proba, arr, raw.class_proba, rfilter)
+                          raw.class_proba, r.gate)
+    mask, _ = apply_filter(mask, raw.proba, arr, raw.class_proba, r.region_filter)
     return mask
 
 

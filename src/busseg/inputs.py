@@ -118,15 +118,11 @@ def resolve_threshold(threshold: float | None, cfg: Mapping[str, Any]) -> float:
     ValueError
         If the threshold is not a number in (0, 1).
     """
+    from busseg.settings import check_threshold
+
     if threshold is None:
         threshold = cfg.get("inference", {}).get("threshold", 0.5)
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        raise ValueError(f"threshold must be a number in (0, 1), got {threshold!r}") from None
-    if not 0.0 < t < 1.0:
-        raise ValueError(f"threshold must be in (0, 1) (a probability), got {threshold!r}")
-    return t
+    return check_threshold(threshold)
 
 
 def check_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -217,6 +213,8 @@ def preprocess(
         size = (int(size[0]), int(size[1]))
         if grey.shape != size:
             grey = resize_image(grey, size)
+    if not grey.flags.writeable:  # e.g. a session's read-only case image: torch wants a copy
+        grey = grey.copy()
     x = normalize(torch.from_numpy(np.ascontiguousarray(grey))[None, None].float() / 255.0)
     if size is None and multiple > 1:
         h, w = grey.shape

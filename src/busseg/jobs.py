@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from busseg.settings import InferenceSettings
+
 __all__ = [
     "PromptRequest",
     "PromptResult",
@@ -134,15 +136,10 @@ def segment_job(
     *,
     rgb: bool,
     checkpoint: str | Path | None,
-    device: str = "auto",
-    threshold: float | None = None,
-    tta: bool | None = None,
-    fill_holes: bool = False,
-    keep: str = "all",
-    min_area: int = 0,
+    settings: InferenceSettings | None = None,
     with_proba: bool = False,
     crops: Sequence[tuple[int, int] | None] | None = None,
-    region_filter: bool = True,
+    **overrides: Any,
 ) -> Generator[tuple, None, SegmentResult]:
     """Segment every 2D slice of an image array, yielding progress (runs in a worker thread).
 
@@ -155,24 +152,19 @@ def segment_job(
         Whether the last axis holds colour channels (napari's ``layer.rgb``).
     checkpoint : path or None
         Checkpoint folder (or a file in it); None for the shipped default model.
-    device : str
-        ``"auto"``, ``"cuda"``, ``"mps"`` or ``"cpu"``.
-    threshold : float or None
-        Probability threshold in (0, 1); None uses the checkpoint's.
-    tta : bool or None
-        Left-right flip test-time augmentation; None uses the checkpoint's setting.
-    fill_holes, keep, min_area
-        Post-processing (see :func:`busseg.postprocess.postprocess_mask`); ``min_area`` in
-        pixels.
+    settings : busseg.settings.InferenceSettings or None
+        Threshold, test-time flips, gate, region filter, post-processing (``min_area`` in
+        pixels) and device, as :func:`busseg.inference.predict`; the model is loaded on
+        ``settings.device`` (None: ``"auto"``, a GPU when there is one). None: the defaults.
     with_proba : bool
         Also return the probability map.
     crops : sequence of (int, int) or None, optional
         Per slice (in C order of the leading axes), the (H, W) of the image inside a
         zero-padded slice (stacks of the plugin's folder reader); only that part is segmented
         and the padding stays background. None: whole slices.
-    region_filter : bool
-        Apply the checkpoint's region filter (:mod:`busseg.region_filter`: regions unlikely
-        to be lesions are removed; default True); False switches it off.
+    **overrides
+        Fields of :class:`~busseg.settings.InferenceSettings` replacing those of
+        ``settings`` (``region_filter=False`` switches the checkpoint's filter off).
 
     Yields
     ------
@@ -191,9 +183,12 @@ def segment_job(
     ValueError
         For an unknown or absent device, a threshold outside (0, 1), or a slice that is not
         a valid image.
+    TypeError
+        For a keyword that is not a field of ``InferenceSettings``.
     """
     from busseg.inference import load_model, model_device, predict_stack_iter
 
+    settings = InferenceSettings.coerce(settings, "segment_job", **overrides)
     t0 = time.perf_counter()
     shape = tuple(np.shape(data))
     spatial_ndim = 3 if rgb else 2
@@ -205,10 +200,9 @@ def segment_job(
     n = len(indices)
     where = "the shipped default model" if checkpoint is None else str(checkpoint)
     yield ("status", f"loading {where} …")
-    model = load_model(checkpoint, device=device)
+    model = load_model(checkpoint, device=settings.device or "auto")
     dev = model_device(model)
-    cfg = model.busseg_config
-    t = float(threshold if threshold is not None else cfg["inference"].get("threshold", 0.5))
+    t = settings.resolve(model.busseg_config).threshold
     yield ("progress", 0, n)
     labels = np.zeros(out_shape, dtype=np.uint8)
     proba = np.zeros(out_shape, dtype=np.float32) if with_proba else None
@@ -222,11 +216,9 @@ def segment_job(
     slices: Iterator[np.ndarray] = (
         _read_slice(data, idx)[crop(i)] for i, idx in enumerate(indices)
     )
-    results = predict_stack_iter(
-        slices, model, threshold=t, tta=tta, fill_holes=fill_holes, keep=keep,
-        min_area=int(min_area), batch_size=1 if dev.type == "cpu" else 4, with_class=True,
-        region_filter="auto" if region_filter else None, with_info=True,
-    )
+    results = predict_stack_iter(slices, model, settings.replace(device=None),
+                                 batch_size=1 if dev.type == "cpu" else 4, with_class=True,
+                                 with_info=True)
     classes: list[dict | None] = [None] * n
     gated = [False] * n
     removed = [0] * n
@@ -368,6 +360,15 @@ class PromptRequest:
     image_name: str = ""
     slice_shape: tuple = ()
 
+    @property
+    def settings(self) -> InferenceSettings:
+        """The request's inference settings (its threshold).
+
+        A prompted mask is neither gated, filtered nor post-processed, so the other fields
+        do not apply; the device is :attr:`device`, where the model is loaded.
+        """
+        return InferenceSettings(threshold=self.threshold)
+
 
 @dataclass
 class PromptResult:
@@ -418,7 +419,7 @@ def prompt_job(req: PromptRequest) -> PromptResult:
         return PromptResult(np.zeros(image.shape[:2], bool), time.perf_counter() - t0)
     try:
         model = load_model(req.checkpoint, device=req.device)
-        pred = predict(image, model, threshold=req.threshold, boxes=req.boxes,
+        pred = predict(image, model, req.settings, boxes=req.boxes,
                        points=req.points, point_labels=req.point_labels,
                        previous_mask=req.previous_mask, box_margin=req.box_margin)
     except RuntimeError as exc:

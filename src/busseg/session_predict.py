@@ -17,6 +17,7 @@ import numpy as np
 
 from busseg.checkpoint_id import checkpoint_identity
 from busseg.session_types import checkpoint_text, mask_fingerprint
+from busseg.settings import InferenceSettings
 
 __all__ = ["SessionPredictions"]
 
@@ -44,7 +45,7 @@ class SessionPredictions:
         self._predicted_by = checkpoint_text(self.checkpoint)
         self._status_hint = None
 
-    def predict(self, **kwargs: Any) -> np.ndarray:
+    def predict(self, settings: InferenceSettings | None = None, **kwargs: Any) -> np.ndarray:
         """Predict the current case with :attr:`checkpoint` and record it as the baseline.
 
         A prediction prefetched with the same checkpoint and settings (:meth:`prefetch_job`)
@@ -53,8 +54,12 @@ class SessionPredictions:
 
         Parameters
         ----------
+        settings : busseg.settings.InferenceSettings or None
+            Threshold, flips, gate, region filter, post-processing and device (the model is
+            loaded there; None: ``"auto"``); None: the defaults (the checkpoint's).
         **kwargs
-            Passed to :func:`busseg.inference.predict_mask` (``threshold``, ``device`` ...).
+            Fields of ``InferenceSettings`` overriding those of ``settings``, and any other
+            keyword of :func:`busseg.inference.predict_mask` (prompts: never cached).
 
         Returns
         -------
@@ -63,7 +68,8 @@ class SessionPredictions:
         """
         case = self._require_case()
         checkpoint = self.checkpoint
-        mask = self._automatic_mask(case.index, checkpoint, kwargs, image=case.image)
+        mask = self._automatic_mask(case.index, checkpoint, _request(settings, kwargs),
+                                    image=case.image)
         mask = mask.copy()
         self.set_prediction(mask)
         self._predicted_by = checkpoint_text(checkpoint)
@@ -71,15 +77,16 @@ class SessionPredictions:
 
     # ------------------------------------------------------------------ prefetch
 
-    def prediction_key(self, index: int, **kwargs: Any) -> tuple | None:
+    def prediction_key(self, index: int, settings: InferenceSettings | None = None,
+                       **kwargs: Any) -> tuple | None:
         """Key of case ``index``'s automatic prediction in the prefetch cache.
 
         Parameters
         ----------
         index : int
             Position in :attr:`records`.
-        **kwargs
-            The settings :meth:`predict` would get.
+        settings, **kwargs
+            What :meth:`predict` would get.
 
         Returns
         -------
@@ -92,18 +99,19 @@ class SessionPredictions:
             arrays among the settings, an image or checkpoint that cannot be read:
             predicting then says why).
         """
-        return self._key(index, self.checkpoint, kwargs)
+        return self._key(index, self.checkpoint, _request(settings, kwargs))
 
-    def _key(self, index: int, checkpoint: Path | None, kwargs: dict) -> tuple | None:
+    def _key(self, index: int, checkpoint: Path | None, request: tuple) -> tuple | None:
         path = Path(self.records[index].image_path)
         try:
             st = path.stat()
             ck = checkpoint_identity(checkpoint)
         except (OSError, ValueError):
             return None
-        settings = tuple(sorted((k, str(v) if isinstance(v, os.PathLike) else v)
-                                for k, v in kwargs.items()))
-        key = ((str(path), st.st_mtime_ns, st.st_size), ck, settings)
+        settings, extra = request
+        rest = tuple(sorted((k, str(v) if isinstance(v, os.PathLike) else v)
+                            for k, v in extra.items()))
+        key = ((str(path), st.st_mtime_ns, st.st_size), ck, settings.key(), rest)
         if self.calibrator is not None:  # a new calibration predicts again
             key += (self.calibrator.settings_key(),)
         try:
@@ -112,7 +120,8 @@ class SessionPredictions:
             return None
         return key
 
-    def cached_prediction(self, index: int, **kwargs: Any) -> np.ndarray | None:
+    def cached_prediction(self, index: int, settings: InferenceSettings | None = None,
+                          **kwargs: Any) -> np.ndarray | None:
         """Return the prefetched automatic mask of case ``index`` for these settings, or None.
 
         Cheap (three ``stat`` calls, no model, no torch import): the browser calls it on the
@@ -120,7 +129,7 @@ class SessionPredictions:
 
         Parameters
         ----------
-        index, **kwargs
+        index, settings, **kwargs
             As for :meth:`prediction_key`.
 
         Returns
@@ -129,9 +138,10 @@ class SessionPredictions:
             (H, W) bool mask (read-only), exactly what :meth:`predict` returns for the case
             with the current :attr:`checkpoint` and these settings; None when not cached.
         """
-        return self._cached(self.prediction_key(index, **kwargs))
+        return self._cached(self.prediction_key(index, settings, **kwargs))
 
-    def prefetch_job(self, index: int, *, cancellable: bool = True,
+    def prefetch_job(self, index: int, settings: InferenceSettings | None = None, *,
+                     cancellable: bool = True,
                      **kwargs: Any) -> Generator[tuple, None, np.ndarray | None]:
         """Compute case ``index``'s automatic prediction ahead of time (a worker's generator).
 
@@ -151,6 +161,8 @@ class SessionPredictions:
         ----------
         index : int
             Position in :attr:`records`.
+        settings : busseg.settings.InferenceSettings or None
+            As for :meth:`predict`.
         cancellable : bool
             Whether :meth:`cancel_prefetch` may skip it (True: a guess ahead of the user; False:
             the case the user has open).
@@ -180,16 +192,17 @@ class SessionPredictions:
             raise IndexError(f"case {index} out of range: the session has {len(self)} cases")
         index %= len(self.records)
         epoch = self._prefetch_epoch if cancellable else None
-        return self._prefetch(index, self.checkpoint, dict(kwargs), epoch)
+        return self._prefetch(index, self.checkpoint, _request(settings, kwargs), epoch)
 
-    def _prefetch(self, index: int, checkpoint: Path | None, kwargs: dict,
+    def _prefetch(self, index: int, checkpoint: Path | None, request: tuple,
                   epoch: int | None) -> Generator[tuple, None, np.ndarray | None]:
         yield ("prefetch", index)
         if epoch is not None and epoch != self._prefetch_epoch:
             return None
-        return self._automatic_mask(index, checkpoint, kwargs, epoch=epoch)
+        return self._automatic_mask(index, checkpoint, request, epoch=epoch)
 
-    def prefetch(self, index: int, **kwargs: Any) -> np.ndarray:
+    def prefetch(self, index: int, settings: InferenceSettings | None = None,
+                 **kwargs: Any) -> np.ndarray:
         """Run :meth:`prefetch_job` to the end in this thread (scripts, benchmarks, tests).
 
         Returns
@@ -199,7 +212,7 @@ class SessionPredictions:
         """
         from busseg.engine import drain
 
-        return drain(self.prefetch_job(index, cancellable=False, **kwargs))
+        return drain(self.prefetch_job(index, settings, cancellable=False, **kwargs))
 
     def cancel_prefetch(self) -> None:
         """Make prefetch jobs made before now skip their forward pass if it has not started.
@@ -219,7 +232,7 @@ class SessionPredictions:
         """Number of automatic predictions cached (at most :attr:`prefetch_limit`)."""
         return len(self._predictions)
 
-    def _automatic_mask(self, index: int, checkpoint: Path | None, kwargs: dict, *,
+    def _automatic_mask(self, index: int, checkpoint: Path | None, request: tuple, *,
                         image: np.ndarray | None = None,
                         epoch: int | None = None) -> np.ndarray | None:
         """Make an automatic prediction (the one place): cache, else model (one at a time).
@@ -227,7 +240,7 @@ class SessionPredictions:
         :meth:`predict` and :meth:`prefetch_job` both come here, so a prefetched mask is the
         mask :meth:`predict` would compute. Returns the cached (read-only) array.
         """
-        key = self._key(index, checkpoint, kwargs)
+        key = self._key(index, checkpoint, request)
         mask = self._cached(key)
         if mask is not None:
             return mask
@@ -243,14 +256,14 @@ class SessionPredictions:
                 return None  # cancelled while waiting for the model
             from busseg.inference import load_model, predict_mask
 
-            kw = dict(kwargs)
-            device = kw.pop("device", "auto")
-            model = load_model(checkpoint, device=device)
+            settings, extra = request
+            model = load_model(checkpoint, device=settings.device or "auto")
+            settings = settings.replace(device=None)  # the model is there now
             if self.calibrator is not None:
                 mask = self.calibrator.predict(index, image, model,
-                                               checkpoint_text(checkpoint), **kw)
+                                               checkpoint_text(checkpoint), settings, **extra)
             else:
-                mask = predict_mask(image, model, **kw)
+                mask = predict_mask(image, model, settings, **extra)
         mask = np.asarray(mask, dtype=bool)
         mask.setflags(write=False)
         if key is not None:
@@ -274,3 +287,9 @@ class SessionPredictions:
             self._predictions.move_to_end(key)
             while len(self._predictions) > max(int(self.prefetch_limit), 1):
                 self._predictions.popitem(last=False)
+
+
+def _request(settings: InferenceSettings | None, kwargs: dict) -> tuple[InferenceSettings, dict]:
+    """One prediction request: the settings (keyword fields folded in) and other keywords."""
+    fields, extra = InferenceSettings.split(kwargs)
+    return InferenceSettings.coerce(settings, "predict", **fields), extra

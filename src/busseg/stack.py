@@ -8,21 +8,17 @@ it uses, and which applies the same gate and region filter (:mod:`busseg.gating`
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from busseg.gating import apply_filter, apply_gate, resolve_filter, resolve_gate
-from busseg.inputs import (
-    check_device,
-    check_image,
-    check_postprocess,
-    resolve_threshold,
-    resolve_tta,
-)
+from busseg.gating import finish_mask
+from busseg.inputs import check_device, check_image
 from busseg.model_cache import ModelLike, model_config, resolve_model
+from busseg.settings import InferenceSettings, ResolvedInference
 
 __all__ = ["predict_stack_iter"]
 
@@ -30,18 +26,12 @@ __all__ = ["predict_stack_iter"]
 def predict_stack_iter(
     images: Iterable[Any] | np.ndarray,
     model: ModelLike = None,
+    settings: InferenceSettings | None = None,
     *,
-    threshold: float | None = None,
-    tta: bool | None = None,
-    fill_holes: bool = False,
-    keep: str = "all",
-    min_area: int = 0,
     batch_size: int = 4,
-    device: str | torch.device | None = None,
-    normal_gate: Any = "auto",
     with_class: bool = False,
-    region_filter: Any = "auto",
     with_info: bool = False,
+    **overrides: Any,
 ) -> Iterator[tuple]:
     """Predict slice after slice, yielding each result as soon as it is ready.
 
@@ -57,17 +47,14 @@ def predict_stack_iter(
         in a list.
     model : torch.nn.Module or str or os.PathLike or None, optional
         As in :func:`predict_proba`.
-    threshold, tta, fill_holes, keep, min_area, device
-        As in :func:`predict_mask`.
+    settings : InferenceSettings or None, optional
+        As in :func:`busseg.inference.predict` (the gate, then the region filter, act on
+        every slice: there are no prompts here).
     batch_size : int, optional
         Slices per forward pass (>= 1); results are still yielded one slice at a time.
-    normal_gate : "auto" or None or float, optional
-        The normal-scan gate, as in :func:`predict`.
     with_class : bool, optional
         Also yield the class probabilities (a dict, or None without a class head) as a
         fourth item.
-    region_filter : "auto" or None or False or RegionFilter, optional
-        The region filter, as in :func:`predict` (applied after the gate).
     with_info : bool, optional
         Also yield, last, ``{"gated": bool, "regions_removed": int}`` (see
         :class:`Prediction`).
@@ -85,34 +72,47 @@ def predict_stack_iter(
     info : dict
         Only with ``with_info``: ``{"gated": bool, "regions_removed": int}``.
 
+    Other Parameters
+    ----------------
+    **overrides
+        Fields of :class:`~busseg.settings.InferenceSettings` replacing those of
+        ``settings``.
+
     Raises
     ------
     ValueError
         As :func:`predict_mask` (raised when the offending slice is reached; inputs that
         are wrong as a whole raise on the first ``next()``), or for ``batch_size < 1``.
+    TypeError
+        For a keyword that is not a field of ``InferenceSettings``.
     """
     from busseg.inference import has_class_head
 
+    s = InferenceSettings.coerce(settings, "predict_stack_iter", **overrides)
     model = resolve_model(model)
-    check_device(model, device)
-    cfg = model_config(model)
-    post = fill_holes or keep != "all" or min_area > 0
-    settings = {"t": resolve_threshold(threshold, cfg), "tta": resolve_tta(tta, cfg),
-                "post": (fill_holes, keep, min_area) if post else None}
-    check_postprocess(keep, min_area)
+    check_device(model, s.device)
+    resolved = s.resolve(model_config(model))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     images = _check_stack(images)
-    settings.update(gate=resolve_gate(normal_gate, cfg), rfilter=resolve_filter(region_filter, cfg),
-                    head=has_class_head(model), with_class=with_class, with_info=with_info)
+    out = _Output(has_class_head(model), with_class, with_info)
     chunk: list[tuple[int, np.ndarray]] = []
     for i, im in enumerate(images):
         chunk.append((i, check_image(im, what=f"slice {i}")))
         if len(chunk) == batch_size:
-            yield from _emit(chunk, model, settings)
+            yield from _emit(chunk, model, resolved, out)
             chunk = []
     if chunk:
-        yield from _emit(chunk, model, settings)
+        yield from _emit(chunk, model, resolved, out)
+
+
+@dataclass(frozen=True)
+class _Output:
+    """What the network computes and what each yielded tuple holds."""
+
+    head: bool
+    with_class: bool
+    with_info: bool
 
 
 def _check_stack(images: Iterable[Any] | np.ndarray) -> Iterable[Any]:
@@ -138,26 +138,20 @@ def _check_stack(images: Iterable[Any] | np.ndarray) -> Iterable[Any]:
     return images
 
 
-def _emit(chunk: list[tuple[int, np.ndarray]], model: nn.Module, settings: dict
-          ) -> Iterator[tuple]:
+def _emit(chunk: list[tuple[int, np.ndarray]], model: nn.Module, resolved: ResolvedInference,
+          out: _Output) -> Iterator[tuple]:
     """Predict one batch of checked slices and yield each slice's result tuple."""
     from busseg.inference import class_dict, predict_tensor
-    from busseg.postprocess import postprocess_mask
 
-    results = predict_tensor([a for _, a in chunk], model, settings["tta"],
-                             with_class=settings["head"])
+    results = predict_tensor([a for _, a in chunk], model, resolved.tta, with_class=out.head)
     for (i, arr), (p, cp) in zip(chunk, results, strict=True):
-        mask = (p >= settings["t"]).cpu().numpy()
-        if settings["post"] is not None:
-            fill_holes, keep, min_area = settings["post"]
-            mask = postprocess_mask(mask, fill_holes=fill_holes, keep=keep, min_area=min_area)
         classes = class_dict(model, cp) if cp is not None else None
-        mask, gated = apply_gate(mask, p, classes, settings["gate"])
         p_np = p.to("cpu", torch.float32).numpy()
-        mask, removed = apply_filter(mask, p_np, arr, classes, settings["rfilter"])
-        out = (i, mask, p_np)
-        if settings["with_class"]:
-            out = (*out, classes)
-        if settings["with_info"]:
-            out = (*out, {"gated": bool(gated), "regions_removed": int(removed)})
-        yield out
+        mask = (p >= resolved.threshold).cpu().numpy()
+        mask, gated, removed = finish_mask(mask, p_np, arr, classes, resolved)
+        item = (i, mask, p_np)
+        if out.with_class:
+            item = (*item, classes)
+        if out.with_info:
+            item = (*item, {"gated": bool(gated), "regions_removed": int(removed)})
+        yield item

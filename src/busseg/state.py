@@ -8,9 +8,9 @@ The widgets of napari-busseg never look each other up. What they share lives in 
 - ``checkpoint``: the checkpoint folder in use (None: the shipped default model), set by the
   widget that chooses the model (Segment lesions) and by whatever adopts a new one (Fine-tune,
   learning as you go);
-- ``settings``: the inference settings the automatic predictions follow (threshold, flips,
-  fill holes, keep, min area, device, region filter), published by Segment lesions; None while
-  no widget publishes them;
+- ``settings``: the :class:`busseg.settings.InferenceSettings` the automatic predictions
+  follow (threshold, flips, gate, region filter, fill holes, keep, min area, device),
+  published by Segment lesions; None while no widget publishes them;
 - ``segmenting``: the image layer name being segmented now, or None;
 - actions: named callables a widget offers to the others (``"segment"``, ``"set_prompt_mode"``,
   ``"toggle_click_label"``, ``"clear_mask"``), called with :meth:`ViewerState.perform`;
@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from busseg.settings import InferenceSettings
 
 __all__ = ["Event", "NoHandler", "ViewerState", "viewer_state"]
 
@@ -93,7 +96,7 @@ class ViewerState:
     def __init__(self) -> None:
         self._session: Any = None
         self._checkpoint: Path | None = None
-        self._settings: dict | None = None
+        self._settings: InferenceSettings | None = None
         self._settings_owner: Any = None
         self._actions: dict[str, Any] = {}
         self._held = 0
@@ -135,34 +138,42 @@ class ViewerState:
     # ------------------------------------------------------------------ settings
 
     @property
-    def settings(self) -> dict | None:
-        """A copy of the published inference settings; None while no widget publishes them."""
+    def settings(self) -> InferenceSettings | None:
+        """The published inference settings; None while no widget publishes them."""
         if self._settings is None:
             return None
         owner = self._settings_owner() if self._settings_owner is not None else None
         if self._settings_owner is not None and owner is None:  # the publisher is gone
             self._settings = self._settings_owner = None
             return None
-        return dict(self._settings)
+        return self._settings
 
-    def publish_settings(self, settings: dict, owner: Any = None) -> None:
-        """Publish the inference settings (keyword arguments of a prediction).
+    def publish_settings(self, settings: InferenceSettings | Mapping[str, Any],
+                         owner: Any = None) -> None:
+        """Publish the inference settings the viewer's automatic predictions follow.
 
         Parameters
         ----------
-        settings : dict
-            E.g. ``threshold`` (float in (0, 1)), ``tta``, ``fill_holes``, ``region_filter``
-            (bool), ``keep`` (``"all"``/``"largest"``), ``min_area`` (int, pixels),
-            ``device`` (str). Copied.
+        settings : busseg.settings.InferenceSettings or mapping
+            Threshold, flips, gate, region filter, post-processing, device; a mapping of
+            those fields is made an ``InferenceSettings`` (immutable, so nobody changes what
+            another widget reads).
         owner : object, optional
             The publisher, held weakly: once it is garbage, :attr:`settings` is None again.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a mapping with a key that is not a setting, or a value out of range.
         """
-        new = dict(settings)
+        from busseg.settings import InferenceSettings
+
+        new = InferenceSettings.coerce(settings, "publish_settings")
         changed = new != self._settings
         self._settings = new
         self._settings_owner = weakref.ref(owner) if owner is not None else None
         if changed:
-            self.settings_changed.emit(dict(new))
+            self.settings_changed.emit(new)
 
     def withdraw_settings(self, owner: Any = None) -> None:
         """Stop publishing settings (``owner``: only when it is the publisher)."""

@@ -71,7 +71,7 @@ from busseg._widgets.browser_cases import (  # noqa: F401  (re-exported)
 from busseg._widgets.browser_keys import SHORTCUTS, KeysMixin, shortcut_help  # noqa: F401
 from busseg._widgets.browser_layers import SPARE, WRITTEN_BY, CaseLayersMixin  # noqa: F401
 from busseg._widgets.browser_learning import LEARNING_TOOLTIP, LearningMixin
-from busseg._widgets.browser_predict import PREDICT_SETTINGS, PredictMixin  # noqa: F401
+from busseg._widgets.browser_predict import PredictMixin
 from busseg._widgets.browser_ranking import (  # noqa: F401
     SORT_NAME,
     SORT_UNCERTAINTY,

@@ -19,13 +19,9 @@ import numpy as np
 from busseg._widgets._common import start_worker
 from busseg.data.busi import BusiRecord
 from busseg.layers import find_layer, prediction_name
+from busseg.settings import InferenceSettings
 
-__all__ = ["PREDICT_SETTINGS", "PredictMixin"]
-
-#: Inference settings that the browser's automatic predictions follow (keyword arguments of
-#: :meth:`busseg.session.AnnotationSession.predict`).
-PREDICT_SETTINGS = ("device", "threshold", "tta", "fill_holes", "keep", "min_area")
-
+__all__ = ["PredictMixin"]
 
 class PredictMixin:
     """Predict the open case in a worker and the next one ahead of time."""
@@ -40,25 +36,20 @@ class PredictMixin:
         """Whether the open case's automatic prediction is running."""
         return bool(self._pending)
 
-    def _prediction_settings(self) -> dict:
+    def _prediction_settings(self) -> InferenceSettings:
         """Return the settings of automatic predictions; point the session at the checkpoint.
 
-        Segment lesions' checkpoint and :data:`PREDICT_SETTINGS` when that widget is open
-        (so a prediction on open is what its Run would make), else the browser's "Model"
-        with the checkpoint's own defaults.
+        Segment lesions' checkpoint and settings when that widget is open (so a prediction on
+        open is what its Run would make), else the browser's "Model" with the checkpoint's
+        own defaults.
         """
         self._session.checkpoint = self._current_checkpoint()
         settings = self._state.settings
-        if settings is None:
-            return {}
-        out = {k: settings[k] for k in PREDICT_SETTINGS if k in settings}
-        if settings.get("region_filter") is False:  # the widget's region filter switched off
-            out["region_filter"] = None
-        return out
+        return settings if settings is not None else InferenceSettings()
 
     def _cached_prediction(self, index: int) -> np.ndarray | None:
         """Case ``index``'s prefetched mask for the current checkpoint and settings, or None."""
-        return self._session.cached_prediction(index, **self._prediction_settings())
+        return self._session.cached_prediction(index, self._prediction_settings())
 
     def _start_prediction(self, index: int) -> None:
         """Predict the open case in a worker (its prefetch, if running, is waited for)."""
@@ -66,7 +57,7 @@ class PredictMixin:
         name = prediction_name(rec.name)
         if name in self._pending:
             return
-        job = self._session.prefetch_job(index, cancellable=False, **self._prediction_settings())
+        job = self._session.prefetch_job(index, self._prediction_settings(), cancellable=False)
         ref = weakref.ref(self)  # a late worker must not keep a closed viewer alive
 
         def returned(mask: Any, rec: BusiRecord = rec) -> None:
@@ -153,9 +144,9 @@ class PredictMixin:
             self._prefetch_wanted = index
             return
         settings = self._prediction_settings()  # snapshotted here, on the GUI thread
-        if self._session.cached_prediction(index, **settings) is not None:
+        if self._session.cached_prediction(index, settings) is not None:
             return
-        job = self._session.prefetch_job(index, **settings)
+        job = self._session.prefetch_job(index, settings)
         ref = weakref.ref(self)
 
         def finished() -> None:

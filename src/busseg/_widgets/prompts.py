@@ -522,15 +522,15 @@ class PromptsMixin:
         if len(points) and pred is not None and spatial_shape(pred) == shape:
             previous = np.asarray(pred.data[lead]) > 0
         data = image.data[0] if image.multiscale else image.data
-        settings = self.settings()
+        settings, checkpoint = self.settings(), self.current_checkpoint()
         req = PromptRequest(
             data=data, index=lead, boxes=boxes, points=points, point_labels=labels,
             previous_mask=previous,
             changed_boxes=np.asarray(sorted(changed_boxes), np.float64).reshape(-1, 4),
             changed_clicks=np.asarray([c[:2] for c in sorted(changed_clicks)],
                                       np.float64).reshape(-1, 2),
-            checkpoint=settings["checkpoint"], device=settings["device"],
-            threshold=settings["threshold"], box_margin=0.1, t0=t0, image_name=image_name,
+            checkpoint=checkpoint, device=settings.device or "auto",
+            threshold=settings.threshold, box_margin=0.1, t0=t0, image_name=image_name,
             slice_shape=hw,
         )
         self._prompt_note = note
@@ -568,14 +568,14 @@ class PromptsMixin:
             return None
         labels = np.zeros(spatial_shape(image), np.uint8)
         active = self._viewer.layers.selection.active
-        s = self.settings()
+        checkpoint, threshold = self.current_checkpoint(), self.settings().threshold
         layer = self._viewer.add_labels(
             labels, name=prediction_name(image_name), scale=image.scale,
             translate=image.translate,
             metadata={META_KEY: {
                 "written_by": WRITTEN_BY, "kind": "prediction", "image": image_name,
-                "checkpoint": str(s["checkpoint"]) if s["checkpoint"] else DEFAULT_MODEL,
-                "threshold": s["threshold"], "written_sha1": data_sha1(labels)}},
+                "checkpoint": str(checkpoint) if checkpoint else DEFAULT_MODEL,
+                "threshold": threshold, "written_sha1": data_sha1(labels)}},
         )
         prediction_colours(layer)
         self._below_prompts(layer, image_name)

@@ -101,6 +101,7 @@ from busseg.layers import (  # noqa: F401  (re-exported)
     is_spare,
     stack_slices,
 )
+from busseg.settings import InferenceSettings
 from busseg.state import viewer_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -139,10 +140,6 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 WRITTEN_BY = SEGMENT_WRITTEN_BY
 #: Actions the widget offers to the other widgets of its viewer (:class:`ViewerState`).
 ACTIONS = ("segment", "set_prompt_mode", "toggle_click_label", "clear_mask")
-#: Settings of :meth:`SegmentWidget.settings` that the widget publishes as the viewer's
-#: inference settings (the Scan browser's automatic predictions follow them).
-PUBLISHED_SETTINGS = ("device", "threshold", "tta", "fill_holes", "region_filter", "keep",
-                      "min_area")
 
 
 def find_segment_widget(viewer: Any) -> SegmentWidget | None:
@@ -370,9 +367,8 @@ class SegmentWidget(PromptsMixin, ResultsMixin, RunStatusMixin, Container):
 
     def _publish_settings(self, *_: Any) -> None:
         """Publish the checkpoint and inference settings as the viewer's."""
-        s = self.settings()
-        self._state.publish_settings({k: s[k] for k in PUBLISHED_SETTINGS}, owner=self)
-        self._state.checkpoint = s["checkpoint"]
+        self._state.publish_settings(self.settings(), owner=self)
+        self._state.checkpoint = self.current_checkpoint()
 
     def _on_state_checkpoint(self, path: Path | None) -> None:
         """Another widget adopted a checkpoint (fine-tune, learning as you go): use it."""
@@ -572,28 +568,30 @@ class SegmentWidget(PromptsMixin, ResultsMixin, RunStatusMixin, Container):
 
     # ---------------------------------------------------------------- run
 
-    def settings(self) -> dict:
-        """Return a snapshot of the widget's segmentation settings (read on the GUI thread).
+    def settings(self) -> InferenceSettings:
+        """Return the widget's inference settings (read on the GUI thread).
+
+        What Run passes to :func:`busseg.jobs.segment_job` and what the widget publishes as
+        the viewer's settings (:attr:`busseg.state.ViewerState.settings`: the Scan browser
+        predicts with them). The checkpoint is :meth:`current_checkpoint`; "probability
+        map" is a choice of output, not a setting.
 
         Returns
         -------
-        dict
-            ``checkpoint`` (Path or None: the shipped default), ``device`` (str),
-            ``threshold`` (float in (0, 1)), ``tta``, ``fill_holes``, ``region_filter``,
-            ``with_proba`` (bool), ``keep`` (str) and ``min_area`` (int, pixels): what Run
-            passes to :func:`busseg.jobs.segment_job`; the Scan browser predicts with them.
+        busseg.settings.InferenceSettings
+            ``device`` (str), ``threshold`` (float in (0, 1)), ``tta``, ``fill_holes``,
+            ``region_filter`` (``"auto"``: the checkpoint's, or None: off), ``keep`` (str)
+            and ``min_area`` (int, pixels).
         """
-        return {
-            "checkpoint": self.current_checkpoint(),
-            "device": self._device.value,
-            "threshold": float(self._threshold.value),
-            "tta": bool(self._tta.value),
-            "fill_holes": bool(self._fill_holes.value),
-            "region_filter": bool(self._region_filter.value),
-            "keep": self._keep.value,
-            "min_area": int(self._min_area.value),
-            "with_proba": bool(self._with_proba.value),
-        }
+        return InferenceSettings(
+            device=self._device.value,
+            threshold=float(self._threshold.value),
+            tta=bool(self._tta.value),
+            fill_holes=bool(self._fill_holes.value),
+            region_filter="auto" if self._region_filter.value else None,
+            keep=self._keep.value,
+            min_area=int(self._min_area.value),
+        )
 
     def _on_run(self, _value: Any = None) -> None:
         if self.running:
@@ -603,8 +601,8 @@ class SegmentWidget(PromptsMixin, ResultsMixin, RunStatusMixin, Container):
             self._set_status("add or open an Image layer first (File > Open, or the BUSI "
                              "samples), then choose it above")
             return
-        settings = self.settings()
-        if self._source.value == CHECKPOINT_FOLDER and settings["checkpoint"] is None:
+        settings, checkpoint = self.settings(), self.current_checkpoint()
+        if self._source.value == CHECKPOINT_FOLDER and checkpoint is None:
             self._set_status("choose a checkpoint folder, or switch the model to "
                              f"'{DEFAULT_MODEL}'")
             return
@@ -613,14 +611,14 @@ class SegmentWidget(PromptsMixin, ResultsMixin, RunStatusMixin, Container):
             self._set_status("cancelled; the edited prediction layer was left as it is")
             return
         data = layer.data[0] if layer.multiscale else layer.data
-        self._run = RunRecord(layer, layer.name, target[0], target[1], settings["with_proba"],
-                         tuple(layer.scale), tuple(layer.translate), settings)
+        with_proba = bool(self._with_proba.value)
+        self._run = RunRecord(layer, layer.name, target[0], target[1], with_proba,
+                              tuple(layer.scale), tuple(layer.translate), settings, checkpoint)
         self._metrics.value = ""
-        kwargs = {k: v for k, v in settings.items() if k != "checkpoint"}
         slices = stack_slices(layer)
         crops = [slice_crop(slices, i) for i in range(len(slices))] if slices else None
-        job = segment_job(data, rgb=bool(layer.rgb), checkpoint=settings["checkpoint"],
-                          crops=crops, **kwargs)
+        job = segment_job(data, rgb=bool(layer.rgb), checkpoint=checkpoint, settings=settings,
+                          with_proba=with_proba, crops=crops)
         self._worker = start_worker(
             job, yielded=self._on_yielded, returned=self._on_returned, errored=self._on_errored,
             aborted=self._on_aborted, finished=self._on_finished, start=False)

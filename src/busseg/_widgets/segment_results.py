@@ -12,6 +12,7 @@ edited is never overwritten silently: the widget stores a hash of what it wrote 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from busseg.layers import (
     prediction_name,
     spatial_shape,
 )
+from busseg.settings import InferenceSettings
 
 if TYPE_CHECKING:  # pragma: no cover
     from busseg.jobs import SegmentResult
@@ -89,7 +91,8 @@ class RunRecord:
     with_proba: bool
     scale: tuple
     translate: tuple
-    settings: dict
+    settings: InferenceSettings
+    checkpoint: Path | None  # None: the shipped default model
 
 
 class ResultsMixin:
@@ -143,13 +146,12 @@ class ResultsMixin:
         return None
 
     def _meta(self, run: RunRecord, data: np.ndarray, kind: str) -> dict:
-        s = run.settings
         return {
             "written_by": WRITTEN_BY,
             "kind": kind,
             "image": run.image_name,
-            "checkpoint": str(s["checkpoint"]) if s["checkpoint"] else DEFAULT_MODEL,
-            "threshold": s["threshold"],
+            "checkpoint": str(run.checkpoint) if run.checkpoint else DEFAULT_MODEL,
+            "threshold": run.settings.threshold,
             "written_sha1": data_sha1(data),
         }
 

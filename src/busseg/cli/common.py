@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from busseg.settings import InferenceSettings
+
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -69,6 +71,26 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
                    help="switch the region filter off (by default regions of the automatic mask "
                    "that the checkpoint's filter finds unlikely to be lesions are removed; "
                    "see `busseg info`)")
+
+
+def inference_settings(args: argparse.Namespace) -> InferenceSettings:
+    """Return the :class:`~busseg.settings.InferenceSettings` of the inference options.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        Parsed with :func:`add_inference_args`.
+
+    Returns
+    -------
+    busseg.settings.InferenceSettings
+        ``device`` included (where the command loads its model).
+    """
+    return InferenceSettings(
+        threshold=args.threshold, tta=args.tta, fill_holes=args.fill_holes, keep=args.keep,
+        min_area=args.min_area, device=args.device,
+        normal_gate=None if args.no_gate else "auto",
+        region_filter=None if args.no_region_filter else "auto")
 
 
 def non_negative_int(text: str) -> int:

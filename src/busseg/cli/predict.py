@@ -13,6 +13,7 @@ from busseg.cli.common import (
     add_inference_args,
     filter_status,
     gate_status,
+    inference_settings,
     load_cli_model,
     no_progress_bar,
 )
@@ -88,8 +89,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from busseg.metrics import dice_score
 
     cfg = model.busseg_config
-    threshold = args.threshold if args.threshold is not None else cfg["inference"]["threshold"]
-    tta = args.tta if args.tta is not None else cfg["inference"].get("tta_flips", False)
+    settings = inference_settings(args).replace(device=None)  # the model is loaded there
+    resolved = settings.resolve(cfg)
+    threshold, tta = resolved.threshold, resolved.tta
     head = has_class_head(model)
     print(
         f"model {getattr(model, 'busseg_checkpoint_path', args.checkpoint)}: input "
@@ -115,12 +117,7 @@ def run_predict(args: argparse.Namespace) -> int:
             failed.append(_read_error(job.image, exc))
             tqdm.write(failed[-1], file=sys.stderr)
             continue
-        pred = predict(
-            image, model, threshold=args.threshold, tta=args.tta,
-            fill_holes=args.fill_holes, keep=args.keep, min_area=args.min_area,
-            normal_gate=None if args.no_gate else "auto",
-            region_filter=None if args.no_region_filter else "auto",
-        )
+        pred = predict(image, model, settings)
         mask = pred.mask
         try:
             write_mask_png(job.out, mask, overwrite=args.overwrite)
