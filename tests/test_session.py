@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import scan_folder
+from PIL import Image
 
 from busseg.data.io import read_mask
 from busseg.session import AnnotationSession, case_names, mask_fingerprint
@@ -370,3 +371,30 @@ def test_one_forward_pass_at_a_time(tmp_path, tiny_checkpoint, monkeypatch):
     assert max(overlaps) == 1
     assert calls == [worker.ident]  # one forward pass, in the worker
     np.testing.assert_array_equal(mask, s.cached_prediction(1))
+
+
+def test_the_image_copy_is_written_once_per_case_and_again_when_missing(tmp_path):
+    scans = scan_folder(tmp_path / "scans")
+    corr = tmp_path / "corr"
+    s = AnnotationSession(scans, corr)
+    case = s.open(0)
+    shape = case.image.shape
+    s.set_mask(_mask(shape, 0))
+    s.save()
+    image = corr / "unknown" / "scan0.png"
+    first = image.stat()
+    s.set_mask(_mask(shape, 1))  # corrected again: the mask changes, the image does not
+    s.save()
+    again = image.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    np.testing.assert_array_equal(read_mask(corr / "unknown" / "scan0_mask.png"),
+                                  _mask(shape, 1) > 0)
+    image.unlink()  # removed behind the session's back: written again
+    s.set_mask(_mask(shape, 2))
+    s.save()
+    np.testing.assert_array_equal(np.asarray(Image.open(image)), case.image)
+    fresh = AnnotationSession(scans, corr)  # another session compares before it keeps a file
+    fresh.open(0)
+    fresh.set_mask(_mask(shape, 3))
+    fresh.save()
+    np.testing.assert_array_equal(np.asarray(Image.open(image)), case.image)

@@ -276,6 +276,7 @@ class CorrectionStore:
         mask: np.ndarray,
         *,
         overwrite: bool = False,
+        image_known: bool = False,
     ) -> CorrectionPaths:
         """Store a corrected case: the image as 8-bit grey PNG and the mask as 0/255 PNG.
 
@@ -293,6 +294,10 @@ class CorrectionStore:
         overwrite : bool
             Replace an existing correction. Without it an existing mask raises; an existing
             image file is left alone when it holds the same pixels and raises otherwise.
+        image_known : bool
+            The caller wrote this image to this case's image file before (a session saving
+            the same case again): an existing image file is kept as it is, neither read nor
+            encoded again (a missing one is written).
 
         Returns
         -------
@@ -329,8 +334,8 @@ class CorrectionStore:
             raise FileExistsError(
                 f"{paths.mask} already exists; pass overwrite=True to replace the correction"
             )
-        write_image = True
-        if paths.image.exists() and not overwrite:
+        write_image = not (image_known and paths.image.is_file())
+        if write_image and paths.image.exists() and not overwrite:
             try:
                 same = np.array_equal(read_image(paths.image), grey)
             except (OSError, ValueError):

@@ -281,6 +281,8 @@ class AnnotationSession(SessionRecords, SessionPredictions, SessionLearning):
         self._predicted_by: str | None = None  # the checkpoint that made it
         self._status_hint: str | None = None  # BRUSHED when set_mask said so
         self._swept: Path | None = None  # the folder whose stale temporary files were removed
+        # (corrections folder, case name) -> class of the image copy this session wrote there
+        self._image_copies: dict[tuple[Path, str], str] = {}
         if corrections is not None:
             self.set_corrections(corrections)
         self.checkpoint: Path | None = Path(checkpoint) if checkpoint is not None else None

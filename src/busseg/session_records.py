@@ -322,7 +322,10 @@ class SessionRecords:
         version = self._keep_version(name, old_label) if old_label is not None else None
         if old_label != label:  # a mask not in the manifest where this one goes: keep it too
             self._keep_version(name, label)
-        paths = self.store.save(name, label, case.image, mask, overwrite=True)
+        copy_key = (self.store.root, name)
+        paths = self.store.save(name, label, case.image, mask, overwrite=True,
+                                image_known=self._image_copies.get(copy_key) == label)
+        self._image_copies[copy_key] = label  # the image copy is written once per case
         regions, area, mm2 = mask_stats(mask, spacing_of(case.record.image_path))
         old = self._rows.get(name)
         predicted_by = self._predicted_by or (old.checkpoint if old is not None else "")
