@@ -41,7 +41,7 @@ def test_contributions(manifest):
         "napari-busseg.make_busi_samples": "busseg._sample_data:make_busi_samples",
         "napari-busseg.segment_widget": "busseg._widgets.segment:SegmentWidget",
         "napari-busseg.finetune_widget": "busseg._widgets.finetune:FineTuneWidget",
-        "napari-busseg.browser_widget": "busseg._widgets.browser:BusiBrowserWidget",
+        "napari-busseg.browser_widget": "busseg._widgets.browser:ScanBrowserWidget",
     }
     (reader,) = manifest.contributions.readers
     assert reader.accepts_directories

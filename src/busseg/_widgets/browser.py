@@ -626,5 +626,5 @@ class ScanBrowserWidget(KeysMixin, CaseListMixin, CaseLayersMixin, PredictMixin,
         return rank_job(paths, checkpoint)
 
 
-#: Deprecated name of :class:`ScanBrowserWidget` (the manifest and older scripts use it).
+#: Deprecated name of :class:`ScanBrowserWidget` (for older scripts).
 BusiBrowserWidget = ScanBrowserWidget
