@@ -165,7 +165,8 @@ def write_tiff(path: str | os.PathLike, data: Any, *, overwrite: bool = False) -
     Parameters
     ----------
     path : str or os.PathLike
-        Destination ``.tif``/``.tiff`` file.
+        Destination ``.tif``/``.tiff`` file (label values kept, unlike the PNG writer's
+        0/255).
     data : array-like
         (H, W) or (N, H, W) labels; bool is stored as uint8 0/1. A 3D stack is written one
         page at a time, so a dask stack is never held in memory whole.

@@ -201,6 +201,7 @@ def has_class_head(model: nn.Module) -> bool:
     Returns
     -------
     bool
+        True when the model predicts class probabilities (:func:`classify`, the gate).
     """
     return bool(getattr(model, "num_classes", 0))
 
@@ -216,6 +217,7 @@ def accepts_prompts(model: nn.Module) -> bool:
     Returns
     -------
     bool
+        True when its input has channels beyond the image (box and click prompts work).
     """
     return int(getattr(model, "in_channels", 1)) > 1
 
