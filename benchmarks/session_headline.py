@@ -27,9 +27,10 @@ RESULTS = C.REPO_ROOT / "benchmarks" / "results"
 #: (stream title, run folders in ``benchmarks/results``; the first holds the "off" arm).
 RUNS = [
     ("v2 (BUSI only) over all of busuclm-dev, patient order",
-     ["session_busuclm_v2", "session_busuclm_v2_combined"]),
+     ["session_busuclm_v2", "session_busuclm_v2_combined", "session_busuclm_v2_adapted_cal"]),
     ("v2.1 over BUS-BRA fold 1, first 200 scans",
-     ["session_busbra_v21", "session_busbra_v21_calonly", "session_busbra_v21_adapted"]),
+     ["session_busbra_v21", "session_busbra_v21_calonly", "session_busbra_v21_adapted",
+      "session_busbra_v21_adapted_cal"]),
 ]
 
 
