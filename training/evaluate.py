@@ -72,8 +72,10 @@ from busseg.cli import (  # noqa: E402  (shared with busseg predict)
     add_inference_args,
     filter_status,
     gate_status,
+    inference_settings,
     load_cli_model,
 )
+from busseg.settings import InferenceSettings  # noqa: E402
 
 CSV_COLUMNS = (
     "image", "label", "height", "width", "dice", "iou", "precision", "recall", "accuracy",
@@ -209,8 +211,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
 
 
-def _score_one(rec, model, args, *, threshold: float, tta: bool, gate_on: bool, post: bool,
-               out: Path | None) -> dict:
+def _score_one(rec, model, args, *, settings: InferenceSettings, out: Path | None) -> dict:
     """Predict one record, score it against its truth and write its mask (and overlay) to out.
 
     Returns the per-image row: :func:`busseg.metrics.segmentation_metrics` plus the image's
@@ -225,10 +226,7 @@ def _score_one(rec, model, args, *, threshold: float, tta: bool, gate_on: bool, 
     image = read_image(rec.image_path)
     truth = read_mask(rec.mask_paths)
     t0 = time.perf_counter()
-    res = predict(image, model, threshold=threshold, tta=tta, fill_holes=args.fill_holes,
-                  keep=args.keep, min_area=args.min_area,
-                  normal_gate="auto" if gate_on else None,
-                  region_filter=None if args.no_region_filter else "auto")
+    res = predict(image, model, settings=settings)
     pred = res.mask
     seconds = time.perf_counter() - t0
     m = segmentation_metrics(pred, truth)
@@ -237,10 +235,10 @@ def _score_one(rec, model, args, *, threshold: float, tta: bool, gate_on: bool, 
            "dice_ungated": m["dice"], "any_pred_ungated": m["any_pred"]}
     if res.gated or res.regions_removed:
         # the same forward pass without the gate and the region filter
-        ungated = res.proba >= threshold
-        if post:
-            ungated = postprocess_mask(ungated, fill_holes=args.fill_holes, keep=args.keep,
-                                       min_area=args.min_area)
+        ungated = res.proba >= settings.threshold
+        if settings.fill_holes or settings.keep != "all" or settings.min_area > 0:
+            ungated = postprocess_mask(ungated, fill_holes=settings.fill_holes,
+                                       keep=settings.keep, min_area=settings.min_area)
         um = segmentation_metrics(ungated, truth)
         row["dice_ungated"], row["any_pred_ungated"] = um["dice"], um["any_pred"]
     if res.class_proba is not None:
@@ -323,11 +321,10 @@ def evaluate(args) -> int:
     out, records, index, split = _inputs(args)
     model = load_cli_model(args.checkpoint, args.device)
     cfg = model.busseg_config
-    threshold = args.threshold
-    if threshold is None:
-        threshold = float(cfg["inference"]["threshold"])
-    tta = args.tta if args.tta is not None else bool(cfg["inference"].get("tta_flips", False))
-    post = args.fill_holes or args.keep != "all" or args.min_area > 0
+    settings = inference_settings(args).replace(device=None)  # the model is loaded there
+    resolved = settings.resolve(cfg)
+    threshold, tta, post = resolved.threshold, resolved.tta, resolved.post is not None
+    settings = settings.replace(threshold=threshold, tta=tta)  # as printed and recorded
     head = has_class_head(model)
     stored_gate = cfg["inference"].get("normal_gate") if head else None
     gate_on = bool(stored_gate) and not args.no_gate
@@ -342,8 +339,7 @@ def evaluate(args) -> int:
           + filter_status(cfg["inference"].get("region_filter"), args.no_region_filter))
     print(f"{len(records)} image(s) of split {split!r} from {index.root}")
 
-    rows = [_score_one(rec, model, args, threshold=threshold, tta=tta, gate_on=gate_on,
-                       post=post, out=out)
+    rows = [_score_one(rec, model, args, settings=settings, out=out)
             for rec in tqdm(records, unit="image", disable=args.no_progress, dynamic_ncols=True)]
 
     summary = summarize(rows, by="label", ci=0.95, n_boot=args.n_boot)
