@@ -213,11 +213,11 @@ def run(root: Path, checkpoint: Path, cases: int, baseline: bool, timeout: float
                 nxt = widget._shown[pos + 1]
                 if prefetch:  # the annotator looks at the case meanwhile
                     _wait(lambda nxt=nxt, s=s: s.cached_prediction(
-                        nxt, **widget._prediction_settings()) is not None, timeout,
+                        nxt, widget._prediction_settings()) is not None, timeout,
                         "the prefetch")
                 _settle(widget, timeout)
                 _idle(0.5)
-                cached = s.cached_prediction(nxt, **widget._prediction_settings()) is not None
+                cached = s.cached_prediction(nxt, widget._prediction_settings()) is not None
                 name = prediction_name(widget._all[nxt].name)
                 row = _timed(viewer, widget, widget.next_case, name, timeout)
                 row.update(case=widget._all[nxt].name, prefetched=cached)
