@@ -350,7 +350,10 @@ class CorrectionStore:
             from PIL import Image
 
             buf = _io.BytesIO()
-            Image.fromarray(grey, mode="L").save(buf, format="PNG")
+            # zlib level 1: lossless like the default 6, four times faster to encode (a
+            # 562x471 BUSI image: 11 ms against 41 ms) for files about 12 % larger; this
+            # runs on every Next of the Scan browser
+            Image.fromarray(grey, mode="L").save(buf, format="PNG", compress_level=1)
             atomic_write_bytes(paths.image, buf.getvalue(), overwrite=overwrite)
         write_mask_png(paths.mask, mask, overwrite=overwrite)
         return paths
