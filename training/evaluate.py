@@ -72,9 +72,9 @@ from busseg.cli import (  # noqa: E402  (shared with busseg predict)
     add_inference_args,
     filter_status,
     gate_status,
-    inference_settings,
     load_cli_model,
 )
+from busseg.cli.common import inference_settings  # noqa: E402
 from busseg.settings import InferenceSettings  # noqa: E402
 
 CSV_COLUMNS = (

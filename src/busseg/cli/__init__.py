@@ -52,7 +52,6 @@ from busseg.cli.common import (
     add_inference_args,
     filter_status,
     gate_status,
-    inference_settings,
     load_cli_model,
     print_error,
     probability_arg,
@@ -71,8 +70,8 @@ from busseg.cli.rank import add_rank_parser, run_rank
 __all__ = [
     "CLASSES_COLUMNS", "CLASSES_CSV", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PARTIAL",
     "EXIT_USAGE", "Job", "UsageError", "add_inference_args", "build_parser", "collect_jobs",
-    "filter_status", "gate_status", "inference_settings", "load_cli_model", "main",
-    "model_card_lines", "probability_arg", "write_classes_csv",
+    "filter_status", "gate_status", "load_cli_model", "main", "model_card_lines", "probability_arg",
+    "write_classes_csv",
 ]
 
 _EPILOG = """examples:
