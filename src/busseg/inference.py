@@ -350,6 +350,12 @@ def predict_proba(
         (H, W) float32 in [0, 1]: the sigmoid of the logits, resized (bilinear) from the
         network input size to the image size before the sigmoid.
 
+    Other Parameters
+    ----------------
+    **overrides
+        Fields of :class:`InferenceSettings` (``device=``, ``tta=`` ...) replacing those of
+        ``settings``.
+
     Raises
     ------
     ValueError
@@ -362,11 +368,6 @@ def predict_proba(
     busseg.models.CheckpointError
         If ``model`` is a path (or ``None``) and the checkpoint cannot be loaded.
 
-    Other Parameters
-    ----------------
-    **overrides
-        Fields of :class:`InferenceSettings` (``device=``, ``tta=`` ...) replacing those of
-        ``settings``.
     """
     s = InferenceSettings.coerce(settings, "predict_proba", **overrides)
     model, arr, cfg = _prepare(image, model, s.device)
@@ -559,18 +560,18 @@ def predict(
         Share of a box's side by which the mask may extend past it (>= 0), for boxes drawn
         a little too tight.
 
+    Returns
+    -------
+    Prediction
+        ``mask`` (H, W) bool, ``proba`` (H, W) float32, ``class_proba`` dict or None,
+        ``gated`` bool, ``regions_removed`` int.
+
     Other Parameters
     ----------------
     **overrides
         Fields of :class:`~busseg.settings.InferenceSettings` (``threshold=``, ``tta=``,
         ``normal_gate=``, ``region_filter=``, ``fill_holes=``, ``keep=``, ``min_area=``,
         ``device=``) replacing those of ``settings``.
-
-    Returns
-    -------
-    Prediction
-        ``mask`` (H, W) bool, ``proba`` (H, W) float32, ``class_proba`` dict or None,
-        ``gated`` bool, ``regions_removed`` int.
 
     Raises
     ------
