@@ -29,8 +29,8 @@ RUNS = [
     ("v2 (BUSI only) over all of busuclm-dev, patient order",
      ["session_busuclm_v2", "session_busuclm_v2_combined", "session_busuclm_v2_adapted_cal"]),
     ("v2.1 over BUS-BRA fold 1, first 200 scans",
-     ["session_busbra_v21", "session_busbra_v21_calonly", "session_busbra_v21_adapted",
-      "session_busbra_v21_adapted_cal"]),
+     ["session_busbra_v21", "session_busbra_v21_calonly", "session_busbra_v21_vote_cal",
+      "session_busbra_v21_adapted", "session_busbra_v21_adapted_cal"]),
 ]
 
 
