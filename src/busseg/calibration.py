@@ -449,8 +449,7 @@ class SiteCalibrator:
         """
         from busseg.inference import apply_automatic_settings, predict
 
-        fields, extra = InferenceSettings.split(kwargs)
-        settings = InferenceSettings.coerce(settings, "predict", **fields)
+        settings, extra = InferenceSettings.from_call(settings, kwargs)
         self._use(checkpoint)
         gate, rfilter = settings.normal_gate, settings.region_filter
         raw_settings = settings.replace(normal_gate=None, region_filter=None)

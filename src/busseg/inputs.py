@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from busseg.model_cache import model_device
+from busseg.settings import check_postprocess, resolve_threshold, resolve_tta
 
 __all__ = [
     "check_device",
@@ -77,52 +78,6 @@ def check_image(image: Any, what: str = "image") -> np.ndarray:
             "numpy.nan_to_num(image)"
         )
     return arr
-
-
-def resolve_tta(tta: bool | None, cfg: Mapping[str, Any]) -> bool:
-    """Return whether to flip-average: ``tta``, or the checkpoint's ``inference.tta_flips``.
-
-    Parameters
-    ----------
-    tta : bool or None
-        As :func:`predict_proba`; None uses the checkpoint setting.
-    cfg : mapping
-        The checkpoint config.
-
-    Returns
-    -------
-    bool
-    """
-    if tta is None:
-        return bool(cfg.get("inference", {}).get("tta_flips", False))
-    return bool(tta)
-
-
-def resolve_threshold(threshold: float | None, cfg: Mapping[str, Any]) -> float:
-    """Return the probability threshold: ``threshold``, or the checkpoint's.
-
-    Parameters
-    ----------
-    threshold : float or None
-        In (0, 1); None uses the checkpoint's ``inference.threshold`` (default 0.5).
-    cfg : mapping
-        The checkpoint config.
-
-    Returns
-    -------
-    float
-        In (0, 1).
-
-    Raises
-    ------
-    ValueError
-        If the threshold is not a number in (0, 1).
-    """
-    from busseg.settings import check_threshold
-
-    if threshold is None:
-        threshold = cfg.get("inference", {}).get("threshold", 0.5)
-    return check_threshold(threshold)
 
 
 def check_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
@@ -223,26 +178,3 @@ def preprocess(
             mode = "reflect" if ph < h and pw < w else "replicate"
             x = F.pad(x, (0, pw, 0, ph), mode=mode)
     return x
-
-
-def check_postprocess(keep: str, min_area: int) -> None:
-    """Validate the post-processing options (see :func:`busseg.postprocess.postprocess_mask`).
-
-    Parameters
-    ----------
-    keep : str
-        One of :data:`busseg.postprocess.KEEP_CHOICES`.
-    min_area : int
-        Pixels, >= 0.
-
-    Raises
-    ------
-    ValueError
-        If either is invalid.
-    """
-    from busseg.postprocess import KEEP_CHOICES
-
-    if keep not in KEEP_CHOICES:
-        raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_CHOICES))}, got {keep!r}")
-    if isinstance(min_area, bool) or not isinstance(min_area, (int, np.integer)) or min_area < 0:
-        raise ValueError(f"min_area must be a non-negative integer (pixels), got {min_area!r}")

@@ -68,8 +68,8 @@ class SessionPredictions:
         """
         case = self._require_case()
         checkpoint = self.checkpoint
-        mask = self._automatic_mask(case.index, checkpoint, _request(settings, kwargs),
-                                    image=case.image)
+        request = InferenceSettings.from_call(settings, kwargs)
+        mask = self._automatic_mask(case.index, checkpoint, request, image=case.image)
         mask = mask.copy()
         self.set_prediction(mask)
         self._predicted_by = checkpoint_text(checkpoint)
@@ -99,7 +99,7 @@ class SessionPredictions:
             arrays among the settings, an image or checkpoint that cannot be read:
             predicting then says why).
         """
-        return self._key(index, self.checkpoint, _request(settings, kwargs))
+        return self._key(index, self.checkpoint, InferenceSettings.from_call(settings, kwargs))
 
     def _key(self, index: int, checkpoint: Path | None, request: tuple) -> tuple | None:
         path = Path(self.records[index].image_path)
@@ -192,7 +192,8 @@ class SessionPredictions:
             raise IndexError(f"case {index} out of range: the session has {len(self)} cases")
         index %= len(self.records)
         epoch = self._prefetch_epoch if cancellable else None
-        return self._prefetch(index, self.checkpoint, _request(settings, kwargs), epoch)
+        request = InferenceSettings.from_call(settings, kwargs)
+        return self._prefetch(index, self.checkpoint, request, epoch)
 
     def _prefetch(self, index: int, checkpoint: Path | None, request: tuple,
                   epoch: int | None) -> Generator[tuple, None, np.ndarray | None]:
@@ -288,8 +289,3 @@ class SessionPredictions:
             while len(self._predictions) > max(int(self.prefetch_limit), 1):
                 self._predictions.popitem(last=False)
 
-
-def _request(settings: InferenceSettings | None, kwargs: dict) -> tuple[InferenceSettings, dict]:
-    """One prediction request: the settings (keyword fields folded in) and other keywords."""
-    fields, extra = InferenceSettings.split(kwargs)
-    return InferenceSettings.coerce(settings, "predict", **fields), extra

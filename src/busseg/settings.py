@@ -30,7 +30,10 @@ __all__ = [
     "InferenceSettings",
     "ResolvedInference",
     "check_gate",
+    "check_postprocess",
     "check_threshold",
+    "resolve_threshold",
+    "resolve_tta",
 ]
 
 #: Devices a setting may name (``"cuda:1"`` and the like are accepted too).
@@ -63,6 +66,74 @@ def check_threshold(value: Any) -> float:
     if not 0.0 < t < 1.0:
         raise ValueError(f"threshold must be in (0, 1) (a probability), got {value!r}")
     return t
+
+
+def resolve_threshold(threshold: float | None, cfg: Mapping[str, Any]) -> float:
+    """Return the probability threshold: ``threshold``, or the checkpoint's.
+
+    Parameters
+    ----------
+    threshold : float or None
+        In (0, 1); None uses the checkpoint's ``inference.threshold`` (default 0.5).
+    cfg : mapping
+        The checkpoint config.
+
+    Returns
+    -------
+    float
+        In (0, 1).
+
+    Raises
+    ------
+    ValueError
+        If the threshold is not a number in (0, 1).
+    """
+    if threshold is None:
+        threshold = cfg.get("inference", {}).get("threshold", 0.5)
+    return check_threshold(threshold)
+
+
+def resolve_tta(tta: bool | None, cfg: Mapping[str, Any]) -> bool:
+    """Return whether to flip-average: ``tta``, or the checkpoint's ``inference.tta_flips``.
+
+    Parameters
+    ----------
+    tta : bool or None
+        As :func:`busseg.inference.predict_proba`; None uses the checkpoint setting.
+    cfg : mapping
+        The checkpoint config.
+
+    Returns
+    -------
+    bool
+    """
+    if tta is None:
+        return bool(cfg.get("inference", {}).get("tta_flips", False))
+    return bool(tta)
+
+
+def check_postprocess(keep: str, min_area: int) -> None:
+    """Validate the post-processing options (see :func:`busseg.postprocess.postprocess_mask`).
+
+    Parameters
+    ----------
+    keep : str
+        One of :data:`busseg.postprocess.KEEP_CHOICES`.
+    min_area : int
+        Pixels, >= 0.
+
+    Raises
+    ------
+    ValueError
+        If either is invalid.
+    """
+    from busseg.postprocess import KEEP_CHOICES
+
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_CHOICES))}, got {keep!r}")
+    if (isinstance(min_area, bool) or not isinstance(min_area, numbers.Integral)
+            or min_area < 0):
+        raise ValueError(f"min_area must be a non-negative integer (pixels), got {min_area!r}")
 
 
 def check_gate(value: Any) -> Any:
@@ -209,8 +280,6 @@ class InferenceSettings:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        from busseg.postprocess import KEEP_CHOICES
-
         put = object.__setattr__
         if self.threshold is not None:
             put(self, "threshold", check_threshold(self.threshold))
@@ -219,13 +288,8 @@ class InferenceSettings:
         put(self, "normal_gate", check_gate(self.normal_gate))
         put(self, "region_filter", _check_filter(self.region_filter))
         put(self, "fill_holes", bool(self.fill_holes))
-        if self.keep not in KEEP_CHOICES:
-            raise ValueError(f"keep must be one of {', '.join(map(repr, KEEP_CHOICES))}, got "
-                             f"{self.keep!r}")
-        area = self.min_area
-        if isinstance(area, bool) or not isinstance(area, numbers.Integral) or area < 0:
-            raise ValueError(f"min_area must be a non-negative integer (pixels), got {area!r}")
-        put(self, "min_area", int(area))
+        check_postprocess(self.keep, self.min_area)
+        put(self, "min_area", int(self.min_area))
         put(self, "device", _check_device(self.device))
 
     # ------------------------------------------------------------------ making
@@ -269,22 +333,38 @@ class InferenceSettings:
         return base.replace(what=what, **overrides) if overrides else base
 
     @classmethod
-    def split(cls, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
-        """Split keyword arguments into settings fields and the rest (prompts ...).
+    def from_call(cls, settings: InferenceSettings | Mapping[str, Any] | None,
+                  kwargs: Mapping[str, Any], what: str = "predict"
+                  ) -> tuple[InferenceSettings, dict]:
+        """Split a call's keywords into the settings (overrides applied) and the rest.
+
+        For callers that pass other keywords (prompts, ``box_margin``) on to a predict
+        function beside the settings: the annotation session and the site calibration.
 
         Parameters
         ----------
+        settings : InferenceSettings or mapping or None
+            As :meth:`coerce`.
         kwargs : mapping
+            Keyword arguments: fields of :class:`InferenceSettings` and any others.
+        what : str, optional
+            As :meth:`coerce`.
 
         Returns
         -------
-        fields : dict
-            The items whose key is a field of :class:`InferenceSettings`.
+        settings : InferenceSettings
+            ``settings`` with the field keywords applied.
         rest : dict
-            The others.
+            The other keywords.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`coerce`.
         """
         fields = {k: v for k, v in kwargs.items() if k in INFERENCE_FIELDS}
-        return fields, {k: v for k, v in kwargs.items() if k not in INFERENCE_FIELDS}
+        rest = {k: v for k, v in kwargs.items() if k not in INFERENCE_FIELDS}
+        return cls.coerce(settings, what, **fields), rest
 
     def replace(self, what: str = "replace", **changes: Any) -> InferenceSettings:
         """Return a copy with some fields changed (validated again).
@@ -338,13 +418,10 @@ class InferenceSettings:
         """
         from busseg.gating import resolve_filter, resolve_gate
 
-        inf = cfg.get("inference", {})
-        t = self.threshold if self.threshold is not None else check_threshold(
-            inf.get("threshold", 0.5))
-        tta = self.tta if self.tta is not None else bool(inf.get("tta_flips", False))
         post = ((self.fill_holes, self.keep, self.min_area)
                 if self.fill_holes or self.keep != "all" or self.min_area > 0 else None)
-        return ResolvedInference(t, tta, resolve_gate(self.normal_gate, cfg),
+        return ResolvedInference(resolve_threshold(self.threshold, cfg),
+                                 resolve_tta(self.tta, cfg), resolve_gate(self.normal_gate, cfg),
                                  resolve_filter(self.region_filter, cfg), post)
 
 
